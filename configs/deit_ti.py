@@ -1,0 +1,7 @@
+"""DeiT-Ti on ImageNet-1K: `configs/deit_ti.py:meta|incubate|assemble|e2e`."""
+
+import common
+
+
+def get_config(phase="meta"):
+  return common.get_config("deit_ti", phase)

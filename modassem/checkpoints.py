@@ -1,0 +1,156 @@
+"""What a run directory holds, and how phases hand modules to each other.
+
+    WORKDIR/run.json               what the run is: phase, preset, architecture, depths, modules
+    WORKDIR/checkpoints/<step>/    Orbax CheckpointManager: the whole train state, for resuming
+    WORKDIR/modules/module_<k>/    one Orbax item per trained module, written when the run ends
+    WORKDIR/metrics.jsonl, results.json, tb/
+
+A later phase reads `modules/module_<k>` alone: incubation loads the meta
+run's modules, assembly loads module i of incubation run i, and neither touches
+the optimizer state of the runs they read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from modassem.errors import ModassemError
+from modassem.models.presets import ARCH_FIELDS
+
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.json"
+
+
+def arch_of(config) -> dict:
+  return {f: config.model[f] for f in ARCH_FIELDS}
+
+
+def read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ModassemError(f"{path} is unreadable ({e}): restore it or start in a new --workdir") from None
+
+
+def write_json(path: str, obj: dict) -> None:
+  # Write-then-rename so a killed run never leaves a half-written file.
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def check_workdir(workdir: str, run: dict) -> dict | None:
+  """The run already in `workdir`, if it is this run; an error if it is another."""
+  old = read_json(os.path.join(workdir, RUN_FILE))
+  if old is None:
+    return None
+  for key, what in (("phase", "phase"), ("preset", "preset"), ("arch", "architecture"),
+                    ("depths", "module depths"), ("trained", "trained modules")):
+    if old.get(key) != run[key]:
+      raise ModassemError(
+          f"{workdir} holds a {old.get('phase')} run whose {what} is {old.get(key)}, not {run[key]}: "
+          f"use a new --workdir for this run, or the config that made it to resume it")
+  return old
+
+
+def manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints,
+      enable_async_checkpointing=True,
+      create=True,
+  )
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+                               item_names=("state",))
+
+
+def save_state(mngr: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> None:
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
+  """Restores into `abstract_state` (ShapeDtypeStructs with shardings), so arrays land where the step wants them."""
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  return restored["state"]
+
+
+def module_dir(run_dir: str, k: int) -> str:
+  return os.path.join(os.path.abspath(run_dir), "modules", f"module_{k}")
+
+
+def save_modules(workdir: str, params: dict) -> None:
+  """One standalone Orbax item per module in `params`."""
+  ckptr = ocp.StandardCheckpointer()
+  for name, tree in params.items():
+    k = int(name.split("_")[-1])
+    ckptr.save(module_dir(workdir, k), tree, force=True)
+  ckptr.wait_until_finished()
+
+
+def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str) -> Any:
+  """Module k of the finished run in `run_dir`, checked against what the caller expects.
+
+  `expect` holds the run.json fields that must agree (preset, arch, depth of
+  slot k); `abstract` the ShapeDtypeStructs (with shardings) to restore into.
+  """
+  if not run_dir:
+    raise ModassemError(f"no {what} given: pass it on the command line")
+  if not os.path.isdir(run_dir):
+    raise ModassemError(f"{what} {run_dir!r} does not exist: pass the --workdir of a finished run")
+  run = read_json(os.path.join(run_dir, RUN_FILE))
+  if run is None:
+    raise ModassemError(f"{what} {run_dir!r} has no {RUN_FILE}: it is not a modassem run directory")
+  if run.get("arch") != expect["arch"]:
+    diff = {f: (run.get("arch", {}).get(f), v) for f, v in expect["arch"].items() if run.get("arch", {}).get(f) != v}
+    detail = ", ".join(f"{f} {a} vs {b}" for f, (a, b) in diff.items())
+    raise ModassemError(f"{what} {run_dir!r} is a {run.get('preset')} model that does not match this config "
+                        f"({detail}): use a run of preset {expect['preset']}")
+  if len(run.get("depths", [])) != expect["num_modules"]:
+    raise ModassemError(f"{what} {run_dir!r} has {len(run.get('depths', []))} modules, this config "
+                        f"{expect['num_modules']}: use a run with model.num_modules={expect['num_modules']}")
+  if k not in run.get("trained", []):
+    raise ModassemError(f"{what} {run_dir!r} ({run.get('phase')} run of module(s) {run.get('trained')}) "
+                        f"did not train module {k}: pass a run that did")
+  depth = run["depths"][k]
+  if depth != expect["depth"]:
+    raise ModassemError(f"{what} {run_dir!r} has {depth} block(s) in module {k}, this config needs "
+                        f"{expect['depth']}: use a run with the same model.depths")
+  path = module_dir(run_dir, k)
+  if not os.path.isdir(path):
+    raise ModassemError(f"{what} {run_dir!r} has no trained module_{k}: it has not finished; "
+                        f"rerun its command to finish it")
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    meta = ckptr.metadata(path)
+    saved = getattr(meta.item_metadata, "tree", meta.item_metadata)
+  except Exception as e:  # Orbax raises many types for a broken item.
+    raise ModassemError(f"{what} {run_dir!r}: module_{k} is unreadable ({type(e).__name__}): "
+                        f"rerun the run that made it") from None
+  # Shapes first, from metadata: a mismatch is named by parameter, before any array is read.
+  _check_shapes(saved, abstract, f"{what} {run_dir!r} module_{k}")
+  try:
+    return ckptr.restore(path, abstract)
+  except Exception as e:
+    raise ModassemError(f"{what} {run_dir!r}: module_{k} could not be read ({type(e).__name__}): "
+                        f"rerun the run that made it") from None
+
+
+def _check_shapes(tree, abstract, where: str) -> None:
+  got = jax.tree_util.tree_flatten_with_path(tree)[0]
+  want = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+  if len(got) != len(want):
+    raise ModassemError(f"{where} has {len(got)} arrays, this config expects {len(want)}: use a run of the same preset")
+  for path, x in got:
+    w = want.get(path)
+    if w is None or tuple(x.shape) != tuple(w.shape):
+      name = jax.tree_util.keystr(path)
+      raise ModassemError(f"{where}{name} has shape {tuple(x.shape)}, this config expects "
+                          f"{None if w is None else tuple(w.shape)}: use a run of the same preset")

@@ -1,0 +1,198 @@
+"""A Vision Transformer built as a stack of K modules.
+
+`ViT(depths=(d_0, ..., d_{K-1}))` has parameters
+`{"module_0": ..., "module_{K-1}": ...}`: module 0 owns the patch embedding,
+the class token and the position embedding, module K-1 the final norm and the
+head. That one fact is what lets every phase of Deep Incubation be a statement
+about subtrees: a module is saved, frozen, swapped or assembled on its own.
+
+Parameter names inside a module follow the official code's state-dict keys
+(`patch_embed`, `cls_token`, `pos_embed`, `blocks_{j}/attn/qkv`, `norm`,
+`head`) so that checkpoint conversion is a renaming, not a puzzle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# timm initialises every Linear with a truncated normal of std 0.02; matching
+# it keeps the official learning-rate recipe meaningful.
+_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+_token_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def drop_path_rates(rate: float, total_depth: int) -> list[float]:
+  """Stochastic depth grows linearly over the blocks of the whole model."""
+  if total_depth <= 1:
+    return [0.0] * total_depth
+  return [rate * j / (total_depth - 1) for j in range(total_depth)]
+
+
+class Attention(nn.Module):
+  width: int
+  heads: int
+  qkv_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, _ = x.shape
+    qkv = nn.Dense(3 * self.width, use_bias=self.qkv_bias, kernel_init=_dense_init,
+                   dtype=self.dtype, name="qkv")(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, self.width // self.heads), 3, axis=2)
+    # `dot_product_attention` lets XLA (or cuDNN on GPU) pick a fused kernel.
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    out = out.reshape(b, n, self.width)
+    return nn.Dense(self.width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  width: int
+  hidden: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(self.hidden, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
+    # timm's nn.GELU is the exact erf form, not the tanh approximation.
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = nn.Dense(self.width, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
+    return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with per-sample stochastic depth."""
+  width: int
+  heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  ln_eps: float = 1e-6
+  drop_path: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    # Dropping whole residual branches per example: a dropout mask broadcast
+    # over tokens and channels is exactly stochastic depth, rescaling included.
+    drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
+    y = Attention(self.width, self.heads, self.qkv_bias, self.dtype, name="attn")(y)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    x = x + drop(y, deterministic=not train)
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
+    y = Mlp(self.width, int(self.width * self.mlp_ratio), self.dropout, self.dtype, name="mlp")(y, train)
+    return x + drop(y, deterministic=not train)
+
+
+class ViTModule(nn.Module):
+  """Module `index` of `num_modules`: optional stem, `depth` blocks, optional head.
+
+  `block_offset` and `total_depth` place the blocks in the whole model, which
+  is all they need to know to pick their stochastic-depth rate.
+  """
+  index: int
+  num_modules: int
+  depth: int
+  block_offset: int
+  total_depth: int
+  image_size: int
+  patch: int
+  width: int
+  heads: int
+  mlp_ratio: float
+  qkv_bias: bool
+  ln_eps: float
+  num_classes: int
+  drop_path: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @property
+  def is_first(self) -> bool:
+    return self.index == 0
+
+  @property
+  def is_last(self) -> bool:
+    return self.index == self.num_modules - 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """Images [B, H, W, 3] -> tokens (module 0), tokens -> tokens, tokens -> logits (module K-1)."""
+    if self.is_first:
+      x = self._stem(x, train)
+    rates = drop_path_rates(self.drop_path, self.total_depth)
+    for j in range(self.depth):
+      x = Block(self.width, self.heads, self.mlp_ratio, self.qkv_bias, self.ln_eps,
+                rates[self.block_offset + j], self.dropout, self.dtype, name=f"blocks_{j}")(x, train)
+    if self.is_last:
+      x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
+      x = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x[:, 0])
+      x = x.astype(jnp.float32)
+    return x
+
+  def _stem(self, images, train):
+    grid = self.image_size // self.patch
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
+                padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
+    b = x.shape[0]
+    x = x.reshape(b, grid * grid, self.width)
+    cls = self.param("cls_token", _token_init, (1, 1, self.width))
+    pos = self.param("pos_embed", _token_init, (1, grid * grid + 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
+    x = x + pos.astype(x.dtype)
+    return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+class ViT(nn.Module):
+  """The whole model: `len(depths)` modules applied in order.
+
+  `depths=(1, 1, 1, 1)` is a meta model, `(3, 3, 3, 3)` a ViT-B cut into four
+  modules, `(1, 3, 1, 1)` the hybrid that incubates module 1.
+  """
+  depths: Sequence[int]
+  image_size: int = 224
+  patch: int = 16
+  width: int = 768
+  heads: int = 12
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  ln_eps: float = 1e-6
+  num_classes: int = 1000
+  drop_path: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @property
+  def num_modules(self) -> int:
+    return len(self.depths)
+
+  @nn.nowrap
+  def module(self, k: int, **overrides) -> ViTModule:
+    """Module k's definition: unbound when called from outside, a child inside `__call__`.
+
+    Applying it to `params[f"module_{k}"]` on its own is how the trainer runs
+    frozen and trained modules side by side.
+    """
+    depths = tuple(self.depths)
+    kwargs = dict(
+        index=k, num_modules=len(depths), depth=depths[k], block_offset=sum(depths[:k]),
+        total_depth=sum(depths), image_size=self.image_size, patch=self.patch, width=self.width,
+        heads=self.heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, ln_eps=self.ln_eps,
+        num_classes=self.num_classes, drop_path=self.drop_path, dropout=self.dropout,
+        dtype=self.dtype)
+    kwargs.update(overrides)
+    return ViTModule(**kwargs)
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = images
+    for k in range(self.num_modules):
+      x = self.module(k, name=f"module_{k}")(x, train)
+    return x

@@ -1,0 +1,161 @@
+"""The method: each phase of Deep Incubation as a plan over parameter subtrees.
+
+A `Plan` says which model is trained, which of its modules are trained, and
+how: jointly (meta, assemble, e2e: one model, one loss, one optimizer) or
+incubated (each trained module sits in slot i of the frozen meta model, with
+its own loss and its own optimizer). The trainer runs every plan with the same
+step; nothing here touches a training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from modassem.errors import ModassemError
+from modassem.models.vit import ViT
+
+Params = Mapping[str, Any]
+
+
+def module_name(k: int) -> str:
+  return f"module_{k}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  phase: str                     # meta | incubate | assemble | e2e
+  depths: tuple[int, ...]        # depths of the modules being trained
+  trained: tuple[int, ...]       # indices of the trained modules
+  incubate: bool                 # True: each trained module runs inside the frozen meta model
+
+  @property
+  def num_modules(self) -> int:
+    return len(self.depths)
+
+  @property
+  def meta_depths(self) -> tuple[int, ...]:
+    return (1,) * self.num_modules
+
+  def hybrid_depths(self, i: int) -> tuple[int, ...]:
+    """Depths of the model that incubates module i: target in slot i, meta elsewhere."""
+    return tuple(self.depths[i] if k == i else 1 for k in range(self.num_modules))
+
+  @property
+  def groups(self) -> dict[str, tuple[int, ...]]:
+    """Sets of modules that share a loss and an optimizer.
+
+    Incubated modules are optimised apart, so that `module=all` gives each one
+    exactly what a run of its own would (gradient clipping included).
+    """
+    if self.incubate:
+      return {module_name(i): (i,) for i in self.trained}
+    return {"model": self.trained}
+
+
+def parse_module(value) -> str | int:
+  if str(value).strip().lower() == "all":
+    return "all"
+  try:
+    return int(value)
+  except ValueError:
+    raise ModassemError(f"config.module={value!r} is neither 'all' nor a module index") from None
+
+
+def make_plan(config) -> Plan:
+  """The plan of `config.phase`, with the depths checked against the preset."""
+  m = config.model
+  k = int(m.num_modules)
+  depths = tuple(int(d) for d in m.depths)
+  if len(depths) != k:
+    raise ModassemError(f"model.depths={depths} has {len(depths)} entries but model.num_modules={k}: give one depth per module")
+  if sum(depths) != m.depth or min(depths) < 1:
+    raise ModassemError(f"model.depths={depths} adds up to {sum(depths)} but preset {config.preset} has depth {m.depth}: "
+                        f"give {k} positive depths that sum to {m.depth}")
+  phase = config.phase
+  if phase == "meta":
+    return Plan("meta", (1,) * k, tuple(range(k)), incubate=False)
+  if phase in ("assemble", "e2e"):
+    return Plan(phase, depths, tuple(range(k)), incubate=False)
+  if phase == "incubate":
+    module = parse_module(config.module)
+    if module == "all":
+      trained = tuple(range(k))
+    elif 0 <= module < k:
+      trained = (module,)
+    else:
+      raise ModassemError(f"config.module={module} is out of range: the model has modules 0..{k - 1}")
+    return Plan("incubate", depths, trained, incubate=True)
+  raise ModassemError(f"unknown phase {phase!r}: use meta, incubate, assemble or e2e")
+
+
+def model_for(config, depths, *, dtype=None) -> ViT:
+  m = config.model
+  return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, width=m.width, heads=m.heads,
+             mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps, num_classes=m.num_classes,
+             drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype))
+
+
+def init_trained(plan: Plan, model: ViT, key) -> dict:
+  """Fresh parameters of the trained modules.
+
+  The whole target is initialised and the trained slots are kept, so module i
+  starts from the same values whether it is incubated alone or with the rest.
+  """
+  image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  params = model.init(key, image)["params"]
+  return {module_name(i): params[module_name(i)] for i in plan.trained}
+
+
+def frozen_modules(plan: Plan, meta: Params) -> dict:
+  """The meta modules an incubation run reads: slot k is needed while some other slot is trained."""
+  if not plan.incubate:
+    return {}
+  needed = [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
+  missing = [module_name(k) for k in needed if module_name(k) not in meta]
+  if missing:
+    raise ModassemError(f"the meta run lacks {', '.join(missing)}: point --config.meta at a finished meta run")
+  return {module_name(k): meta[module_name(k)] for k in needed}
+
+
+def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, train: bool, key):
+  """Logits of every group: {group: [B, classes]}.
+
+  Joint plans run the trained model. Incubation runs the meta modules before
+  the highest trained slot once (and outside any gradient: nothing before
+  module i is trained, so no backward pass should go there), then for each
+  trained module i its target module and the frozen meta modules after it.
+  Per-module keys make `module=all` reproduce the single-module runs.
+  """
+  if not plan.incubate:
+    model = model_of(plan.depths)
+    rngs = {"dropout": key} if train else {}
+    return {"model": model.apply({"params": trained}, images, train=train, rngs=rngs)}
+
+  def run(model, k, params, x, k_key):
+    rngs = {"dropout": jax.random.fold_in(k_key, k)} if train else {}
+    return model.module(k).apply({"params": params}, x, train=train, rngs=rngs)
+
+  prefix_key, _ = jax.random.split(key)
+  # The meta modules before slot i are shared by every hybrid that incubates a
+  # later slot; they run once per distinct total depth (once for an even cut),
+  # since the total depth sets their drop-path rates.
+  prefixes = {}
+  for i in plan.trained:
+    depths = plan.hybrid_depths(i)
+    acts = prefixes.setdefault(sum(depths), [images])
+    for k in range(len(acts) - 1, i):
+      acts.append(jax.lax.stop_gradient(run(model_of(depths), k, frozen[module_name(k)], acts[-1], prefix_key)))
+
+  logits = {}
+  for i in plan.trained:
+    model = model_of(plan.hybrid_depths(i))
+    module_key = jax.random.fold_in(key, 1 + i)
+    x = run(model, i, trained[module_name(i)], prefixes[sum(plan.hybrid_depths(i))][i], module_key)
+    for k in range(i + 1, plan.num_modules):
+      x = run(model, k, frozen[module_name(k)], x, module_key)
+    logits[module_name(i)] = x
+  return logits

@@ -1,0 +1,53 @@
+"""Device mesh and parameter placement.
+
+One mesh axis, "data". The batch is split over it; parameters (and the AdamW
+moments that mirror them) are either replicated (`data`) or split along their
+largest divisible dimension (`fsdp`), and XLA inserts the gathers. Nothing in
+the model or the step knows which: they are jitted against these shardings.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from modassem.errors import ModassemError
+
+AXIS = "data"
+MODES = ("data", "fsdp")
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape, n: int) -> P:
+  # Largest dimension that splits evenly; small or indivisible arrays
+  # (biases of odd width, scalars) stay replicated: they are cheap.
+  dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+  for d in dims:
+    if shape[d] % n == 0 and shape[d] >= n:
+      spec = [None] * len(shape)
+      spec[d] = AXIS
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(tree, mesh: Mesh, mode: str):
+  """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs)."""
+  if mode not in MODES:
+    raise ModassemError(f"config.sharding={mode!r} is unknown: use one of {', '.join(MODES)}")
+  n = mesh.shape[AXIS]
+  if mode == "data" or n == 1:
+    return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
+  return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n)), tree)

@@ -1,0 +1,103 @@
+"""The compiled core: train state, one train step and one eval step for every plan.
+
+Both steps are pure functions of (state, frozen meta modules, batch, key);
+`train.py` jits them against the mesh's shardings. The gradient is taken with
+respect to the trained modules only, so frozen modules get no weight
+gradients and no optimizer state, and the meta modules before the first
+trained slot get no backward pass at all.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from modassem import phases
+from modassem.mixup import mix, smooth_labels
+from modassem.phases import Plan, module_name
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any        # {"module_k": ...} for the trained modules only
+  opt_state: Any     # {group: optax state of that group's modules}
+
+
+def group_params(tree, names):
+  return {n: tree[n] for n in names}
+
+
+def init_state(plan: Plan, tx: optax.GradientTransformation, params) -> TrainState:
+  opt_state = {g: tx.init(group_params(params, [module_name(k) for k in ks])) for g, ks in plan.groups.items()}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
+def _losses(plan, model_of, params, frozen, images, targets, key):
+  logits = phases.forward(plan, model_of, params, frozen, images, train=True, key=key)
+  losses = {g: optax.softmax_cross_entropy(l, targets).mean() for g, l in logits.items()}
+  # Groups are independent (disjoint parameters), so the gradient of the sum
+  # is each group's own gradient.
+  return sum(losses.values()), losses
+
+
+def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan,
+               model_of: Callable, tx: optax.GradientTransformation, schedule: Callable):
+  key = jax.random.fold_in(base_key, state.step)
+  mix_key, drop_key = jax.random.split(key)
+  targets = smooth_labels(batch["label"], config.model.num_classes, config.label_smoothing)
+  images, targets = mix(mix_key, batch["image"], targets, mixup=config.mixup, cutmix=config.cutmix,
+                        switch_prob=config.mixup_switch_prob, prob=config.mixup_prob)
+  grad_fn = jax.value_and_grad(functools.partial(_losses, plan, model_of), has_aux=True)
+
+  accum = config.accum_steps
+  if accum == 1:
+    (_, losses), grads = grad_fn(state.params, frozen, images, targets, drop_key)
+  else:
+    # Micro-batches in a scan: one compiled body, activations of one
+    # micro-batch alive at a time.
+    micro = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+
+    def body(carry, xs):
+      imgs, tgts, i = xs
+      (_, l), g = grad_fn(state.params, frozen, imgs, tgts, jax.random.fold_in(drop_key, i))
+      return jax.tree_util.tree_map(jnp.add, carry, (l, g)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, ({g: jnp.zeros(()) for g in plan.groups}, state.params))
+    (losses, grads), _ = jax.lax.scan(body, zeros, (micro(images), micro(targets), jnp.arange(accum)))
+    losses, grads = jax.tree_util.tree_map(lambda x: x / accum, (losses, grads))
+
+  params, opt_state, metrics = dict(state.params), {}, {}
+  for g, ks in plan.groups.items():
+    names = [module_name(k) for k in ks]
+    p, gr = group_params(state.params, names), group_params(grads, names)
+    updates, opt_state[g] = tx.update(gr, state.opt_state[g], p)
+    params.update(optax.apply_updates(p, updates))
+    if plan.incubate:
+      metrics[f"loss/{g}"] = losses[g]
+      metrics[f"grad_norm/{g}"] = optax.global_norm(gr)
+    else:
+      metrics["grad_norm"] = optax.global_norm(gr)
+  metrics["loss"] = sum(losses.values()) / len(losses)
+  metrics["lr"] = schedule(state.step)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, frozen, batch, *, plan: Plan, model_of: Callable):
+  """Sums over the batch (padding masked out): loss, top-1 and top-5 hits per group, and the count."""
+  logits = phases.forward(plan, model_of, params, frozen, batch["image"], train=False, key=jax.random.key(0))
+  labels, mask = batch["label"], batch["mask"]
+  out = {"count": mask.sum()}
+  for g, l in logits.items():
+    k = min(5, l.shape[-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(l, labels)
+    top = jax.lax.top_k(l, k)[1]
+    out[f"{g}/loss"] = (ce * mask).sum()
+    out[f"{g}/top1"] = ((top[:, 0] == labels) * mask).sum()
+    out[f"{g}/top5"] = ((top == labels[:, None]).any(-1) * mask).sum()
+  return out

@@ -1,0 +1,299 @@
+"""The one trainer: every phase is `train(config, workdir)` with a different plan.
+
+Set-up reads and checks everything (config, data, the runs this one builds
+on) before it writes anything, so bad input leaves no trace in `workdir`.
+Then: shardings from `jax.eval_shape`, a jitted init (or an Orbax restore)
+straight into those shardings, one AOT-compiled donated step, and a loop that
+logs, evaluates, checkpoints and stops on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modassem import checkpoints, data as data_lib, phases, sharding, steps
+from modassem.errors import ModassemError
+from modassem.metrics import Progress, Writer
+from modassem.optim import lr_schedule, make_optimizer
+from modassem.phases import Plan, module_name
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, built and checked before anything is written."""
+  config: Any
+  plan: Plan
+  dataset: Any
+  mesh: Any
+  model_of: Any
+  run: dict
+  total_steps: int
+  warmup_steps: int
+  frozen: dict            # frozen meta modules (incubation), placed on the mesh
+  sources: dict | None    # assembled modules (assembly), placed on the mesh
+
+
+def check_config(config, plan: Plan, num_devices: int) -> None:
+  m = config.model
+  if m.image_size % m.patch:
+    raise ModassemError(f"model.image_size={m.image_size} is not divisible by model.patch={m.patch}: "
+                        f"use an image size that is a multiple of {m.patch}")
+  if m.width % m.heads:
+    raise ModassemError(f"model.width={m.width} is not divisible by model.heads={m.heads}")
+  if str(m.dtype) not in _DTYPES:
+    raise ModassemError(f"model.dtype={m.dtype!r} is unknown: use one of {', '.join(_DTYPES)}")
+  per = num_devices * config.accum_steps
+  if config.batch_size % per:
+    raise ModassemError(f"batch_size={config.batch_size} is not divisible by devices x accum_steps = "
+                        f"{num_devices} x {config.accum_steps}: use a multiple of {per}")
+  if config.eval_batch_size % num_devices:
+    raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
+  if plan.phase == "incubate" and not config.meta:
+    raise ModassemError("incubation needs the meta run: pass --config.meta=WORKDIR_OF_THE_META_RUN")
+  if plan.phase == "assemble":
+    sources = [s for s in str(config.modules).split(",") if s]
+    if len(sources) != plan.num_modules:
+      raise ModassemError(f"config.modules lists {len(sources)} run(s), the model has {plan.num_modules} modules: "
+                          f"pass one incubation run per module, comma-separated, in module order")
+
+
+def module_sources(config, plan: Plan) -> list[str]:
+  if plan.phase == "assemble":
+    return [s.strip() for s in str(config.modules).split(",")]
+  if plan.phase == "incubate":
+    return [str(config.meta)]
+  return []
+
+
+def run_info(config, plan: Plan, total_steps: int) -> dict:
+  return {"phase": plan.phase, "preset": config.preset, "arch": checkpoints.arch_of(config),
+          "depths": list(plan.depths), "trained": list(plan.trained), "total_steps": total_steps,
+          "sources": module_sources(config, plan)}
+
+
+def abstract_modules(model, key=jax.random.key(0)) -> dict:
+  image = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(key, jnp.zeros(image.shape, image.dtype)))["params"]
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, what) -> dict:
+  """Modules `slots` from `run_dirs` (one per slot), checked and placed on the mesh."""
+  abstract = abstract_modules(model_of(depths))
+  out = {}
+  for k, run_dir in zip(slots, run_dirs):
+    tree = _with_shardings(abstract[module_name(k)],
+                           sharding.tree_shardings(abstract[module_name(k)], mesh, config.sharding))
+    expect = {"arch": checkpoints.arch_of(config), "preset": config.preset, "num_modules": plan.num_modules,
+              "depth": depths[k]}
+    out[module_name(k)] = checkpoints.load_module(run_dir, k, expect=expect, abstract=tree, what=what)
+  return out
+
+
+def setup(config, workdir: str) -> Setup:
+  plan = phases.make_plan(config)
+  mesh = sharding.make_mesh()
+  check_config(config, plan, mesh.size)
+  sharding.tree_shardings({}, mesh, config.sharding)   # validates the mode
+  dataset = data_lib.build(config.data, config.model.image_size)
+  if dataset.num_classes != config.model.num_classes:
+    raise ModassemError(f"the dataset has {dataset.num_classes} classes, model.num_classes={config.model.num_classes}: "
+                        f"set --config.model.num_classes={dataset.num_classes}")
+  steps_per_epoch = max(dataset.num_train // config.batch_size, 1)
+  if dataset.num_train < config.batch_size:
+    raise ModassemError(f"the train split has {dataset.num_train} images, fewer than batch_size={config.batch_size}: "
+                        f"lower --config.batch_size")
+  total = config.total_steps or int(round(config.epochs * steps_per_epoch))
+  warmup = config.warmup_steps if config.warmup_steps >= 0 else int(round(config.warmup_epochs * steps_per_epoch))
+  total = max(int(total), 1)
+  model_of = functools.partial(phases.model_for, config)
+  run = run_info(config, plan, total)
+  checkpoints.check_workdir(workdir, run)
+
+  frozen, sources = {}, None
+  if plan.phase == "incubate":
+    needed = [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
+    frozen = _load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
+                           "meta run")
+  elif plan.phase == "assemble":
+    dirs = module_sources(config, plan)
+    sources = _load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths, dirs,
+                            "module source")
+  return Setup(config, plan, dataset, mesh, model_of, run, total, min(warmup, total), frozen, sources)
+
+
+def _place_batch(batch: dict, shard) -> dict:
+  return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
+
+
+def _device_batches(it, shard, depth: int = 2):
+  """Keeps `depth` batches in flight to the devices while the step runs."""
+  queue = collections.deque()
+  for batch in it:
+    queue.append(_place_batch(batch, shard))
+    if len(queue) >= depth:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def compile_train_step(s: Setup):
+  """The jitted, donated, AOT-compiled train step, its state shardings and its init."""
+  config, plan, mesh = s.config, s.plan, s.mesh
+  tx = make_optimizer(config, s.total_steps, s.warmup_steps)
+  schedule = lr_schedule(config, s.total_steps, s.warmup_steps)
+  key = jax.random.key(config.seed)
+
+  if s.sources is not None:
+    init = lambda k: steps.init_state(plan, tx, s.sources)
+  else:
+    init = lambda k: steps.init_state(plan, tx, phases.init_trained(plan, s.model_of(plan.depths), k))
+  abstract = jax.eval_shape(init, key)
+  state_sh = sharding.tree_shardings(abstract, mesh, config.sharding)
+  frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, s.frozen)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  init_fn = jax.jit(init, out_shardings=state_sh)
+
+  step_fn = functools.partial(steps.train_step, config=config, plan=plan, model_of=s.model_of, tx=tx,
+                              schedule=schedule)
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
+  size = config.model.image_size
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
+  compiled = jitted.lower(_with_shardings(abstract, state_sh), s.frozen, batch, key).compile()
+  return compiled, init_fn, _with_shardings(abstract, state_sh), key
+
+
+def evaluate(s: Setup, params) -> dict:
+  """Loss, top-1 and top-5 (in %) on the held-out split, per group and overall (mean over groups)."""
+  config, plan = s.config, s.plan
+  batch_sh = sharding.batch_sharding(s.mesh)
+  fn = jax.jit(functools.partial(steps.eval_step, plan=plan, model_of=s.model_of))
+  sums = None
+  for batch in s.dataset.eval_batches(config.eval_batch_size, process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
+    out = jax.device_get(fn(params, s.frozen, _place_batch(batch, batch_sh)))
+    sums = out if sums is None else {k: sums[k] + out[k] for k in out}
+  count = float(sums.pop("count"))
+  res = {k: float(v) / count * (100.0 if not k.endswith("loss") else 1.0) for k, v in sums.items()}
+  groups = list(plan.groups)
+  for metric in ("loss", "top1", "top5"):
+    res[metric] = sum(res[f"{g}/{metric}"] for g in groups) / len(groups)
+  if not plan.incubate:
+    res = {k: v for k, v in res.items() if "/" not in k}
+  return res
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes, or reports a finished) run of `config.phase` in `workdir`."""
+  s = setup(config, workdir)
+  done = checkpoints.read_json(os.path.join(workdir, checkpoints.RESULTS_FILE))
+  if done is not None and done.get("steps") == s.total_steps:
+    print(f"{workdir}: {s.plan.phase} run already finished at step {s.total_steps} "
+          f"(top-1 {done.get('top1', float('nan')):.2f} %); nothing to do", flush=True)
+    return done
+
+  compiled, init_fn, abstract_state, key = compile_train_step(s)
+  step_flops = flops_of(compiled)
+  os.makedirs(workdir, exist_ok=True)
+  checkpoints.write_json(os.path.join(workdir, checkpoints.RUN_FILE), s.run)
+  mngr = checkpoints.manager(workdir, config)
+  writer = Writer(workdir, process_index=jax.process_index())
+  latest = mngr.latest_step()
+  if latest is not None:
+    state = checkpoints.restore_state(mngr, latest, abstract_state)
+    print(f"{workdir}: resuming {s.plan.phase} from step {latest}/{s.total_steps}", flush=True)
+  else:
+    state = init_fn(key)
+  start = int(latest or 0)
+  wall_before = writer.resume(start)
+  try:
+    state, loop_wall = _loop(s, compiled, state, start, key, mngr, writer, wall_before)
+    mngr.wait_until_finished()
+    checkpoints.save_modules(workdir, state.params)
+    result = evaluate(s, state.params)
+    wall = wall_before + loop_wall
+    result.update(phase=s.plan.phase, steps=s.total_steps, wall_s=wall, train_flops=step_flops * s.total_steps,
+                  step_flops=step_flops, trained=list(s.plan.trained), preset=config.preset)
+    writer.write(s.total_steps, "final", {k: v for k, v in result.items() if isinstance(v, float)})
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  # results.json last: its presence marks the run finished.
+  checkpoints.write_json(os.path.join(workdir, checkpoints.RESULTS_FILE), result)
+  print(f"{workdir}: {s.plan.phase} done in {wall:.0f} s: top-1 {result['top1']:.2f} %, "
+        f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}", flush=True)
+  return result
+
+
+def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):
+  config = s.config
+  spe = max(s.dataset.num_train // config.batch_size, 1)
+  eval_every = config.eval_every_steps or spe
+  shard = sharding.batch_sharding(s.mesh)
+  batches = _device_batches(s.dataset.train_batches(
+      config.batch_size, seed=config.seed, start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count()), shard)
+  progress = Progress(s.total_steps, start, config.batch_size, config.progress, label=s.plan.phase)
+  t0 = time.perf_counter()
+  pending = None   # (step, metrics) of the previous step: read one step late to keep the device busy
+
+  def check(step, metrics):
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      mngr.wait_until_finished()
+      good = mngr.latest_step()
+      raise ModassemError(
+          f"loss is {loss} at step {step}: training stopped; the last good checkpoint is step {good} in "
+          f"{writer.path.rsplit('/', 1)[0]}/checkpoints; lower --config.optim.lr or check the data")
+    return loss
+
+  try:
+    for step in range(start + 1, s.total_steps + 1):
+      state, metrics = compiled(state, s.frozen, next(batches), key)
+      if pending is not None:
+        check(*pending)
+      pending = (step, metrics)
+      if step % config.log_every_steps == 0 or step == s.total_steps:
+        loss = check(*pending)
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values["wall_s"] = wall_before + time.perf_counter() - t0
+        values["img_per_s"] = progress.rate()
+        writer.write(step, "train", values)
+        progress.log(step, loss=loss, lr=values["lr"])
+        progress.show(loss=loss)
+      progress.update(step)
+      if step % eval_every == 0 and step != s.total_steps:
+        ev = evaluate(s, state.params)
+        writer.write(step, "eval", {**ev, "wall_s": wall_before + time.perf_counter() - t0})
+        progress.log(step, eval_top1=ev["top1"])
+      if step % config.checkpoint_every_steps == 0 or step == s.total_steps:
+        check(*pending)
+        checkpoints.save_state(mngr, step, state, force=step == s.total_steps)
+  finally:
+    progress.close()
+  return state, time.perf_counter() - t0
