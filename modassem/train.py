@@ -83,9 +83,9 @@ def run_info(config, plan: Plan, total_steps: int) -> dict:
           "sources": module_sources(config, plan)}
 
 
-def abstract_modules(model, key=jax.random.key(0)) -> dict:
-  image = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda: model.init(key, jnp.zeros(image.shape, image.dtype)))["params"]
+def abstract_modules(model) -> dict:
+  image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), image))["params"]
 
 
 def _with_shardings(abstract, shardings):
@@ -123,7 +123,8 @@ def setup(config, workdir: str) -> Setup:
   total = max(int(total), 1)
   model_of = functools.partial(phases.model_for, config)
   run = run_info(config, plan, total)
-  checkpoints.check_workdir(workdir, run)
+  if workdir is not None:
+    checkpoints.check_workdir(workdir, run)
 
   frozen, sources = {}, None
   if plan.phase == "incubate":
@@ -159,23 +160,28 @@ def flops_of(compiled) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
-def compile_train_step(s: Setup):
-  """The jitted, donated, AOT-compiled train step, its state shardings and its init."""
+def state_spec(s: Setup):
+  """The optimizer, its schedule, the state's init and its abstract value carrying shardings."""
   config, plan, mesh = s.config, s.plan, s.mesh
   tx = make_optimizer(config, s.total_steps, s.warmup_steps)
   schedule = lr_schedule(config, s.total_steps, s.warmup_steps)
-  key = jax.random.key(config.seed)
-
   if s.sources is not None:
     init = lambda k: steps.init_state(plan, tx, s.sources)
   else:
     init = lambda k: steps.init_state(plan, tx, phases.init_trained(plan, s.model_of(plan.depths), k))
+  key = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, key)
   state_sh = sharding.tree_shardings(abstract, mesh, config.sharding)
+  return tx, schedule, jax.jit(init, out_shardings=state_sh), _with_shardings(abstract, state_sh)
+
+
+def compile_train_step(s: Setup):
+  """The jitted, donated, AOT-compiled train step, with the state's init and abstract value."""
+  config, plan, mesh = s.config, s.plan, s.mesh
+  tx, schedule, init_fn, abstract = state_spec(s)
+  state_sh = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
   frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, s.frozen)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  init_fn = jax.jit(init, out_shardings=state_sh)
-
   step_fn = functools.partial(steps.train_step, config=config, plan=plan, model_of=s.model_of, tx=tx,
                               schedule=schedule)
   jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
@@ -183,8 +189,14 @@ def compile_train_step(s: Setup):
   size = config.model.image_size
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
-  compiled = jitted.lower(_with_shardings(abstract, state_sh), s.frozen, batch, key).compile()
-  return compiled, init_fn, _with_shardings(abstract, state_sh), key
+  key = jax.random.key(config.seed)
+  compiled = jitted.lower(abstract, s.frozen, batch, key).compile()
+  return compiled, init_fn, abstract, key
+
+
+def step_flops(config) -> float:
+  """FLOPs of one compiled train step of `config`, from XLA's cost analysis; writes nothing."""
+  return flops_of(compile_train_step(setup(config, None))[0])
 
 
 def evaluate(s: Setup, params) -> dict:
@@ -297,3 +309,20 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):
   finally:
     progress.close()
   return state, time.perf_counter() - t0
+
+
+def evaluate_run(config, workdir: str) -> dict:
+  """Evaluates the latest checkpoint of the run in `workdir` (made with `config`)."""
+  if not os.path.isfile(os.path.join(workdir, checkpoints.RUN_FILE)):
+    raise ModassemError(f"{workdir} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir of a run")
+  s = setup(config, workdir)
+  mngr = checkpoints.manager(workdir, config)
+  latest = mngr.latest_step()
+  if latest is None:
+    raise ModassemError(f"{workdir} has no checkpoint yet: train the run first")
+  state = checkpoints.restore_state(mngr, latest, state_spec(s)[3])
+  mngr.close()
+  result = evaluate(s, state.params)
+  result.update(phase=s.plan.phase, step=int(latest), workdir=workdir)
+  checkpoints.write_json(os.path.join(workdir, "eval.json"), result)
+  return result

@@ -1,0 +1,3 @@
+from modassem.cli import entry
+
+entry()

@@ -1,0 +1,94 @@
+"""`modassem VERB --config=FILE[:PHASE] [--config.FIELD=VALUE ...] --workdir=DIR`.
+
+Verbs:
+  train     train (or resume) one phase: meta, incubate, assemble or e2e
+  eval      evaluate the latest checkpoint of a run on the held-out split
+  pipeline  meta -> incubate all -> assemble, plus the e2e baseline at equal
+            training FLOPs, then a report (report.md, report.json, curves.png)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+VERBS = ("train", "eval", "pipeline")
+
+
+def _fail(verb: str, message: str) -> int:
+  print(f"modassem {verb}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  return 2
+
+
+def _parse(verb: str, argv: list[str]):
+  """absl + ml_collections flags: `--config` with typed `--config.x.y=v` overrides, and `--workdir`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from modassem import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  for arg in argv:
+    if arg.startswith("--config="):
+      config_lib.add_config_dir(config_lib.split_spec(arg.split("=", 1)[1])[0])
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vit_b.py:meta", flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
+  fv(["modassem"] + argv)
+  if not fv["config"].present:
+    raise ValueError("--config is required, e.g. --config=configs/demo.py:meta")
+  if not fv.workdir:
+    raise ValueError("--workdir is required: the run directory to write (or resume, or read)")
+  return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(__doc__)
+    return 0
+  verb, rest = argv[0], argv[1:]
+  if verb not in VERBS:
+    return _fail("", f"unknown verb {verb!r}: use one of {', '.join(VERBS)} (modassem --help)")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
+  try:
+    fv = _parse(verb, rest)
+  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, ModassemError) as e:
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    if "config" in text and ("not found" in text.lower() or "could not override" in text.lower()
+                             or "unknown" in text.lower() or "doesn't exist" in text.lower()):
+      text = f"unknown config field: {text}; see the preset file and configs/common.py for the fields"
+    return _fail(verb, text)
+
+  try:
+    if verb == "train":
+      from modassem import train  # pylint: disable=g-import-not-at-top
+      train.train(fv.config, fv.workdir)
+    elif verb == "eval":
+      from modassem import train  # pylint: disable=g-import-not-at-top
+      result = train.evaluate_run(fv.config, fv.workdir)
+      print(json.dumps(result, sort_keys=True))
+    elif verb == "pipeline":
+      from modassem import pipeline  # pylint: disable=g-import-not-at-top
+      spec = config_flags.get_config_filename(fv["config"])
+      overrides = config_flags.get_override_values(fv["config"])
+      pipeline.run(spec, overrides, fv.workdir)
+  except ModassemError as e:
+    return _fail(verb, str(e))
+  except KeyboardInterrupt:
+    return _fail(verb, "interrupted; rerun the same command to resume from the last checkpoint")
+  return 0
+
+
+def entry() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()

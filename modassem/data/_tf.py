@@ -1,0 +1,33 @@
+"""Lazy, quiet access to TensorFlow and TFDS.
+
+The data pipeline runs on tf.data, but `import modassem` must stay light and
+TensorFlow must never claim accelerator memory that JAX needs, so TF is
+imported on first use only, with its C++ logging silenced and GPUs hidden.
+"""
+
+import functools
+import os
+
+
+@functools.cache
+def tf():
+  """Returns the `tensorflow` module, imported once with GPUs hidden."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import tensorflow  # pylint: disable=g-import-not-at-top
+  # Deprecation notices from TF/TFDS internals are noise in training logs.
+  tensorflow.get_logger().setLevel("ERROR")
+  try:
+    # JAX owns the accelerators; TF only decodes and augments on the host.
+    tensorflow.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    # Devices were already initialised by someone else; nothing to hide now.
+    pass
+  return tensorflow
+
+
+@functools.cache
+def tfds():
+  """Returns the `tensorflow_datasets` module (imports TF first)."""
+  tf()
+  import tensorflow_datasets  # pylint: disable=g-import-not-at-top
+  return tensorflow_datasets

@@ -1,0 +1,196 @@
+"""The Dataset the trainer iterates: deterministic, resumable, sharded batches.
+
+Train order contract: global step s belongs to epoch s // steps_per_epoch.
+Each epoch orders the train set from (seed, epoch) alone, keeps the first
+steps_per_epoch * batch_size records (the remainder is dropped), and gives
+the example at position i of the epoch the augmentation seed
+(seed, epoch, i). Batches therefore depend only on (seed, step): resuming at
+step k builds epoch k // steps_per_epoch directly and skips records, never
+decoded images, up to the resume point.
+
+Multi-process: every process walks the same global order and keeps its
+contiguous slice [p * b, (p + 1) * b) of each global batch, so the global
+batch is the same for any process count.
+"""
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+from modassem.data import augment
+from modassem.data._tf import tf
+from modassem.errors import ModassemError
+
+Batch = dict[str, np.ndarray]
+
+
+def _local_batch_size(batch_size: int, process_index: int,
+                      process_count: int) -> int:
+  if batch_size <= 0:
+    raise ModassemError(
+        f"batch size {batch_size} must be positive: set a positive batch size")
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise ModassemError(
+        f"process_index={process_index} is not in [0, process_count="
+        f"{process_count}): pass jax.process_index() and jax.process_count()")
+  if batch_size % process_count:
+    raise ModassemError(
+        f"global batch size {batch_size} is not divisible by the "
+        f"{process_count} processes: choose a multiple of {process_count}")
+  return batch_size // process_count
+
+
+def _slice_filter(batch_size: int, local: int, process_index: int):
+  """Keeps positions in this process's slice of each global batch."""
+  lo = process_index * local
+  hi = lo + local
+
+  def keep(pos, record):
+    del record
+    offset = pos % batch_size
+    return tf().logical_and(offset >= lo, offset < hi)
+
+  return keep
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """Train/eval batches of one image classification source.
+
+  Build with `modassem.data.build`. Batches are dicts of numpy arrays:
+  "image" float32 [b, H, W, 3] normalised, "label" int32 [b], and for eval
+  also "mask" float32 [b] (1 real example, 0 padding).
+  """
+  name: str
+  num_classes: int
+  num_train: int
+  num_eval: int
+  image_size: int
+  source: Any = dataclasses.field(repr=False)
+  train_transform: augment.Transform = dataclasses.field(repr=False)
+  mean: tuple[float, ...] = dataclasses.field(repr=False)
+  std: tuple[float, ...] = dataclasses.field(repr=False)
+  eval_crop_ratio: float = dataclasses.field(repr=False, default=0.875)
+  prefetch: int = dataclasses.field(repr=False, default=2)
+  threads: int = dataclasses.field(repr=False, default=0)
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Full global batches per epoch (the remainder is dropped)."""
+    steps = self.num_train // batch_size if batch_size > 0 else 0
+    if steps == 0:
+      raise ModassemError(
+          f"batch size {batch_size} does not fit the {self.num_train} train "
+          f"examples of {self.name}: use a positive batch size of at most "
+          f"{self.num_train}")
+    return steps
+
+  def _options(self):
+    options = tf().data.Options()
+    options.deterministic = True
+    if self.threads > 0:
+      options.threading.private_threadpool_size = self.threads
+    return options
+
+  def _parallel(self):
+    return tf().data.AUTOTUNE if self.threads <= 0 else self.threads
+
+  def _train_example(self, seed: int, epoch: int, pos, record):
+    t = tf()
+    image, label = self.source.decode(record)
+    # Stateless seed keyed on the example's place in the global order, not
+    # on the process or the resume point.
+    example_seed = t.stack(
+        [t.constant(seed, t.int64), t.constant(epoch * 2**32, t.int64) + pos])
+    image = self.train_transform(image, example_seed)
+    image = t.ensure_shape(image, [self.image_size, self.image_size, 3])
+    return {
+        "image": augment.normalize(image, self.mean, self.std),
+        "label": t.cast(label, t.int32),
+    }
+
+  def _eval_example(self, pos, record):
+    del pos
+    t = tf()
+    image, label = self.source.decode(record)
+    if self.source.eval_centre_crop:
+      image = augment.resize_shorter_and_centre_crop(
+          image, self.image_size, self.eval_crop_ratio)
+    else:
+      image = augment.resize(image, self.image_size)
+    image = t.ensure_shape(image, [self.image_size, self.image_size, 3])
+    return {
+        "image": augment.normalize(image, self.mean, self.std),
+        "label": t.cast(label, t.int32),
+        "mask": t.constant(1.0, t.float32),
+    }
+
+  def _train_epoch(self, batch_size: int, local: int, process_index: int,
+                   seed: int, epoch: int, offset: int):
+    """This process's batches of one epoch, from position `offset` on."""
+    end = self.steps_per_epoch(batch_size) * batch_size
+    ds = self.source.train_records(seed, epoch).enumerate()
+    # Skipping happens on records (ids or encoded bytes): nothing skipped
+    # is decoded or augmented.
+    ds = ds.skip(offset).take(end - offset)
+    ds = ds.filter(_slice_filter(batch_size, local, process_index))
+    ds = ds.map(lambda pos, r: self._train_example(seed, epoch, pos, r),
+                num_parallel_calls=self._parallel())
+    ds = ds.batch(local, drop_remainder=True).prefetch(self.prefetch)
+    return ds.with_options(self._options())
+
+  def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
+                    process_index: int = 0,
+                    process_count: int = 1) -> Iterator[Batch]:
+    """Infinite iterator over this process's share of the global batches.
+
+    `batch_size` is the global batch; each step yields
+    batch_size // process_count examples. The global batch at step s is a
+    pure function of (seed, s); see the module docstring.
+    """
+    local = _local_batch_size(batch_size, process_index, process_count)
+    steps = self.steps_per_epoch(batch_size)
+    if start_step < 0:
+      raise ModassemError(
+          f"start_step={start_step} is negative: resume from step 0 or later")
+    # np.random.default_rng and TF seeds need a non-negative 63-bit seed.
+    seed = int(seed) % 2**63
+    epoch, step_in_epoch = divmod(int(start_step), steps)
+
+    def batches():
+      e, offset = epoch, step_in_epoch * batch_size
+      while True:
+        ds = self._train_epoch(batch_size, local, process_index, seed, e,
+                               offset)
+        yield from ds.as_numpy_iterator()
+        e, offset = e + 1, 0
+
+    return batches()
+
+  def eval_batches(self, batch_size: int, *, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[Batch]:
+    """One pass over the eval split in fixed order, padded to full batches.
+
+    Every eval example appears exactly once across all processes, with
+    "mask" 1; padding (only in the last global batch) has "mask" 0.
+    """
+    local = _local_batch_size(batch_size, process_index, process_count)
+    n = self.num_eval
+    num_batches = -(-n // batch_size)
+    starts = np.arange(num_batches) * batch_size + process_index * local
+    num_real = int(np.clip(n - starts, 0, local).sum())
+    num_pad = num_batches * local - num_real
+
+    t = tf()
+    ds = self.source.eval_records().enumerate()
+    ds = ds.filter(_slice_filter(batch_size, local, process_index))
+    ds = ds.map(self._eval_example, num_parallel_calls=self._parallel())
+    size = self.image_size
+    padding = t.data.Dataset.from_tensors({
+        "image": t.zeros([size, size, 3], t.float32),
+        "label": t.constant(0, t.int32),
+        "mask": t.constant(0.0, t.float32),
+    }).repeat(num_pad)
+    ds = ds.concatenate(padding)
+    ds = ds.batch(local, drop_remainder=True).prefetch(self.prefetch)
+    return ds.with_options(self._options()).as_numpy_iterator()

@@ -1,0 +1,235 @@
+"""Random-access image sources: the built-in digits set and image folders.
+
+A source says how many examples each split has and turns a stream of
+*records* (cheap handles: an example id here) into decoded uint8 images. The
+pipeline in `dataset.py` orders, skips and slices records before decoding, so
+skipped examples and other processes' examples are never decoded.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Callable
+
+import numpy as np
+
+from modassem.data._tf import tf
+from modassem.errors import ModassemError
+
+# Fixed seed for data splits and train_fraction subsets: these must never
+# depend on the run seed, or two runs would train on different data.
+SPLIT_SEED = 20221208
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def subset_ids(ids: np.ndarray, labels: np.ndarray,
+               fraction: float) -> np.ndarray:
+  """Keeps `fraction` of each class of `ids` (at least one), in id order.
+
+  `labels[i]` is the class of `ids[i]`. Deterministic: seeded by SPLIT_SEED.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ModassemError(
+        f"data.train_fraction={fraction} is out of range: use a value in "
+        "(0, 1], e.g. 0.1 to train on 10 % of each class")
+  if fraction == 1.0:
+    return ids
+  rng = np.random.default_rng(SPLIT_SEED)
+  keep = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    n = max(1, int(round(fraction * len(members))))
+    keep.append(rng.permutation(members)[:n])
+  return ids[np.sort(np.concatenate(keep))]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IndexedSource:
+  """Examples addressed by id; an epoch is an exact permutation of ids.
+
+  `load(id)` is a TF function returning a uint8 [H, W, 3] image for an int64
+  id; `labels[id]` is its class. `train_ids`/`eval_ids` select the splits.
+  """
+  name: str
+  num_classes: int
+  labels: np.ndarray
+  train_ids: np.ndarray
+  eval_ids: np.ndarray
+  load: Callable[..., "tf.Tensor"]
+  # Digits are stored at the model resolution already: eval is a resize.
+  eval_centre_crop: bool = True
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_ids)
+
+  @property
+  def num_eval(self) -> int:
+    return len(self.eval_ids)
+
+  @functools.cached_property
+  def _labels_tensor(self):
+    # First used while tf.data traces a map function: create it eagerly so
+    # later epochs (new traces) can capture the same tensor.
+    with tf().init_scope():
+      return tf().constant(self.labels, tf().int32)
+
+  def train_records(self, seed: int, epoch: int):
+    """All train ids in the epoch's order: a permutation from (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = self.train_ids[rng.permutation(len(self.train_ids))]
+    return tf().data.Dataset.from_tensor_slices(order.astype(np.int64))
+
+  def eval_records(self):
+    return tf().data.Dataset.from_tensor_slices(
+        self.eval_ids.astype(np.int64))
+
+  def decode(self, record):
+    return self.load(record), tf().gather(self._labels_tensor, record)
+
+
+def _fraction(data) -> float:
+  return float(data.get("train_fraction", 1.0))
+
+
+def digits(data, image_size: int) -> IndexedSource:
+  """scikit-learn's 8x8 digits (ships with sklearn), upscaled in memory."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+
+  bunch = sk_datasets.load_digits()
+  labels = bunch.target.astype(np.int32)
+  train_ids, eval_ids = digits_split(labels)
+  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data))
+  images = _upscale_digits(bunch.images, image_size)
+
+  # Captured once: the images stay in host memory as one tensor.
+  images_tensor = tf().constant(images)
+
+  def load(example_id):
+    return tf().image.grayscale_to_rgb(tf().gather(images_tensor, example_id))
+
+  return IndexedSource(
+      name="digits", num_classes=10, labels=labels, train_ids=train_ids,
+      eval_ids=eval_ids, load=load, eval_centre_crop=False)
+
+
+def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Fixed stratified 80/20 split of the digits ids, independent of any run."""
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  ids = np.arange(len(labels))
+  train_ids, eval_ids = model_selection.train_test_split(
+      ids, test_size=0.2, stratify=labels, random_state=SPLIT_SEED)
+  return np.sort(train_ids), np.sort(eval_ids)
+
+
+def _upscale_digits(images: np.ndarray, size: int) -> np.ndarray:
+  """[N, 8, 8] values 0..16 -> uint8 [N, size, size, 1] via bicubic resize."""
+  x = images.astype(np.float32)[..., None] * (255.0 / 16.0)
+  # Grayscale is kept single-channel in memory (a third of the RGB size);
+  # `load` expands to RGB per example.
+  x = tf().image.resize(x, [size, size], method="bicubic").numpy()
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _list_images(folder: str) -> list[str]:
+  gfile = tf().io.gfile
+  return sorted(
+      name for name in gfile.listdir(folder)
+      if name.lower().endswith(IMAGE_EXTENSIONS)
+      and not gfile.isdir(os.path.join(folder, name)))
+
+
+def _list_classes(split_dir: str) -> list[str]:
+  gfile = tf().io.gfile
+  return sorted(
+      name.rstrip("/") for name in gfile.listdir(split_dir)
+      if gfile.isdir(os.path.join(split_dir, name)))
+
+
+def _scan_split(root: str, split: str,
+                classes: list[str]) -> tuple[list[str], list[int]]:
+  """Image paths and labels of root/split/<class>/*; errors name the gap."""
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(root, split, name)
+    files = _list_images(class_dir)
+    if not files:
+      raise ModassemError(
+          f"class folder {class_dir!r} has no images: add "
+          f"{'/'.join(IMAGE_EXTENSIONS)} files or remove the folder")
+    paths.extend(os.path.join(class_dir, f) for f in files)
+    labels.extend([label] * len(files))
+  return paths, labels
+
+
+def resolve_folder_eval_split(root: str, eval_split: str) -> str:
+  """'' means val/ when it exists, else test/ (CIFAR-10 JPEG layout)."""
+  gfile = tf().io.gfile
+  if eval_split:
+    if not gfile.isdir(os.path.join(root, eval_split)):
+      raise ModassemError(
+          f"eval split folder {os.path.join(root, eval_split)!r} does not "
+          "exist: create it with the same <class>/ folders as the train "
+          "split, or set --config.data.eval_split to an existing folder")
+    return eval_split
+  for candidate in ("val", "test"):
+    if gfile.isdir(os.path.join(root, candidate)):
+      return candidate
+  raise ModassemError(
+      f"data.path {root!r} has no val/ or test/ folder: add one with the "
+      "same <class>/ folders as train/, or set --config.data.eval_split")
+
+
+def folder(data, image_size: int) -> IndexedSource:
+  """Images in root/<split>/<class>/*; classes are the train subfolders."""
+  del image_size  # Images are resized per example by the pipeline.
+  gfile = tf().io.gfile
+  root = str(data.get("path", "") or "")
+  train_split = str(data.get("train_split", "train") or "train")
+  if not root:
+    raise ModassemError(
+        "data.path is empty: point --config.data.path at a folder with "
+        "train/<class>/* images")
+  if not gfile.isdir(root):
+    raise ModassemError(
+        f"data.path {root!r} does not exist: point --config.data.path at a "
+        "folder with train/<class>/* images")
+  train_dir = os.path.join(root, train_split)
+  if not gfile.isdir(train_dir):
+    raise ModassemError(
+        f"data.path {root!r} has no {train_split}/ folder: expected "
+        f"{train_split}/<class>/* images (or set --config.data.train_split)")
+  classes = _list_classes(train_dir)
+  if not classes:
+    raise ModassemError(
+        f"{train_dir!r} has no class folders: put each class's images in "
+        f"{train_dir}/<class_name>/")
+  eval_split = resolve_folder_eval_split(
+      root, str(data.get("eval_split", "") or ""))
+  eval_classes = _list_classes(os.path.join(root, eval_split))
+  if eval_classes != classes:
+    missing = sorted(set(classes) - set(eval_classes))
+    extra = sorted(set(eval_classes) - set(classes))
+    raise ModassemError(
+        f"class folders of {eval_split}/ differ from {train_split}/ in "
+        f"{root!r} (missing in {eval_split}: {missing[:5]}, extra: "
+        f"{extra[:5]}): both splits need the same <class>/ folder names")
+  train_paths, train_labels = _scan_split(root, train_split, classes)
+  eval_paths, eval_labels = _scan_split(root, eval_split, classes)
+
+  labels = np.asarray(train_labels + eval_labels, np.int32)
+  train_ids = np.arange(len(train_paths))
+  eval_ids = np.arange(len(train_paths), len(labels))
+  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data))
+  paths_tensor = tf().constant(train_paths + eval_paths)
+
+  def load(example_id):
+    raw = tf().io.read_file(tf().gather(paths_tensor, example_id))
+    image = tf().io.decode_image(raw, channels=3, expand_animations=False)
+    return tf().ensure_shape(image, [None, None, 3])
+
+  return IndexedSource(
+      name=f"folder:{os.path.basename(os.path.normpath(root))}",
+      num_classes=len(classes), labels=labels, train_ids=train_ids,
+      eval_ids=eval_ids, load=load)

@@ -1,0 +1,126 @@
+"""The whole method from one command, with its baseline and a report.
+
+meta -> incubate (module=all) -> assemble, each in its own run directory
+under WORKDIR, then the end-to-end baseline given the same number of training
+FLOPs as the three phases together. Every run resumes, so rerunning the
+command after an interruption picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from modassem import checkpoints, config as config_lib, train
+from modassem.metrics import METRICS_FILE
+
+METHOD = ("meta", "incubate", "assemble")
+
+
+def phase_configs(spec: str, overrides: dict, workdir: str) -> dict:
+  path, _ = config_lib.split_spec(spec)
+  dirs = {p: os.path.join(workdir, p) for p in METHOD + ("e2e",)}
+  configs = {}
+  for phase in METHOD + ("e2e",):
+    c = config_lib.load(f"{path}:{phase}", {k: v for k, v in overrides.items() if k != "phase"})
+    if phase == "incubate":
+      c.module = "all"
+      c.meta = dirs["meta"]
+    if phase == "assemble":
+      c.modules = ",".join([dirs["incubate"]] * c.model.num_modules)
+    configs[phase] = c
+  return configs, dirs
+
+
+def run(spec: str, overrides: dict, workdir: str) -> dict:
+  configs, dirs = phase_configs(spec, overrides, workdir)
+  results = {}
+  for phase in METHOD:
+    print(f"== {phase} -> {dirs[phase]}", flush=True)
+    results[phase] = train.train(configs[phase], dirs[phase])
+
+  budget = sum(results[p]["train_flops"] for p in METHOD)
+  e2e = configs["e2e"]
+  per_step = train.step_flops(e2e)
+  e2e.total_steps = max(int(round(budget / per_step)), 1)
+  print(f"== e2e -> {dirs['e2e']}: {e2e.total_steps} steps = {budget:.3g} FLOPs, the method's budget", flush=True)
+  results["e2e"] = train.train(e2e, dirs["e2e"])
+
+  report = make_report(results, dirs)
+  checkpoints.write_json(os.path.join(workdir, "report.json"), report)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(report_markdown(report))
+  plot_curves(dirs, os.path.join(workdir, "curves.png"))
+  print(report_markdown(report), flush=True)
+  return report
+
+
+def make_report(results: dict, dirs: dict) -> dict:
+  phases = {p: {k: results[p].get(k) for k in ("top1", "top5", "loss", "steps", "train_flops", "wall_s")}
+            for p in results}
+  for p in phases:
+    phases[p]["workdir"] = dirs[p]
+  method_flops = sum(phases[p]["train_flops"] for p in METHOD)
+  method_wall = sum(phases[p]["wall_s"] for p in METHOD)
+  return {
+      "phases": phases,
+      "incubated_modules": {k: v for k, v in results["incubate"].items() if k.startswith("module_")},
+      "assembled": {"top1": phases["assemble"]["top1"], "top5": phases["assemble"]["top5"],
+                    "train_flops": method_flops, "wall_s": method_wall},
+      "e2e": {"top1": phases["e2e"]["top1"], "top5": phases["e2e"]["top5"],
+              "train_flops": phases["e2e"]["train_flops"], "wall_s": phases["e2e"]["wall_s"]},
+      "top1_gain": phases["assemble"]["top1"] - phases["e2e"]["top1"],
+  }
+
+
+def report_markdown(r: dict) -> str:
+  lines = ["# modassem pipeline report", "",
+           "| phase | top-1 % | top-5 % | eval loss | steps | train FLOPs | wall s |",
+           "|---|---|---|---|---|---|---|"]
+  for p, v in r["phases"].items():
+    lines.append(f"| {p} | {v['top1']:.2f} | {v['top5']:.2f} | {v['loss']:.4f} | {v['steps']} | "
+                 f"{v['train_flops']:.3g} | {v['wall_s']:.0f} |")
+  a, e = r["assembled"], r["e2e"]
+  lines += ["", "| model | top-1 % | top-5 % | train FLOPs (all phases) | wall s |", "|---|---|---|---|---|",
+            f"| assembled (meta + incubate + assemble) | {a['top1']:.2f} | {a['top5']:.2f} | {a['train_flops']:.3g} | "
+            f"{a['wall_s']:.0f} |",
+            f"| end-to-end | {e['top1']:.2f} | {e['top5']:.2f} | {e['train_flops']:.3g} | {e['wall_s']:.0f} |",
+            "", f"Assembled minus end-to-end: {r['top1_gain']:+.2f} top-1 points on the held-out split.", ""]
+  return "\n".join(lines)
+
+
+def _records(run_dir: str) -> list[dict]:
+  path = os.path.join(run_dir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(dirs: dict, out: str) -> None:
+  """Train loss and eval top-1 against cumulative training FLOPs: the method's phases chained, and e2e."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  offset = 0.0
+  for label, phases in (("method", METHOD), ("e2e", ("e2e",))):
+    offset = 0.0
+    for p in phases:
+      recs = _records(dirs[p])
+      final = [r for r in recs if r["kind"] == "final"]
+      per_step = final[-1]["step_flops"] if final else 0.0
+      tr = [r for r in recs if r["kind"] == "train" and isinstance(r.get("loss"), float)]
+      ev = [r for r in recs if r["kind"] in ("eval", "final") and isinstance(r.get("top1"), float)]
+      name = f"{label}: {p}" if label == "method" else "e2e"
+      ax_loss.plot([offset + r["step"] * per_step for r in tr], [r["loss"] for r in tr], label=name)
+      ax_acc.plot([offset + r["step"] * per_step for r in ev], [r["top1"] for r in ev], marker="o", label=name)
+      offset += (final[-1]["step"] if final else 0) * per_step
+  for ax, title in ((ax_loss, "train loss"), (ax_acc, "held-out top-1 (%)")):
+    ax.set_xlabel("training FLOPs")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
