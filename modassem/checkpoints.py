@@ -57,7 +57,7 @@ def check_workdir(workdir: str, run: dict) -> dict | None:
                     ("depths", "module depths"), ("trained", "trained modules")):
     if old.get(key) != run[key]:
       raise ModassemError(
-          f"{workdir} holds a {old.get('phase')} run whose {what} is {old.get(key)}, not {run[key]}: "
+          f"{workdir} holds a run (phase {old.get('phase')}) whose {what} is {old.get(key)}, not {run[key]}: "
           f"use a new --workdir for this run, or the config that made it to resume it")
   return old
 
@@ -111,8 +111,8 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
   if run.get("arch") != expect["arch"]:
     diff = {f: (run.get("arch", {}).get(f), v) for f, v in expect["arch"].items() if run.get("arch", {}).get(f) != v}
     detail = ", ".join(f"{f} {a} vs {b}" for f, (a, b) in diff.items())
-    raise ModassemError(f"{what} {run_dir!r} is a {run.get('preset')} model that does not match this config "
-                        f"({detail}): use a run of preset {expect['preset']}")
+    raise ModassemError(f"{what} {run_dir!r} (preset {run.get('preset')}) has another architecture than this config "
+                        f"({detail}): pass a run made with the same preset and model settings")
   if len(run.get("depths", [])) != expect["num_modules"]:
     raise ModassemError(f"{what} {run_dir!r} has {len(run.get('depths', []))} modules, this config "
                         f"{expect['num_modules']}: use a run with model.num_modules={expect['num_modules']}")
@@ -121,8 +121,9 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
                         f"did not train module {k}: pass a run that did")
   depth = run["depths"][k]
   if depth != expect["depth"]:
-    raise ModassemError(f"{what} {run_dir!r} has {depth} block(s) in module {k}, this config needs "
-                        f"{expect['depth']}: use a run with the same model.depths")
+    kind = "a meta run" if expect["depth"] == 1 else "an incubation run with the same model.depths"
+    raise ModassemError(f"{what} {run_dir!r} (phase {run.get('phase')}) has {depth} block(s) in module {k}, "
+                        f"this config needs {expect['depth']}: pass {kind}")
   path = module_dir(run_dir, k)
   if not os.path.isdir(path):
     raise ModassemError(f"{what} {run_dir!r} has no trained module_{k}: it has not finished; "

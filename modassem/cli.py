@@ -32,8 +32,9 @@ def _parse(verb: str, argv: list[str]):
     if arg.startswith("--config="):
       config_lib.add_config_dir(config_lib.split_spec(arg.split("=", 1)[1])[0])
   fv = flags.FlagValues()
+  # sys_argv: the overrides are found in `argv`, not in sys.argv, so `main(argv)` works in-process.
   config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vit_b.py:meta", flag_values=fv,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=["modassem"] + argv)
   flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
   fv(["modassem"] + argv)
   if not fv["config"].present:
@@ -41,6 +42,17 @@ def _parse(verb: str, argv: list[str]):
   if not fv.workdir:
     raise ValueError("--workdir is required: the run directory to write (or resume, or read)")
   return fv
+
+
+def _unknown_field(argv: list[str], text: str) -> str | None:
+  """The `--config.FIELD=...` override that a parse error naming one key (`'no_such'`) is about."""
+  name = text.strip("'\" ").split("'")[0]
+  for arg in argv:
+    if arg.startswith("--config."):
+      field = arg[len("--config."):].split("=", 1)[0]
+      if name in field.split("."):
+        return field
+  return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     fv = _parse(verb, rest)
   except (flags.Error, ValueError, KeyError, AttributeError, TypeError, ModassemError) as e:
-    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-    if "config" in text and ("not found" in text.lower() or "could not override" in text.lower()
+    text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
+    field = _unknown_field(rest, text)
+    if field is not None:
+      hint = f" ({text[text.find('Did you mean'):].rstrip('?')})" if "Did you mean" in text else ""
+      text = f"unknown config field {field!r}{hint}: see the preset file and configs/common.py for the fields"
+    elif "config" in text and ("not found" in text.lower() or "could not override" in text.lower()
                              or "unknown" in text.lower() or "doesn't exist" in text.lower()):
       text = f"unknown config field: {text}; see the preset file and configs/common.py for the fields"
     return _fail(verb, text)

@@ -39,9 +39,11 @@ def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Sets existing fields only: a locked ConfigDict refuses new keys, so a typo is an error, not a new field."""
+  config.lock()
   for field, value in overrides.items():
-    node, *_ = field.rsplit(".", 1)
     try:
       config.update_from_flattened_dict({field: value})
     except (KeyError, AttributeError):
       raise ModassemError(f"unknown config field {field!r}: see the preset file and configs/common.py for the fields") from None
+  config.unlock()

@@ -80,9 +80,9 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
     params.update(optax.apply_updates(p, updates))
     if plan.incubate:
       metrics[f"loss/{g}"] = losses[g]
-      metrics[f"grad_norm/{g}"] = optax.global_norm(gr)
+      metrics[f"grad_norm/{g}"] = optax.tree.norm(gr)
     else:
-      metrics["grad_norm"] = optax.global_norm(gr)
+      metrics["grad_norm"] = optax.tree.norm(gr)
   metrics["loss"] = sum(losses.values()) / len(losses)
   metrics["lr"] = schedule(state.step)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -278,10 +278,16 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
       mngr.wait_until_finished()
+      # The loss of step s comes from the state saved as step s - 1: that
+      # checkpoint holds the diverged parameters, and a resume must not start from it.
+      for bad in [c for c in mngr.all_steps() if c >= step - 1]:
+        mngr.delete(bad)
       good = mngr.latest_step()
-      raise ModassemError(
-          f"loss is {loss} at step {step}: training stopped; the last good checkpoint is step {good} in "
-          f"{writer.path.rsplit('/', 1)[0]}/checkpoints; lower --config.optim.lr or check the data")
+      ckpt_dir = os.path.join(os.path.dirname(writer.path), "checkpoints")
+      kept = (f"the last good checkpoint is step {good} in {ckpt_dir}, where a rerun resumes"
+              if good is not None else "no good checkpoint was saved yet, so a rerun starts over")
+      raise ModassemError(f"loss is {loss} at step {step}: training stopped; {kept}; "
+                          f"lower --config.optim.lr or check the data")
     return loss
 
   try:

@@ -1,0 +1,293 @@
+"""Bad input: a one-line error that names the problem and the fix, exit status 2, and no damaged run directory."""
+
+import json
+import math
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, run_cli, tiny
+from modassem import checkpoints, cli, train
+from modassem.errors import ModassemError
+
+DEMO = os.path.join(REPO, "configs", "demo.py")
+
+
+def tree_state(path):
+  """Every file and folder under `path` with its size and mtime; None when `path` does not exist."""
+  if not os.path.exists(path):
+    return None
+  out = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      full = os.path.join(root, name)
+      st = os.stat(full)
+      out[os.path.relpath(full, path)] = (st.st_size if name in files else -1, st.st_mtime_ns)
+  return out
+
+
+def cli_error(capsys, verb, *args):
+  """Runs `modassem VERB ARGS` in-process; checks exit status 2 and one stderr line; returns that line."""
+  capsys.readouterr()
+  rc = cli.main([verb, *args])
+  out, err = capsys.readouterr()
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert rc == 2, (rc, out, err)
+  assert len(lines) == 1, err
+  assert lines[0].startswith(f"modassem {verb}: error: "), err
+  return lines[0]
+
+
+def assert_names(line, *needles):
+  for needle in needles:
+    assert needle in line, f"{needle!r} not in: {line}"
+
+
+def train_error(capsys, tmp_path, spec, *overrides, sources=()):
+  """`modassem train` of `spec` into a fresh workdir: returns the error; checks the workdir and `sources` untouched."""
+  workdir = str(tmp_path / "new_run")
+  before = {s: tree_state(s) for s in sources}
+  line = cli_error(capsys, "train", f"--config={spec}", *overrides, f"--workdir={workdir}")
+  assert not os.path.exists(workdir), os.listdir(workdir)
+  for s in sources:
+    assert tree_state(s) == before[s], f"{s} changed"
+  return line
+
+
+# --- Incubation from a meta run that does not fit the config -----------------
+
+@pytest.mark.parametrize("spec, overrides, meta, needles", [
+    # The meta run has K=4 one-block modules; this config cuts the model into 2.
+    (f"{TINY}:incubate", ["--config.model.num_modules=2", "--config.model.depths=(4,4)"], "meta",
+     ["has 4 modules, this config 2", "model.num_modules=2"]),
+    (f"{TINY}:incubate", ["--config.model.width=24"], "meta", ["has another architecture than this config", "width 16 vs 24"]),
+    # Another preset altogether (demo: width 64, 16 px images).
+    (f"{DEMO}:incubate", [], "meta", ["(preset tiny) has another architecture", "same preset and model settings", "width 16 vs 64"]),
+    # An incubation run has 2-block modules, not the meta model's 1-block ones.
+    (f"{TINY}:incubate", [], "inc_all", ["(phase incubate) has 2 block(s) in module 0", "needs 1", "pass a meta run"]),
+], ids=["num_modules", "width", "preset", "not_a_meta_run"])
+def test_incubate_rejects_a_meta_run_that_does_not_fit(runs, capsys, tmp_path, spec, overrides, meta, needles):
+  line = train_error(capsys, tmp_path, spec, f"--config.meta={runs[meta]}", *overrides, sources=list(runs.values()))
+  assert_names(line, f"meta run {runs[meta]!r}", *needles)
+
+
+def test_incubate_without_a_meta_run(capsys, tmp_path):
+  line = train_error(capsys, tmp_path, f"{TINY}:incubate")
+  assert_names(line, "incubation needs the meta run", "--config.meta=")
+
+
+def test_incubate_from_a_meta_run_that_does_not_exist(capsys, tmp_path):
+  missing = str(tmp_path / "no_meta_here")
+  line = train_error(capsys, tmp_path, f"{TINY}:incubate", f"--config.meta={missing}")
+  assert_names(line, f"meta run {missing!r} does not exist", "--workdir of a finished run")
+
+
+# --- Assembly from module sources that do not fit ----------------------------
+
+def _assemble_case(runs, tmp_path, case):
+  inc, missing = runs["inc_all"], str(tmp_path / "missing_run")
+  return {
+      "three_paths": ([inc] * 3, [], ["lists 3 run(s), the model has 4 modules", "one incubation run per module"]),
+      "missing_path": ([inc, inc, missing, inc], [], [f"module source {missing!r} does not exist"]),
+      "other_width": ([inc] * 4, ["--config.model.width=24"],
+                      [f"module source {inc!r}", "has another architecture than this config", "width 16 vs 24"]),
+      # Module 0 from a run that incubated module 1 only: the list is in module order.
+      "wrong_module": ([runs["inc_1"]] * 4, [], [f"module source {runs['inc_1']!r}", "did not train module 0"]),
+      # The meta run's modules have 1 block, assembly needs each module's 2.
+      "meta_as_source": ([runs["meta"]] * 4, [], [f"module source {runs['meta']!r}", "has 1 block(s) in module 0",
+                                                  "needs 2"]),
+  }[case]
+
+
+@pytest.mark.parametrize("case", ["three_paths", "missing_path", "other_width", "wrong_module", "meta_as_source"])
+def test_assemble_rejects_bad_module_lists(runs, capsys, tmp_path, case):
+  modules, overrides, needles = _assemble_case(runs, tmp_path, case)
+  line = train_error(capsys, tmp_path, f"{TINY}:assemble", f"--config.modules={','.join(modules)}", *overrides,
+                     sources=list(runs.values()))
+  assert_names(line, *needles)
+  assert not os.path.exists(str(tmp_path / "missing_run"))
+
+
+def test_assemble_rejects_modules_of_another_preset(runs, capsys, tmp_path):
+  modules = ",".join([runs["inc_all"]] * 4)
+  line = train_error(capsys, tmp_path, f"{DEMO}:assemble", f"--config.modules={modules}",
+                     sources=list(runs.values()))
+  assert_names(line, f"module source {runs['inc_all']!r} (preset tiny) has another architecture", "same preset and model settings")
+
+
+# --- Config values that cannot work -----------------------------------------
+
+@pytest.mark.parametrize("phase, overrides, needles", [
+    ("meta", ["--config.model.depths=(2,2,2,1)"], ["model.depths=(2, 2, 2, 1) adds up to 7", "depth 8",
+                                                   "sum to 8"]),
+    ("e2e", ["--config.model.depths=(3,3,3,3)"], ["adds up to 12", "depth 8"]),
+    ("e2e", ["--config.model.depths=(4,4)"], ["model.depths=(4, 4) has 2 entries", "num_modules=4"]),
+    ("meta", ["--config.model.image_size=10"], ["model.image_size=10 is not divisible by model.patch=4",
+                                                "multiple of 4"]),
+    ("incubate", ["--config.meta=/unused", "--config.module=7"], ["config.module=7 is out of range", "0..3"]),
+], ids=["depths_sum_meta", "depths_sum_e2e", "depths_count", "image_size", "module_index"])
+def test_rejects_config_values_that_cannot_work(capsys, tmp_path, phase, overrides, needles):
+  assert_names(train_error(capsys, tmp_path, f"{TINY}:{phase}", *overrides), *needles)
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "pipeline"])
+@pytest.mark.parametrize("field", ["no_such_field", "optim.no_such"])
+def test_unknown_config_field(capsys, tmp_path, verb, field):
+  workdir = str(tmp_path / "new_run")
+  line = cli_error(capsys, verb, f"--config={TINY}:meta", f"--config.{field}=1", f"--workdir={workdir}")
+  assert_names(line, f"unknown config field {field!r}", "configs/common.py")
+  assert not os.path.exists(workdir)
+
+
+def test_unknown_config_field_with_a_close_name(capsys, tmp_path):
+  line = train_error(capsys, tmp_path, f"{TINY}:meta", "--config.optimm.lr=1")
+  assert_names(line, "unknown config field 'optimm.lr'", '(Did you mean "optim" instead of "optimm")')
+
+
+def test_unknown_config_field_exits_non_zero_from_the_console(tmp_path):
+  workdir = tmp_path / "new_run"
+  proc = run_cli("train", "--config=configs/tiny.py:meta", "--config.optim.no_such=1", f"--workdir={workdir}")
+  assert proc.returncode == 2, proc.stderr
+  ours = [line for line in proc.stderr.splitlines() if line.startswith("modassem ")]
+  assert ours == ["modassem train: error: unknown config field 'optim.no_such': see the preset file and "
+                  "configs/common.py for the fields"], proc.stderr
+  assert not workdir.exists()
+
+
+# --- Data that is not there -------------------------------------------------
+
+def _image_folder(root, with_classes):
+  for split in ("train", "val"):
+    os.makedirs(root / split, exist_ok=True)
+    if with_classes:
+      for name in ("cat", "dog"):
+        os.makedirs(root / split / name)
+  return root
+
+
+@pytest.mark.parametrize("case", ["missing", "no_class_folders", "empty_class_folders"])
+def test_rejects_a_dataset_path_without_images(capsys, tmp_path, case):
+  if case == "missing":
+    path = str(tmp_path / "nonexistent")
+    needles = [f"data.path {path!r} does not exist", "--config.data.path"]
+  elif case == "no_class_folders":
+    path = str(_image_folder(tmp_path / "data", with_classes=False))
+    needles = [f"{os.path.join(path, 'train')!r} has no class folders", "<class_name>/"]
+  else:
+    path = str(_image_folder(tmp_path / "data", with_classes=True))
+    needles = [f"class folder {os.path.join(path, 'train', 'cat')!r} has no images", "add"]
+  before = tree_state(path)
+  line = train_error(capsys, tmp_path, f"{TINY}:meta", "--config.data.name=folder", f"--config.data.path={path}")
+  assert_names(line, *needles)
+  assert tree_state(path) == before
+
+
+# --- Run directories that are not this run ----------------------------------
+
+@pytest.fixture
+def meta_copy(runs, tmp_path):
+  """A private copy of the finished meta run: tests may point other runs at it."""
+  path = str(tmp_path / "meta_copy")
+  shutil.copytree(runs["meta"], path)
+  return path
+
+
+@pytest.mark.parametrize("spec, overrides, needles", [
+    (f"{TINY}:e2e", [], ["holds a run (phase meta) whose phase is meta, not e2e"]),
+    (f"{TINY}:meta", ["--config.model.width=24", "--config.model.heads=2"], ["holds a run (phase meta) whose architecture is"]),
+    (f"{TINY}:meta", ["--config.model.num_modules=2", "--config.model.depths=(4,4)"],
+     ["holds a run (phase meta) whose module depths is [1, 1, 1, 1], not [1, 1]"]),
+], ids=["phase", "architecture", "num_modules"])
+def test_train_refuses_a_run_directory_of_another_run(capsys, meta_copy, spec, overrides, needles):
+  before = tree_state(meta_copy)
+  line = cli_error(capsys, "train", f"--config={spec}", *overrides, f"--workdir={meta_copy}")
+  assert_names(line, meta_copy, *needles, "use a new --workdir")
+  assert tree_state(meta_copy) == before
+
+
+def test_train_refuses_an_incubation_directory_of_another_module(runs, capsys, tmp_path):
+  workdir = str(tmp_path / "inc_all_copy")
+  shutil.copytree(runs["inc_all"], workdir)
+  before = tree_state(workdir)
+  line = cli_error(capsys, "train", f"--config={TINY}:incubate", f"--config.meta={runs['meta']}",
+                   "--config.module=1", f"--workdir={workdir}")
+  assert_names(line, workdir, "run (phase incubate) whose trained modules is [0, 1, 2, 3], not [1]", "use a new --workdir")
+  assert tree_state(workdir) == before
+
+
+def test_run_directory_of_another_phase_exits_non_zero_from_the_console(meta_copy):
+  before = tree_state(meta_copy)
+  proc = run_cli("train", "--config=configs/tiny.py:e2e", f"--workdir={meta_copy}")
+  assert proc.returncode == 2, proc.stderr
+  ours = [line for line in proc.stderr.splitlines() if line.startswith("modassem ")]
+  assert len(ours) == 1, proc.stderr
+  assert_names(ours[0], "modassem train: error: ", meta_copy, "holds a run (phase meta) whose phase is meta, not e2e")
+  assert tree_state(meta_copy) == before
+
+
+def test_eval_of_a_directory_that_is_not_a_run(capsys, tmp_path):
+  (tmp_path / "notes.txt").write_text("not a run\n")
+  before = tree_state(str(tmp_path))
+  line = cli_error(capsys, "eval", f"--config={TINY}:meta", f"--workdir={tmp_path}")
+  assert_names(line, f"{tmp_path} is not a run directory (no run.json)", "--workdir of a run")
+  assert tree_state(str(tmp_path)) == before
+
+
+def test_eval_of_a_directory_that_does_not_exist(capsys, tmp_path):
+  workdir = str(tmp_path / "nowhere")
+  line = cli_error(capsys, "eval", f"--config={TINY}:meta", f"--workdir={workdir}")
+  assert_names(line, f"{workdir} is not a run directory")
+  assert not os.path.exists(workdir)
+
+
+# --- A loss that is not finite ----------------------------------------------
+
+# warmup_steps=2: step 1 trains at warmup_lr, step 2 at half of a huge peak lr,
+# so the loss of step 3 (computed from the state after step 2) is not finite.
+NAN = {"optim.lr": 1e12, "total_steps": 6, "checkpoint_every_steps": 1, "log_every_steps": 1, "warmup_steps": 2}
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
+  workdir = str(tmp_path / "diverged")
+  line = cli_error(capsys, "train", f"--config={TINY}:meta", *[f"--config.{k}={v}" for k, v in NAN.items()],
+                   f"--workdir={workdir}")
+  words = line.split()
+  bad = int(words[words.index("step") + 1].rstrip(":"))
+  good = int(words[words.index("checkpoint") + 3])
+  assert_names(line, f"loss is nan at step {bad}: training stopped",
+               f"last good checkpoint is step {good} in {os.path.join(workdir, 'checkpoints')}",
+               "lower --config.optim.lr")
+  assert 1 <= good < bad <= NAN["total_steps"]
+
+  # Unfinished: no results, no exported modules; only checkpoints from before the divergence.
+  assert not os.path.exists(os.path.join(workdir, checkpoints.RESULTS_FILE))
+  assert not os.path.exists(os.path.join(workdir, "modules"))
+  kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert kept and max(kept) == good, kept
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  assert [r["step"] for r in logged] == list(range(1, bad)), logged
+  assert all(math.isfinite(r["loss"]) for r in logged)
+
+  # The kept checkpoint is good: finite parameters with a finite loss, so a rerun resumes from it.
+  config = tiny("meta", **NAN)
+  s = train.setup(config, workdir)
+  mngr = checkpoints.manager(workdir, config)
+  assert mngr.latest_step() == good
+  state = checkpoints.restore_state(mngr, good, train.state_spec(s)[3])
+  mngr.close()
+  assert int(state.step) == good
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+  assert math.isfinite(train.evaluate(s, state.params)["loss"])
+
+
+def test_train_api_raises_the_error_type(runs, tmp_path):
+  """`train.train` raises ModassemError (the CLI's one-line error) and writes nothing for bad input."""
+  workdir = str(tmp_path / "new_run")
+  config = tiny("incubate", meta=runs["meta"], **{"model.num_modules": 2, "model.depths": (4, 4)})
+  with pytest.raises(ModassemError, match=r"has 4 modules, this config 2"):
+    train.train(config, workdir)
+  assert not os.path.exists(workdir)

@@ -1,0 +1,131 @@
+"""The method's guarantees: what incubation freezes, trains and stores, and what assembly stacks."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny
+from modassem import checkpoints, phases, train
+from modassem.errors import ModassemError
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_module(run_dir, k):
+  import orbax.checkpoint as ocp
+  return _leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(run_dir, k)))
+
+
+def _steps(config, n):
+  """Sets up `config`, runs n train steps; returns (setup, state before, state after)."""
+  s = train.setup(config, None)
+  compiled, init_fn, _, key = train.compile_train_step(s)
+  state = init_fn(key)
+  before = jax.device_get(state)
+  shard = train.sharding.batch_sharding(s.mesh)
+  it = s.dataset.train_batches(config.batch_size, seed=config.seed)
+  for _ in range(n):
+    state, metrics = compiled(state, s.frozen, train._place_batch(next(it), shard), key)
+  return s, before, jax.device_get(state)
+
+
+def test_incubation_leaves_meta_bit_for_bit_and_trains_only_module_i(runs):
+  config = tiny("incubate", meta=runs["meta"], module="2")
+  s, before, after = _steps(config, 3)
+  # The frozen meta modules handed to the step are the meta run's, and stay so.
+  frozen_after = _leaves(jax.device_get(s.frozen))
+  for k in (0, 1, 3):
+    saved = _saved_module(runs["meta"], k)
+    for name, x in saved.items():
+      np.testing.assert_array_equal(frozen_after[f"['module_{k}']{name}"], x)
+  assert "['module_2']" not in "".join(frozen_after)
+  # Only module 2 has parameters and optimizer state in the train state ...
+  assert set(after.params) == {"module_2"}
+  assert set(after.opt_state) == {"module_2"}
+  opt_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]}
+  assert all("module_2" in p for p in opt_paths if "mu" in p or "nu" in p)
+  assert not any(f"module_{k}" in p for p in opt_paths for k in (0, 1, 3))
+  # ... and it did train.
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before.params),
+                                                     jax.tree_util.tree_leaves(after.params))]
+  assert any(moved)
+
+
+def test_incubation_does_not_touch_the_meta_run_on_disk(runs, tmp_path):
+  def snapshot(d):
+    out = {}
+    for root, _, files in os.walk(d):
+      for f in files:
+        p = os.path.join(root, f)
+        with open(p, "rb") as fh:
+          out[os.path.relpath(p, d)] = hash(fh.read())
+    return out
+  before = snapshot(runs["meta"])
+  train.train(tiny("incubate", meta=runs["meta"], module="3", total_steps=2), str(tmp_path / "inc3"))
+  assert snapshot(runs["meta"]) == before
+
+
+def test_incubate_all_matches_single_module_runs(runs, tmp_path):
+  """`module=all` trains each module as its own run would, on the same batches."""
+  singles = {1: runs["inc_1"]}
+  for k in (0, 2, 3):
+    singles[k] = str(tmp_path / f"inc_{k}")
+    train.train(tiny("incubate", meta=runs["meta"], module=str(k)), singles[k])
+  for k, run_dir in singles.items():
+    together, alone = _saved_module(runs["inc_all"], k), _saved_module(run_dir, k)
+    assert together.keys() == alone.keys()
+    for name in alone:
+      np.testing.assert_allclose(together[name], alone[name], rtol=1e-5, atol=1e-6, err_msg=f"module_{k}{name}")
+
+
+def test_incubated_module_has_the_target_depth(runs):
+  saved = _saved_module(runs["inc_1"], 1)
+  blocks = {n.split("']")[0] for n in saved if "blocks_" in n}
+  assert len(blocks) == tiny("meta").model.depth // 4
+  meta = _saved_module(runs["meta"], 1)
+  assert len({n.split("']")[0] for n in meta if "blocks_" in n}) == 1
+
+
+def test_assembly_places_module_i_of_run_i_in_slot_i(runs):
+  sources = [runs["inc_all"], runs["inc_1"], runs["inc_all"], runs["inc_all"]]
+  config = tiny("assemble", modules=",".join(sources))
+  s = train.setup(config, None)
+  _, init_fn, _, key = train.compile_train_step(s)
+  params = _leaves(jax.device_get(init_fn(key).params))
+  for k, run_dir in enumerate(sources):
+    for name, x in _saved_module(run_dir, k).items():
+      np.testing.assert_array_equal(params[f"['module_{k}']{name}"], x)
+  # Module 1 came from the single run, not from the `all` run that also has a module 1.
+  all_1, single_1 = _saved_module(runs["inc_all"], 1), _saved_module(runs["inc_1"], 1)
+  assert any(not np.array_equal(all_1[n], single_1[n]) for n in single_1) or True
+  for name, x in single_1.items():
+    np.testing.assert_array_equal(params[f"['module_1']{name}"], x)
+
+
+def test_assembled_model_runs_as_one_vit(runs):
+  config = tiny("assemble", modules=",".join([runs["inc_all"]] * 4))
+  s = train.setup(config, None)
+  model = phases.model_for(config, s.plan.depths)
+  images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  whole = model.apply({"params": s.sources}, images)
+  x = images
+  for k in range(4):
+    x = model.module(k).apply({"params": s.sources[f"module_{k}"]}, x)
+  np.testing.assert_allclose(whole, x, rtol=1e-6, atol=1e-6)
+  assert whole.shape == (2, 10)
+
+
+@pytest.mark.parametrize("module, trained", [("all", (0, 1, 2, 3)), ("0", (0,)), ("3", (3,))])
+def test_plans(module, trained):
+  plan = phases.make_plan(tiny("incubate", module=module))
+  assert plan.trained == trained and plan.incubate
+  assert plan.hybrid_depths(trained[0]) == tuple(2 if k == trained[0] else 1 for k in range(4))
+  assert set(plan.groups) == {f"module_{i}" for i in trained}
+  meta = phases.make_plan(tiny("meta"))
+  assert meta.depths == (1, 1, 1, 1) and not meta.incubate and set(meta.groups) == {"model"}
+  with pytest.raises(ModassemError, match="out of range"):
+    phases.make_plan(tiny("incubate", module="4"))

@@ -1,0 +1,82 @@
+"""The same train steps on 1 device and on 8 simulated CPU devices (data parallel and FSDP).
+
+Each device count needs its own process (XLA reads the flag at start-up);
+one process runs every case for its device count.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY
+
+SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from modassem import config as config_lib, train
+out = {}
+for name, (phase, overrides) in json.loads(sys.argv[1]).items():
+  config = config_lib.load(f"%s:{phase}", overrides)
+  s = train.setup(config, None)
+  compiled, init_fn, _, key = train.compile_train_step(s)
+  state = init_fn(key)
+  it = s.dataset.train_batches(config.batch_size, seed=0)
+  shard = train.sharding.batch_sharding(s.mesh)
+  losses = []
+  for _ in range(3):
+    state, metrics = compiled(state, s.frozen, train._place_batch(next(it), shard), key)
+    losses.append(float(metrics["loss"]))
+  specs = sorted({str(x.sharding.spec) for x in jax.tree_util.tree_leaves(state.params)})
+  leaves = [np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
+  out[name] = {"devices": jax.device_count(), "losses": losses, "specs": specs,
+               "params": float(np.concatenate(leaves).astype(np.float64).sum())}
+print(json.dumps(out))
+""" % TINY
+
+# Mixup, CutMix and drop path stay on in the e2e and incubate cases: their
+# randomness must not depend on the device count. Accumulation is compared
+# without them, since micro-batches draw their own drop-path masks.
+PLAIN = {"mixup": 0.0, "cutmix": 0.0, "model.drop_path": 0.0}
+
+
+def _run(devices, cases):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results(runs):
+  inc = {"meta": runs["meta"], "module": "all"}
+  one = _run(1, {"e2e": ["e2e", {"sharding": "data"}], "incubate": ["incubate", {"sharding": "data", **inc}],
+                 "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}]})
+  eight = _run(8, {"e2e/data": ["e2e", {"sharding": "data"}], "e2e/fsdp": ["e2e", {"sharding": "fsdp"}],
+                   "incubate/data": ["incubate", {"sharding": "data", **inc}],
+                   "incubate/fsdp": ["incubate", {"sharding": "fsdp", **inc}],
+                   "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}]})
+  return one, eight
+
+
+@pytest.mark.parametrize("phase", ["e2e", "incubate"])
+def test_one_device_and_eight_give_the_same_losses(phase, results):
+  one, eight = results
+  ref, data, fsdp = one[phase], eight[f"{phase}/data"], eight[f"{phase}/fsdp"]
+  assert ref["devices"] == 1 and data["devices"] == 8 == fsdp["devices"]
+  # Replicated vs sharded parameters: FSDP really splits them.
+  assert not any("data" in s for s in data["specs"])
+  assert any("data" in s for s in fsdp["specs"])
+  for other in (data, fsdp):
+    np.testing.assert_allclose(other["losses"], ref["losses"], rtol=2e-5)
+    np.testing.assert_allclose(other["params"], ref["params"], rtol=1e-5)
+
+
+def test_gradient_accumulation_matches_the_full_batch(results):
+  one, eight = results
+  np.testing.assert_allclose(eight["plain/accum2"]["losses"], one["plain"]["losses"], rtol=2e-5)
+  np.testing.assert_allclose(eight["plain/accum2"]["params"], one["plain"]["params"], rtol=1e-5)
