@@ -18,11 +18,13 @@ def get_config(phase="meta"):
   c = common.get_config("demo", phase)
   c.data.name = "digits"
   c.data.tfds_name = ""
-  c.data.crop_area_min = 0.35      # 8x8 digits do not survive ImageNet's 8 % crops
+  # 8x8 digits blown up to 16 px do not survive random crops: they shift the
+  # train images away from the held-out ones more than they regularise.
+  c.data.augment = "none"
   c.model.dtype = "float32"        # CPU: bfloat16 is emulated and slower
   c.batch_size = 128
   c.eval_batch_size = 360
-  c.optim.lr = 2e-3                # per 512 images: 5e-4 at batch 128
+  c.optim.lr = 1.2e-2              # per 512 images: 3e-3 at batch 128, for a short schedule
   c.total_steps = STEPS[phase]
   c.warmup_steps = {"meta": 20, "incubate": 20, "assemble": 0, "e2e": 5}[phase] * 2
   c.mixup = 0.0                    # a few hundred steps on 1.4k images: mixing only slows learning

@@ -15,4 +15,4 @@ for i in $(seq 0 $((K - 1))); do
 done
 MODULES=$(seq -s, -f "$RUNS/inc%g" 0 $((K - 1)))
 modassem train --config="$CONFIG:assemble" --config.modules="$MODULES" --workdir="$RUNS/assemble" "$@"
-modassem eval --config="$CONFIG:assemble" --config.modules="$MODULES" --workdir="$RUNS/assemble" "$@"
+modassem eval --config="$CONFIG:assemble" --workdir="$RUNS/assemble" "$@"

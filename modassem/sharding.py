@@ -43,10 +43,14 @@ def _fsdp_spec(shape, n: int) -> P:
   return P()
 
 
-def tree_shardings(tree, mesh: Mesh, mode: str):
-  """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs)."""
+def check_mode(mode: str) -> None:
   if mode not in MODES:
     raise ModassemError(f"config.sharding={mode!r} is unknown: use one of {', '.join(MODES)}")
+
+
+def tree_shardings(tree, mesh: Mesh, mode: str):
+  """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs)."""
+  check_mode(mode)
   n = mesh.shape[AXIS]
   if mode == "data" or n == 1:
     return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)

@@ -44,8 +44,13 @@ class Setup:
   frozen: dict            # frozen meta modules (incubation), placed on the mesh
   sources: dict | None    # assembled modules (assembly), placed on the mesh
 
+  @functools.cached_property
+  def eval_fn(self):
+    # Built once per run: a fresh jit per evaluation would retrace every time.
+    return jax.jit(functools.partial(steps.eval_step, plan=self.plan, model_of=self.model_of))
 
-def check_config(config, plan: Plan, num_devices: int) -> None:
+
+def check_config(config, plan: Plan, num_devices: int, *, sources: bool = True) -> None:
   m = config.model
   if m.image_size % m.patch:
     raise ModassemError(f"model.image_size={m.image_size} is not divisible by model.patch={m.patch}: "
@@ -62,10 +67,10 @@ def check_config(config, plan: Plan, num_devices: int) -> None:
     raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
   if plan.phase == "incubate" and not config.meta:
     raise ModassemError("incubation needs the meta run: pass --config.meta=WORKDIR_OF_THE_META_RUN")
-  if plan.phase == "assemble":
-    sources = [s for s in str(config.modules).split(",") if s]
-    if len(sources) != plan.num_modules:
-      raise ModassemError(f"config.modules lists {len(sources)} run(s), the model has {plan.num_modules} modules: "
+  if plan.phase == "assemble" and sources:
+    listed = [s for s in str(config.modules).split(",") if s]
+    if len(listed) != plan.num_modules:
+      raise ModassemError(f"config.modules lists {len(listed)} run(s), the model has {plan.num_modules} modules: "
                           f"pass one incubation run per module, comma-separated, in module order")
 
 
@@ -105,11 +110,13 @@ def _load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, w
   return out
 
 
-def setup(config, workdir: str) -> Setup:
+def setup(config, workdir: str | None, *, sources: bool = True) -> Setup:
+  """Checks `config` and reads what the run builds on; `sources=False` skips assembly's module sources
+  (evaluating a run restores its own parameters)."""
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
-  check_config(config, plan, mesh.size)
-  sharding.tree_shardings({}, mesh, config.sharding)   # validates the mode
+  check_config(config, plan, mesh.size, sources=sources)
+  sharding.check_mode(config.sharding)
   dataset = data_lib.build(config.data, config.model.image_size)
   if dataset.num_classes != config.model.num_classes:
     raise ModassemError(f"the dataset has {dataset.num_classes} classes, model.num_classes={config.model.num_classes}: "
@@ -131,7 +138,7 @@ def setup(config, workdir: str) -> Setup:
     needed = [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
     frozen = _load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
                            "meta run")
-  elif plan.phase == "assemble":
+  elif plan.phase == "assemble" and sources:
     dirs = module_sources(config, plan)
     sources = _load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths, dirs,
                             "module source")
@@ -153,11 +160,18 @@ def _device_batches(it, shard, depth: int = 2):
     yield queue.popleft()
 
 
-def flops_of(compiled) -> float:
+def flops_of(compiled, num_devices: int = 1) -> float:
+  """FLOPs of one call, summed over devices.
+
+  XLA's cost analysis of a partitioned program counts one device's share, so
+  the total is that times the device count (replicated work, such as the
+  optimizer update under data parallelism, is counted on every device: it is
+  executed on every device).
+  """
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan")))
+  return float((cost or {}).get("flops", float("nan"))) * num_devices
 
 
 def state_spec(s: Setup):
@@ -196,18 +210,18 @@ def compile_train_step(s: Setup):
 
 def step_flops(config) -> float:
   """FLOPs of one compiled train step of `config`, from XLA's cost analysis; writes nothing."""
-  return flops_of(compile_train_step(setup(config, None))[0])
+  s = setup(config, None)
+  return flops_of(compile_train_step(s)[0], s.mesh.size)
 
 
 def evaluate(s: Setup, params) -> dict:
   """Loss, top-1 and top-5 (in %) on the held-out split, per group and overall (mean over groups)."""
   config, plan = s.config, s.plan
   batch_sh = sharding.batch_sharding(s.mesh)
-  fn = jax.jit(functools.partial(steps.eval_step, plan=plan, model_of=s.model_of))
   sums = None
   for batch in s.dataset.eval_batches(config.eval_batch_size, process_index=jax.process_index(),
                                       process_count=jax.process_count()):
-    out = jax.device_get(fn(params, s.frozen, _place_batch(batch, batch_sh)))
+    out = jax.device_get(s.eval_fn(params, s.frozen, _place_batch(batch, batch_sh)))
     sums = out if sums is None else {k: sums[k] + out[k] for k in out}
   count = float(sums.pop("count"))
   res = {k: float(v) / count * (100.0 if not k.endswith("loss") else 1.0) for k, v in sums.items()}
@@ -229,7 +243,7 @@ def train(config, workdir: str) -> dict:
     return done
 
   compiled, init_fn, abstract_state, key = compile_train_step(s)
-  step_flops = flops_of(compiled)
+  step_flops = flops_of(compiled, s.mesh.size)
   os.makedirs(workdir, exist_ok=True)
   checkpoints.write_json(os.path.join(workdir, checkpoints.RUN_FILE), s.run)
   mngr = checkpoints.manager(workdir, config)
@@ -321,7 +335,7 @@ def evaluate_run(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint of the run in `workdir` (made with `config`)."""
   if not os.path.isfile(os.path.join(workdir, checkpoints.RUN_FILE)):
     raise ModassemError(f"{workdir} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir of a run")
-  s = setup(config, workdir)
+  s = setup(config, workdir, sources=False)
   mngr = checkpoints.manager(workdir, config)
   latest = mngr.latest_step()
   if latest is None:

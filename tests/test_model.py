@@ -1,0 +1,127 @@
+"""The model, the presets and the recipe's pieces, checked against the paper's numbers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from modassem import config as config_lib, mixup, optim, phases
+from modassem.models.vit import ViT, drop_path_rates
+
+
+def _params(model):
+  image = jnp.zeros((1, model.image_size, model.image_size, 3))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), image))["params"]
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("preset, millions", [
+    ("vit_b", 87), ("vit_l", 304), ("vit_h", 632), ("deit_ti", 5.7), ("deit_t32_cifar", 14.5),
+    ("deit_t128_cifar", 57.2)])
+def test_preset_sizes_match_the_paper(preset, millions):
+  config = config_lib.load(f"{REPO}/configs/{preset}.py:e2e")
+  params = _params(phases.model_for(config, config.model.depths))
+  assert _count(params) / 1e6 == pytest.approx(millions, rel=0.02)
+  assert set(params) == {f"module_{k}" for k in range(4)}
+
+
+def test_vit_h_has_no_qkv_bias_and_eps_1e_5():
+  config = config_lib.load(f"{REPO}/configs/vit_h.py:e2e")
+  assert config.model.qkv_bias is False and config.model.ln_eps == 1e-5
+  params = _params(phases.model_for(config, (1, 1, 1, 1)))
+  assert "bias" not in params["module_1"]["blocks_0"]["attn"]["qkv"]
+
+
+def test_module_0_owns_the_stem_and_the_last_module_the_head():
+  model = ViT(depths=(2, 1, 3), image_size=8, patch=4, width=16, heads=2, num_classes=7)
+  params = _params(model)
+  assert set(params["module_0"]) == {"patch_embed", "cls_token", "pos_embed", "blocks_0", "blocks_1"}
+  assert set(params["module_1"]) == {"blocks_0"}
+  assert set(params["module_2"]) == {"blocks_0", "blocks_1", "blocks_2", "norm", "head"}
+  assert params["module_0"]["pos_embed"].shape == (1, 5, 16)
+  assert params["module_2"]["head"]["kernel"].shape == (16, 7)
+
+
+def test_drop_path_is_linear_over_the_whole_model():
+  assert drop_path_rates(0.1, 5) == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+  model = ViT(depths=(1, 3, 1, 1), drop_path=0.5)
+  # Module 2's only block is the fifth of six.
+  assert model.module(2).block_offset == 4 and model.module(2).total_depth == 6
+
+
+def test_drop_path_and_dropout_only_in_training():
+  model = ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, drop_path=0.5)
+  x = jnp.ones((4, 8, 8, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  a, b = (model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(i)}) for i in (1, 2))
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(model.apply({"params": params}, x), model.apply({"params": params}, x))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 8, 8, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  assert model.apply({"params": params}, x).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("phase, epochs, warmup, drop_path, clip", [
+    ("meta", 300, 20, 0.0, 0.0), ("incubate", 100, 20, 0.1, 0.0), ("assemble", 100, 0, 0.1, 1.0),
+    ("e2e", 300, 5, 0.1, 0.0)])
+def test_phase_defaults_are_the_official_ones(phase, epochs, warmup, drop_path, clip):
+  c = config_lib.load(f"{REPO}/configs/vit_b.py:{phase}")
+  assert (c.epochs, c.warmup_epochs, c.model.drop_path, c.optim.clip_norm) == (epochs, warmup, drop_path, clip)
+  assert optim.peak_lr(c) == pytest.approx(2e-3)
+  assert c.batch_size == 2048 and c.label_smoothing == 0.1 and (c.mixup, c.cutmix) == (0.8, 1.0)
+  assert config_lib.load(f"{REPO}/configs/vit_l.py:assemble").model.drop_path == 0.5
+  assert config_lib.load(f"{REPO}/configs/vit_h.py:assemble").model.drop_path == 0.6
+
+
+def test_schedule_warms_up_linearly_then_decays_to_min_lr():
+  c = config_lib.load(f"{REPO}/configs/vit_b.py:meta")
+  sched = optim.lr_schedule(c, total_steps=1000, warmup_steps=100)
+  assert float(sched(0)) == pytest.approx(1e-6, rel=1e-4)
+  assert float(sched(50)) == pytest.approx((1e-6 + 2e-3) / 2, rel=1e-3)
+  assert float(sched(100)) == pytest.approx(2e-3)
+  assert float(sched(1000)) == pytest.approx(1e-5, rel=1e-3)
+  assert all(float(sched(s)) >= float(sched(s + 50)) for s in range(100, 950, 50))
+
+
+def test_weight_decay_skips_biases_norms_and_tokens():
+  params = _params(ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3))
+  mask = optim.decay_mask(params)
+  m0, m1 = mask["module_0"], mask["module_1"]
+  assert m0["patch_embed"]["kernel"] and m0["blocks_0"]["attn"]["qkv"]["kernel"] and m1["head"]["kernel"]
+  assert not (m0["pos_embed"] or m0["cls_token"] or m0["blocks_0"]["attn"]["qkv"]["bias"]
+              or m0["blocks_0"]["norm1"]["scale"] or m1["norm"]["bias"])
+
+
+@pytest.mark.parametrize("alpha_mix, alpha_cut", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_and_cutmix_mix_images_and_targets_consistently(alpha_mix, alpha_cut):
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)
+  labels = jnp.arange(8) % 4
+  targets = mixup.smooth_labels(labels, 4, 0.1)
+  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+  assert float(targets.max()) == pytest.approx(0.925)
+  changed = 0
+  for seed in range(6):
+    mixed, t = mixup.mix(jax.random.key(seed), images, targets, mixup=alpha_mix, cutmix=alpha_cut, switch_prob=0.5,
+                         prob=1.0)
+    np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
+    # Every example is a blend of itself and its partner (B-1-n), with the target's weight.
+    lam = (t[0] - targets[7]) / (targets[0] - targets[7])
+    lam = float(lam[labels[0]])
+    if alpha_cut and not alpha_mix:
+      pasted = np.asarray(mixed[0] != images[0]).any(-1).mean()
+      assert 1 - lam == pytest.approx(pasted, abs=1e-6)
+    changed += not np.allclose(mixed, images)
+  assert changed > 0
+  same, t = mixup.mix(jax.random.key(0), images, targets, mixup=0.0, cutmix=0.0, switch_prob=0.5, prob=1.0)
+  np.testing.assert_array_equal(same, images)
+  np.testing.assert_array_equal(t, targets)
