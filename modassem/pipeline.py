@@ -60,6 +60,7 @@ def make_report(results: dict, dirs: dict) -> dict:
             for p in results}
   for p in phases:
     phases[p]["workdir"] = dirs[p]
+  phases["assemble"]["top1_before_fine_tuning"] = _first_eval(dirs["assemble"]).get("top1")
   method_flops = sum(phases[p]["train_flops"] for p in METHOD)
   method_wall = sum(phases[p]["wall_s"] for p in METHOD)
   return {
@@ -85,8 +86,16 @@ def report_markdown(r: dict) -> str:
             f"| assembled (meta + incubate + assemble) | {a['top1']:.2f} | {a['top5']:.2f} | {a['train_flops']:.3g} | "
             f"{a['wall_s']:.0f} |",
             f"| end-to-end | {e['top1']:.2f} | {e['top5']:.2f} | {e['train_flops']:.3g} | {e['wall_s']:.0f} |",
-            "", f"Assembled minus end-to-end: {r['top1_gain']:+.2f} top-1 points on the held-out split.", ""]
+            "", f"Assembled minus end-to-end: {r['top1_gain']:+.2f} top-1 points on the held-out split."]
+  before = r["phases"]["assemble"].get("top1_before_fine_tuning")
+  if before is not None:
+    lines.append(f"The assembled model scored {before:.2f} % top-1 before fine-tuning.")
+  lines.append("")
   return "\n".join(lines)
+
+
+def _first_eval(run_dir: str) -> dict:
+  return next((r for r in _records(run_dir) if r["kind"] == "eval" and r["step"] == 0), {})
 
 
 def _records(run_dir: str) -> list[dict]:

@@ -50,7 +50,7 @@ class Setup:
     return jax.jit(functools.partial(steps.eval_step, plan=self.plan, model_of=self.model_of))
 
 
-def check_config(config, plan: Plan, num_devices: int, *, sources: bool = True) -> None:
+def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = True) -> None:
   m = config.model
   if m.image_size % m.patch:
     raise ModassemError(f"model.image_size={m.image_size} is not divisible by model.patch={m.patch}: "
@@ -67,7 +67,7 @@ def check_config(config, plan: Plan, num_devices: int, *, sources: bool = True) 
     raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
   if plan.phase == "incubate" and not config.meta:
     raise ModassemError("incubation needs the meta run: pass --config.meta=WORKDIR_OF_THE_META_RUN")
-  if plan.phase == "assemble" and sources:
+  if plan.phase == "assemble" and load_sources:
     listed = [s for s in str(config.modules).split(",") if s]
     if len(listed) != plan.num_modules:
       raise ModassemError(f"config.modules lists {len(listed)} run(s), the model has {plan.num_modules} modules: "
@@ -110,12 +110,12 @@ def _load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, w
   return out
 
 
-def setup(config, workdir: str | None, *, sources: bool = True) -> Setup:
-  """Checks `config` and reads what the run builds on; `sources=False` skips assembly's module sources
-  (evaluating a run restores its own parameters)."""
+def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
+  """Checks `config` and reads what the run builds on; `load_sources=False` skips assembly's module
+  sources (evaluating a run restores its own parameters)."""
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
-  check_config(config, plan, mesh.size, sources=sources)
+  check_config(config, plan, mesh.size, load_sources=load_sources)
   sharding.check_mode(config.sharding)
   dataset = data_lib.build(config.data, config.model.image_size)
   if dataset.num_classes != config.model.num_classes:
@@ -138,7 +138,7 @@ def setup(config, workdir: str | None, *, sources: bool = True) -> Setup:
     needed = [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
     frozen = _load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
                            "meta run")
-  elif plan.phase == "assemble" and sources:
+  elif plan.phase == "assemble" and load_sources:
     dirs = module_sources(config, plan)
     sources = _load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths, dirs,
                             "module source")
@@ -256,6 +256,10 @@ def train(config, workdir: str) -> dict:
     state = init_fn(key)
   start = int(latest or 0)
   wall_before = writer.resume(start)
+  if start == 0 and s.plan.phase == "assemble":
+    # How well the stacked modules work before any fine-tuning: the direct
+    # measure of how compatible incubation made them.
+    writer.write(0, "eval", {**evaluate(s, state.params), "wall_s": 0.0})
   try:
     state, loop_wall = _loop(s, compiled, state, start, key, mngr, writer, wall_before)
     mngr.wait_until_finished()
@@ -335,7 +339,7 @@ def evaluate_run(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint of the run in `workdir` (made with `config`)."""
   if not os.path.isfile(os.path.join(workdir, checkpoints.RUN_FILE)):
     raise ModassemError(f"{workdir} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir of a run")
-  s = setup(config, workdir, sources=False)
+  s = setup(config, workdir, load_sources=False)
   mngr = checkpoints.manager(workdir, config)
   latest = mngr.latest_step()
   if latest is None:

@@ -36,6 +36,8 @@ def test_pipeline_writes_every_run_and_the_report(pipeline_dir):
   e2e = report["phases"]["e2e"]
   assert abs(e2e["train_flops"] - method) <= e2e["train_flops"] / e2e["steps"]
   assert report["top1_gain"] == pytest.approx(report["assembled"]["top1"] - report["e2e"]["top1"])
+  # The stacked modules are evaluated before fine-tuning starts.
+  assert 0.0 <= report["phases"]["assemble"]["top1_before_fine_tuning"] <= 100.0
   with open(os.path.join(pipeline_dir, "report.md")) as f:
     md = f.read()
   assert "| assembled" in md and "| end-to-end" in md

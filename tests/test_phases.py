@@ -129,3 +129,15 @@ def test_plans(module, trained):
   assert meta.depths == (1, 1, 1, 1) and not meta.incubate and set(meta.groups) == {"model"}
   with pytest.raises(ModassemError, match="out of range"):
     phases.make_plan(tiny("incubate", module="4"))
+
+
+def test_incubation_step_costs_fall_with_the_slot_and_all_shares_the_prefix(runs):
+  """XLA's own count: no backward pass before slot i, and `all` runs the shared meta prefix once."""
+  flops = {m: train.step_flops(tiny("incubate", meta=runs["meta"], module=m)) for m in ("0", "1", "2", "3", "all")}
+  singles = [flops[str(i)] for i in range(4)]
+  # Every hybrid has the same blocks; what differs is how many of them sit
+  # before the trained slot, where only a forward pass runs.
+  assert singles[0] > singles[1] > singles[2] > singles[3]
+  assert flops["all"] < sum(singles)
+  e2e = train.step_flops(tiny("e2e"))
+  assert singles[0] < e2e
