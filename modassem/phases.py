@@ -110,15 +110,11 @@ def init_trained(plan: Plan, model: ViT, key) -> dict:
   return {module_name(i): params[module_name(i)] for i in plan.trained}
 
 
-def frozen_modules(plan: Plan, meta: Params) -> dict:
+def frozen_slots(plan: Plan) -> list[int]:
   """The meta modules an incubation run reads: slot k is needed while some other slot is trained."""
   if not plan.incubate:
-    return {}
-  needed = [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
-  missing = [module_name(k) for k in needed if module_name(k) not in meta]
-  if missing:
-    raise ModassemError(f"the meta run lacks {', '.join(missing)}: point --config.meta at a finished meta run")
-  return {module_name(k): meta[module_name(k)] for k in needed}
+    return []
+  return [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
 
 
 def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, train: bool, key):

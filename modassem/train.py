@@ -135,7 +135,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
 
   frozen, sources = {}, None
   if plan.phase == "incubate":
-    needed = [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
+    needed = phases.frozen_slots(plan)
     frozen = _load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
                            "meta run")
   elif plan.phase == "assemble" and load_sources:
