@@ -17,7 +17,8 @@ from modassem.metrics import METRICS_FILE
 METHOD = ("meta", "incubate", "assemble")
 
 
-def phase_configs(spec: str, overrides: dict, workdir: str) -> dict:
+def phase_configs(spec: str, overrides: dict, workdir: str) -> tuple[dict, dict]:
+  """Each phase's config (with the user's overrides) and run directory; incubation and assembly wired to the runs before them."""
   path, _ = config_lib.split_spec(spec)
   dirs = {p: os.path.join(workdir, p) for p in METHOD + ("e2e",)}
   configs = {}
@@ -113,7 +114,6 @@ def plot_curves(dirs: dict, out: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-  offset = 0.0
   for label, phases in (("method", METHOD), ("e2e", ("e2e",))):
     offset = 0.0
     for p in phases:

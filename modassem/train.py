@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from modassem import checkpoints, data as data_lib, phases, sharding, steps
 from modassem.errors import ModassemError
@@ -121,10 +120,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   if dataset.num_classes != config.model.num_classes:
     raise ModassemError(f"the dataset has {dataset.num_classes} classes, model.num_classes={config.model.num_classes}: "
                         f"set --config.model.num_classes={dataset.num_classes}")
-  steps_per_epoch = max(dataset.num_train // config.batch_size, 1)
-  if dataset.num_train < config.batch_size:
-    raise ModassemError(f"the train split has {dataset.num_train} images, fewer than batch_size={config.batch_size}: "
-                        f"lower --config.batch_size")
+  steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
   total = config.total_steps or int(round(config.epochs * steps_per_epoch))
   warmup = config.warmup_steps if config.warmup_steps >= 0 else int(round(config.warmup_epochs * steps_per_epoch))
   total = max(int(total), 1)
@@ -282,8 +278,7 @@ def train(config, workdir: str) -> dict:
 
 def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):
   config = s.config
-  spe = max(s.dataset.num_train // config.batch_size, 1)
-  eval_every = config.eval_every_steps or spe
+  eval_every = config.eval_every_steps or s.dataset.steps_per_epoch(config.batch_size)
   shard = sharding.batch_sharding(s.mesh)
   batches = _device_batches(s.dataset.train_batches(
       config.batch_size, seed=config.seed, start_step=start, process_index=jax.process_index(),
@@ -342,11 +337,18 @@ def evaluate_run(config, workdir: str) -> dict:
   s = setup(config, workdir, load_sources=False)
   mngr = checkpoints.manager(workdir, config)
   latest = mngr.latest_step()
-  if latest is None:
+  if latest is not None:
+    params = checkpoints.restore_state(mngr, latest, state_spec(s)[3]).params
+  elif all(os.path.isdir(checkpoints.module_dir(workdir, k)) for k in s.plan.trained):
+    # No train state, but every trained module: a run imported with `modassem convert`
+    # (an official checkpoint has no Orbax train state to restore).
+    params = _load_modules(config, s.plan, s.mesh, s.model_of, s.plan.trained, s.plan.depths,
+                           [workdir] * len(s.plan.trained), "run")
+    latest = (checkpoints.read_json(os.path.join(workdir, checkpoints.RUN_FILE)) or {}).get("total_steps", 0)
+  else:
     raise ModassemError(f"{workdir} has no checkpoint yet: train the run first")
-  state = checkpoints.restore_state(mngr, latest, state_spec(s)[3])
   mngr.close()
-  result = evaluate(s, state.params)
+  result = evaluate(s, params)
   result.update(phase=s.plan.phase, step=int(latest), workdir=workdir)
   checkpoints.write_json(os.path.join(workdir, "eval.json"), result)
   return result
