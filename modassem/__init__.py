@@ -1,0 +1,8 @@
+"""Deep Incubation in JAX/Flax. `modassem.load(PATH) -> (model, params)` reads a run or an official checkpoint."""
+
+
+def load(path, **kwargs):
+  """(model, params) of a run directory or an official `.pth` file; see `modassem.api.load`."""
+  # Imported here: `import modassem` (and so the CLI) stays free of JAX and torch until a model is wanted.
+  from modassem.api import load as _load  # pylint: disable=g-import-not-at-top
+  return _load(path, **kwargs)

@@ -5,6 +5,9 @@ Verbs:
   eval      evaluate the latest checkpoint of a run on the held-out split
   pipeline  meta -> incubate all -> assemble, plus the e2e baseline at equal
             training FLOPs, then a report (report.md, report.json, curves.png)
+  convert   --from=FILE.pth --to=RUNDIR [--preset=NAME]: import an official
+            PyTorch checkpoint (meta model, incubated module or final model);
+            --from=RUNDIR --to=FILE.pth: export a run in the official layout
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import os
 import sys
 
-VERBS = ("train", "eval", "pipeline")
+VERBS = ("train", "eval", "pipeline", "convert")
 
 
 def _fail(verb: str, message: str) -> int:
@@ -44,6 +47,25 @@ def _parse(verb: str, argv: list[str]):
   return fv
 
 
+def _convert(argv: list[str]) -> int:
+  """`convert` takes no config: its own three flags, and torch only once a .pth is read or written."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  flags.DEFINE_string("from", None, "official .pth checkpoint, or run directory to export", flag_values=fv)
+  flags.DEFINE_string("to", None, "run directory to write, or .pth file to export to", flag_values=fv)
+  flags.DEFINE_string("preset", None, "preset giving heads and LayerNorm eps (found from the shapes if not given)",
+                      flag_values=fv)
+  try:
+    fv(["modassem"] + argv)
+    from modassem import convert  # pylint: disable=g-import-not-at-top
+    print(convert.convert(fv["from"].value, fv.to, fv.preset), flush=True)
+  except (flags.Error, ModassemError) as e:
+    return _fail("convert", str(e))
+  return 0
+
+
 def _unknown_field(argv: list[str], text: str) -> str | None:
   """The `--config.FIELD=...` override that a parse error naming one key (`'no_such'`) is about."""
   name = text.strip("'\" ").split("'")[0]
@@ -64,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
   if verb not in VERBS:
     return _fail("", f"unknown verb {verb!r}: use one of {', '.join(VERBS)} (modassem --help)")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if verb == "convert":
+    return _convert(rest)
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top

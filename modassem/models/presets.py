@@ -9,6 +9,12 @@ PRESETS = {
     "vit_b16": dict(patch=16, width=768, depth=12, heads=12, qkv_bias=True, ln_eps=1e-6, image_size=224, num_classes=1000),
     "vit_l16": dict(patch=16, width=1024, depth=24, heads=16, qkv_bias=True, ln_eps=1e-6, image_size=224, num_classes=1000),
     "vit_h14": dict(patch=14, width=1280, depth=32, heads=16, qkv_bias=False, ln_eps=1e-5, image_size=224, num_classes=1000),
+    # High-resolution fine-tuning of the three (the paper's 384 / 392 px rows):
+    # the same weights, a larger patch grid; `modassem convert --preset=...`
+    # resizes a 224 checkpoint's position embedding to it.
+    "vit_b16_384": dict(patch=16, width=768, depth=12, heads=12, qkv_bias=True, ln_eps=1e-6, image_size=384, num_classes=1000),
+    "vit_l16_384": dict(patch=16, width=1024, depth=24, heads=16, qkv_bias=True, ln_eps=1e-6, image_size=384, num_classes=1000),
+    "vit_h14_392": dict(patch=14, width=1280, depth=32, heads=16, qkv_bias=False, ln_eps=1e-5, image_size=392, num_classes=1000),
     "deit_ti": dict(patch=16, width=192, depth=12, heads=3, qkv_bias=True, ln_eps=1e-6, image_size=224, num_classes=1000),
     "deit_s": dict(patch=16, width=384, depth=12, heads=6, qkv_bias=True, ln_eps=1e-6, image_size=224, num_classes=1000),
     # CIFAR-100 at 32 px with 4-px patches: the deep, narrow models where the

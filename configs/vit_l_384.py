@@ -1,0 +1,7 @@
+"""ViT-L/16 at 384 px, fine-tuned from a 224 px model: `configs/vit_l_384.py:assemble`."""
+
+import high_res
+
+
+def get_config(phase="assemble"):
+  return high_res.get_config("vit_l16_384", phase, drop_path=0.5)
