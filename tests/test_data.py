@@ -22,6 +22,9 @@ STD = np.array(data_lib.default_config().std, np.float32)
 
 def _config(**overrides):
   config = data_lib.default_config()
+  # These tests pin down crops, order and decoding exactly; the recipe's
+  # extras (RandAugment, erasing, repeats) are tested in test_augment.py.
+  config.update(dict(randaugment="", random_erase=0.0, repeated_aug=1))
   config.update(overrides)
   return config
 

@@ -33,7 +33,16 @@ def default_config() -> ml_collections.ConfigDict:
       "train_split": "train",
       # "" = auto: folder -> val/ else test/; tfds -> validation else test.
       "eval_split": "",
+      # "inception" (ImageNet), "cifar" (pad 4 + crop + flip) or "none".
       "augment": "inception",
+      # The DeiT recipe's extras; they apply to the "inception" and "cifar"
+      # transforms only, never to "none" (the demo and test configs).
+      # timm policy string; "" turns RandAugment off.
+      "randaugment": "rand-m9-mstd0.5-inc1",
+      # Probability of erasing one box with per-pixel noise; 0 = off.
+      "random_erase": 0.25,
+      # Copies of each chosen image per epoch (DeiT's RASampler); 1 = off.
+      "repeated_aug": 3,
       "crop_area_min": 0.08,
       "eval_crop_ratio": 0.875,
       "mean": (0.485, 0.456, 0.406),
@@ -53,6 +62,28 @@ def _channels(data, field: str) -> tuple[float, float, float]:
         f"data.{field}={values} is invalid: give three per-channel values "
         f"(RGB){', all positive' if field == 'std' else ''}")
   return values
+
+
+def _recipe_extras(data, augment_name: str) -> tuple[float, int]:
+  """(erasing probability, repeats), checked; off unless the transform is
+  one of augment.RECIPE_TRANSFORMS."""
+  from modassem.data import augment  # pylint: disable=g-import-not-at-top
+  from modassem.data import randaugment  # pylint: disable=g-import-not-at-top
+  if data.randaugment:
+    randaugment.parse(str(data.randaugment))  # Fails early on a typo.
+  erase_prob = float(data.random_erase)
+  if not 0.0 <= erase_prob <= 1.0:
+    raise ModassemError(
+        f"data.random_erase={data.random_erase} is out of range: use a "
+        "probability in [0, 1], e.g. 0.25, or 0 to turn erasing off")
+  repeats = data.repeated_aug
+  if isinstance(repeats, bool) or int(repeats) != repeats or repeats < 1:
+    raise ModassemError(
+        f"data.repeated_aug={repeats} is invalid: use a whole number >= 1, "
+        "e.g. 3, or 1 to turn repeated augmentation off")
+  if augment_name not in augment.RECIPE_TRANSFORMS:
+    return 0.0, 1
+  return erase_prob, int(repeats)
 
 
 def build(data: ml_collections.ConfigDict, image_size: int) -> Dataset:
@@ -93,6 +124,7 @@ def build(data: ml_collections.ConfigDict, image_size: int) -> Dataset:
         f"data.train_fraction={data.train_fraction} is out of range: use a "
         "value in (0, 1], e.g. 0.1 to train on 10 % of each class")
   mean, std = _channels(data, "mean"), _channels(data, "std")
+  erase_prob, repeats = _recipe_extras(data, augment_name)
 
   if name == "digits":
     source = sources.digits(data, image_size)
@@ -118,4 +150,7 @@ def build(data: ml_collections.ConfigDict, image_size: int) -> Dataset:
       eval_crop_ratio=float(data.eval_crop_ratio),
       prefetch=max(1, int(data.prefetch)),
       threads=max(0, int(data.threads)),
+      after_normalize=(augment.random_erasing(erase_prob) if erase_prob > 0
+                       else None),
+      repeats=repeats,
   )

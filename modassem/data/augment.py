@@ -6,15 +6,27 @@ is derived from (run seed, epoch, position in epoch), so an example looks the
 same no matter where the iterator was started or which process reads it.
 
 Images travel as float32 [H, W, 3] in 0..255 until `normalize`. New train
-augmentations (RandAugment, random erasing, ...) are added by registering a
-factory in `TRAIN_TRANSFORMS` or by composing steps with `chain`.
+augmentations are added by registering a factory in `TRAIN_TRANSFORMS` or by
+composing steps with `chain`.
+
+The DeiT recipe's extras ride on the "inception" and "cifar" transforms only
+(`RECIPE_TRANSFORMS`): RandAugment (`data.randaugment`) runs after the crop
+and flip, on the 0..255 image; random erasing (`data.random_erase`) runs
+after normalisation, as in timm, through `random_erasing`. "none" stays a
+plain resize whatever those fields say, so demo and test configs are exact.
 """
 
+import math
 from typing import Callable
 
 import ml_collections
 
+from modassem.data import randaugment
 from modassem.data._tf import tf
+
+# Train transforms that take RandAugment, random erasing and repeated
+# augmentation from the config.
+RECIPE_TRANSFORMS = ("inception", "cifar")
 
 # (image, seed) -> image; the seam every random augmentation plugs into.
 Transform = Callable[..., "tf.Tensor"]
@@ -76,6 +88,64 @@ def inception_crop(size: int, area_min: float,
   return apply
 
 
+def cifar_crop(size: int, padding: int) -> Transform:
+  """Zero-pad by `padding`, random size x size crop, random horizontal flip.
+
+  torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip, the CIFAR
+  recipe. Images of another size are first resized to size x size.
+  """
+
+  def apply(image, seed):
+    t = tf()
+    crop_seed, flip_seed = t.unstack(
+        t.random.experimental.stateless_split(seed, num=2))
+    out = resize(image, size)  # Exact identity at the native size.
+    out = t.pad(out, [[padding, padding], [padding, padding], [0, 0]])
+    out = t.image.stateless_random_crop(out, [size, size, 3], crop_seed)
+    return t.image.stateless_random_flip_left_right(out, flip_seed)
+
+  return apply
+
+
+def random_erasing(prob: float, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3),
+                   attempts: int = 10) -> Transform:
+  """timm's RandomErasing(mode="pixel", max_count=1) on a normalised image.
+
+  With probability `prob`, one box of area fraction U(area) and log-uniform
+  aspect ratio (h / w) in `aspect` is filled with N(0, 1) noise per pixel
+  and channel. Like timm, up to `attempts` box sizes are drawn and the first
+  that fits inside the image is used; none fitting means no erasing.
+  """
+
+  def apply(image, seed):
+    t = tf()
+    s = t.random.experimental.stateless_split(seed, num=6)
+    shape = t.shape(image)
+    h, w = shape[0], shape[1]
+    total = t.cast(h * w, t.float32)
+    target = t.random.stateless_uniform([attempts], s[0], *area) * total
+    ratio = t.exp(t.random.stateless_uniform(
+        [attempts], s[1], math.log(aspect[0]), math.log(aspect[1])))
+    box_h = t.cast(t.round(t.sqrt(target * ratio)), t.int32)
+    box_w = t.cast(t.round(t.sqrt(target / ratio)), t.int32)
+    fits = (box_h < h) & (box_w < w)
+    # First attempt that fits, as timm's loop breaks on it.
+    first = t.argmax(t.cast(fits, t.int32), output_type=t.int32)
+    box_h, box_w = box_h[first], box_w[first]
+    top = t.random.stateless_uniform([], s[2], 0, h - box_h + 1, t.int32)
+    left = t.random.stateless_uniform([], s[3], 0, w - box_w + 1, t.int32)
+    erase = t.logical_and(t.reduce_any(fits),
+                          t.random.stateless_uniform([], s[4]) < prob)
+    rows = t.range(h)[:, None]
+    cols = t.range(w)[None, :]
+    box = ((rows >= top) & (rows < top + box_h) & (cols >= left)
+           & (cols < left + box_w) & erase)
+    noise = t.random.stateless_normal(shape, s[5], dtype=image.dtype)
+    return t.where(box[:, :, None], noise, image)
+
+  return apply
+
+
 def resize_only(size: int) -> Transform:
   """The 'none' augmentation: a deterministic resize, seed ignored."""
   return lambda image, seed: resize(image, size)
@@ -93,8 +163,24 @@ def chain(*steps: Transform) -> Transform:
   return apply
 
 
+def with_randaugment(data: ml_collections.ConfigDict,
+                     base: Transform) -> Transform:
+  """`base` then RandAugment per `data.randaugment` ("" = `base` alone)."""
+  spec = str(data.get("randaugment", "") or "")
+  if not spec:
+    return base
+  policy = randaugment.parse(spec)
+  fill = randaugment.fill_colour(data.get("mean", (0.485, 0.456, 0.406)))
+  return chain(base, randaugment.rand_augment(policy, fill))
+
+
 def _inception(data: ml_collections.ConfigDict, size: int) -> Transform:
-  return inception_crop(size, float(data.crop_area_min))
+  return with_randaugment(data, inception_crop(size, float(data.crop_area_min)))
+
+
+def _cifar(data: ml_collections.ConfigDict, size: int) -> Transform:
+  # 4 px at CIFAR's 32 px, in proportion at other sizes.
+  return with_randaugment(data, cifar_crop(size, max(1, round(size / 8))))
 
 
 def _none(data: ml_collections.ConfigDict, size: int) -> Transform:
@@ -106,6 +192,7 @@ def _none(data: ml_collections.ConfigDict, size: int) -> Transform:
 TRAIN_TRANSFORMS: dict[str, Callable[[ml_collections.ConfigDict, int],
                                      Transform]] = {
     "inception": _inception,
+    "cifar": _cifar,
     "none": _none,
 }
 

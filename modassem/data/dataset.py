@@ -11,7 +11,23 @@ decoded images, up to the resume point.
 Multi-process: every process walks the same global order and keeps its
 contiguous slice [p * b, (p + 1) * b) of each global batch, so the global
 batch is the same for any process count.
+
+Repeated augmentation (DeiT's RASampler, `repeats` > 1): the epoch's order
+keeps its first ceil(num_train / repeats) records, each repeated `repeats`
+times in a row, and is cut back to num_train records, so epochs keep their
+length. Copies sit at different positions and so get different
+augmentation seeds. This is RASampler's list before it deals it out to
+replicas: RASampler gives replica r every W-th entry, so the W replicas'
+batches at one step together hold a contiguous run of that list, which is
+exactly our global batch. Only the split within the global batch differs:
+RASampler puts the copies of an image on different replicas, our contiguous
+slices mostly keep them on one process. Nothing here computes statistics
+per process (LayerNorm, Mixup/CutMix on the global batch), so the trained
+model sees the same thing, and the global batch stays independent of the
+process count.
 """
+
+import math
 
 import dataclasses
 from typing import Any, Iterator
@@ -23,6 +39,24 @@ from modassem.data._tf import tf
 from modassem.errors import ModassemError
 
 Batch = dict[str, np.ndarray]
+
+# fold_in key of the post-normalisation seed; the pre-normalisation transform
+# keeps the example seed itself, so adding erasing changes nothing before it.
+_AFTER_NORMALIZE_KEY = 1
+
+
+def repeat_records(records, num_train: int, repeats: int):
+  """RASampler's epoch order: first ceil(n / r) records, each r times, n kept."""
+  if repeats <= 1:
+    return records
+  t = tf()
+  chosen = records.take(math.ceil(num_train / repeats))
+
+  def copies(record):
+    return t.nest.map_structure(
+        lambda x: t.repeat(x[None], repeats, axis=0), record)
+
+  return chosen.map(copies).unbatch().take(num_train)
 
 
 def _local_batch_size(batch_size: int, process_index: int,
@@ -74,6 +108,11 @@ class Dataset:
   eval_crop_ratio: float = dataclasses.field(repr=False, default=0.875)
   prefetch: int = dataclasses.field(repr=False, default=2)
   threads: int = dataclasses.field(repr=False, default=0)
+  # Random erasing: runs on the normalised image, as timm does.
+  after_normalize: augment.Transform | None = dataclasses.field(
+      repr=False, default=None)
+  # Repeated augmentation: copies of each chosen image per epoch (1 = off).
+  repeats: int = dataclasses.field(repr=False, default=1)
 
   def steps_per_epoch(self, batch_size: int) -> int:
     """Full global batches per epoch (the remainder is dropped)."""
@@ -104,10 +143,12 @@ class Dataset:
         [t.constant(seed, t.int64), t.constant(epoch * 2**32, t.int64) + pos])
     image = self.train_transform(image, example_seed)
     image = t.ensure_shape(image, [self.image_size, self.image_size, 3])
-    return {
-        "image": augment.normalize(image, self.mean, self.std),
-        "label": t.cast(label, t.int32),
-    }
+    image = augment.normalize(image, self.mean, self.std)
+    if self.after_normalize is not None:
+      image = self.after_normalize(
+          image, t.random.experimental.stateless_fold_in(
+              example_seed, _AFTER_NORMALIZE_KEY))
+    return {"image": image, "label": t.cast(label, t.int32)}
 
   def _eval_example(self, pos, record):
     del pos
@@ -129,7 +170,8 @@ class Dataset:
                    seed: int, epoch: int, offset: int):
     """This process's batches of one epoch, from position `offset` on."""
     end = self.steps_per_epoch(batch_size) * batch_size
-    ds = self.source.train_records(seed, epoch).enumerate()
+    ds = repeat_records(self.source.train_records(seed, epoch),
+                        self.num_train, self.repeats).enumerate()
     # Skipping happens on records (ids or encoded bytes): nothing skipped
     # is decoded or augmented.
     ds = ds.skip(offset).take(end - offset)
