@@ -99,6 +99,7 @@ def get_cifar_config(preset: str, phase: str) -> ml_collections.ConfigDict:
   """
   c = get_config(preset, phase)
   c.data.tfds_name = "cifar100"
+  c.data.augment = "cifar"         # padded random crop + flip, then the recipe's RandAugment and erasing
   c.data.eval_crop_ratio = 1.0     # 32-px images: evaluate the whole image
   c.batch_size = 1024
   c.eval_batch_size = 1000
