@@ -195,6 +195,10 @@ def test_train_fraction_keeps_each_class_balanced():
   part_counts = np.bincount(labels[part.source.train_ids], minlength=10)
   np.testing.assert_array_equal(part_counts, np.round(full_counts * 0.25))
   assert part.num_train == part_counts.sum()
+  # Another subset seed: another subset of the same per-class sizes.
+  other = data_lib.build(_config(augment="none", train_fraction=0.25, subset_seed=1), 8)
+  assert set(other.source.train_ids) != set(part.source.train_ids)
+  np.testing.assert_array_equal(np.bincount(labels[other.source.train_ids], minlength=10), part_counts)
   with pytest.raises(ModassemError, match="train_fraction"):
     data_lib.build(_config(train_fraction=0.0), 8)
 

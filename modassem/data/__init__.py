@@ -49,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
       "std": (0.229, 0.224, 0.225),
       # Class-balanced, deterministic subset of the train split.
       "train_fraction": 1.0,
+      # Which subset train_fraction keeps; apart from the run seed, so all phases share it.
+      "subset_seed": 0,
       "prefetch": 2,
       # tf.data threads; 0 = AUTOTUNE.
       "threads": 0,

@@ -24,10 +24,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 def subset_ids(ids: np.ndarray, labels: np.ndarray,
-               fraction: float) -> np.ndarray:
+               fraction: float, seed: int = 0) -> np.ndarray:
   """Keeps `fraction` of each class of `ids` (at least one), in id order.
 
-  `labels[i]` is the class of `ids[i]`. Deterministic: seeded by SPLIT_SEED.
+  `labels[i]` is the class of `ids[i]`. Deterministic for a given `seed`
+  (`data.subset_seed`, kept apart from the run seed so that every phase of
+  the method trains on the same subset).
   """
   if not 0.0 < fraction <= 1.0:
     raise ModassemError(
@@ -35,7 +37,7 @@ def subset_ids(ids: np.ndarray, labels: np.ndarray,
         "(0, 1], e.g. 0.1 to train on 10 % of each class")
   if fraction == 1.0:
     return ids
-  rng = np.random.default_rng(SPLIT_SEED)
+  rng = np.random.default_rng([SPLIT_SEED, int(seed)])
   keep = []
   for c in np.unique(labels):
     members = np.flatnonzero(labels == c)
@@ -100,7 +102,7 @@ def digits(data, image_size: int) -> IndexedSource:
   bunch = sk_datasets.load_digits()
   labels = bunch.target.astype(np.int32)
   train_ids, eval_ids = digits_split(labels)
-  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data))
+  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data), int(data.get("subset_seed", 0)))
   images = _upscale_digits(bunch.images, image_size)
 
   # Captured once: the images stay in host memory as one tensor.
@@ -221,7 +223,7 @@ def folder(data, image_size: int) -> IndexedSource:
   labels = np.asarray(train_labels + eval_labels, np.int32)
   train_ids = np.arange(len(train_paths))
   eval_ids = np.arange(len(train_paths), len(labels))
-  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data))
+  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data), int(data.get("subset_seed", 0)))
   paths_tensor = tf().constant(train_paths + eval_paths)
 
   def load(example_id):

@@ -157,7 +157,7 @@ class TfdsSource:
     return image, tf().cast(record["label"], tf().int32)
 
 
-def _kept_tfds_ids(source: TfdsSource, fraction: float) -> np.ndarray:
+def _kept_tfds_ids(source: TfdsSource, fraction: float, seed: int) -> np.ndarray:
   """Class-balanced subset: one pass over labels, images left encoded."""
   ids, labels = [], []
   ds = source._read(source.train_split, add_tfds_id=True)  # pylint: disable=protected-access
@@ -166,7 +166,7 @@ def _kept_tfds_ids(source: TfdsSource, fraction: float) -> np.ndarray:
     ids.append(batch_ids)
     labels.append(batch_labels)
   ids = np.concatenate(ids)
-  kept = subset_ids(np.arange(len(ids)), np.concatenate(labels), fraction)
+  kept = subset_ids(np.arange(len(ids)), np.concatenate(labels), fraction, seed)
   return np.sort(ids[kept])
 
 
@@ -196,7 +196,7 @@ def tfds_source(data, image_size: int) -> TfdsSource:
       num_eval=_num_examples(builder, eval_split))
   fraction = float(data.get("train_fraction", 1.0))
   if fraction != 1.0:
-    keep = _kept_tfds_ids(source, fraction)
+    keep = _kept_tfds_ids(source, fraction, int(data.get("subset_seed", 0)))
     source = dataclasses.replace(source, keep_ids=keep, num_train=len(keep))
   return source
 
