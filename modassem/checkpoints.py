@@ -137,6 +137,12 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
                         f"rerun the run that made it") from None
   # Shapes first, from metadata: a mismatch is named by parameter, before any array is read.
   _check_shapes(saved, abstract, f"{what} {run_dir!r} module_{k}")
+  # Arrays land where the caller places them; with no placement given, on this
+  # process's first device (whatever topology wrote them).
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+      abstract)
   try:
     return ckptr.restore(path, abstract)
   except Exception as e:

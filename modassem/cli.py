@@ -8,6 +8,9 @@ Verbs:
   convert   --from=FILE.pth --to=RUNDIR [--preset=NAME]: import an official
             PyTorch checkpoint (meta model, incubated module or final model);
             --from=RUNDIR --to=FILE.pth: export a run in the official layout
+  plan      --config=FILE [--num_train=N] [--out=FILE.json]: training FLOPs of
+            every phase from the compiled steps (no data, no parameters), the
+            method against e2e, beside the paper's GPU-hour ratio
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 import sys
 
-VERBS = ("train", "eval", "pipeline", "convert")
+VERBS = ("train", "eval", "pipeline", "convert", "plan")
 
 
 def _fail(verb: str, message: str) -> int:
@@ -39,6 +42,11 @@ def _parse(verb: str, argv: list[str]):
   config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vit_b.py:meta", flag_values=fv,
                                   lock_config=True, sys_argv=["modassem"] + argv)
   flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a multi-process run", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "processes in a multi-process run", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "multi-process run on a TPU pod or SLURM cluster: JAX finds the "
+                    "coordinator itself", flag_values=fv)
   fv(["modassem"] + argv)
   if not fv["config"].present:
     raise ValueError("--config is required, e.g. --config=configs/demo.py:meta")
@@ -88,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if verb == "convert":
     return _convert(rest)
+  if verb == "plan":
+    from modassem import plan  # pylint: disable=g-import-not-at-top
+    return plan.main(rest)
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -107,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(verb, text)
 
   try:
+    from modassem import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, auto=fv.distributed)
     if verb == "train":
       from modassem import train  # pylint: disable=g-import-not-at-top
       train.train(fv.config, fv.workdir)

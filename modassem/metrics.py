@@ -80,8 +80,9 @@ def _fmt_time(s: float) -> str:
 class Progress:
   """A progress bar with img/s and ETA when interactive; periodic log lines otherwise."""
 
-  def __init__(self, total: int, start: int, batch_size: int, mode: str = "auto", label: str = ""):
-    self.total, self.step, self.batch_size, self.label = total, start, batch_size, label
+  def __init__(self, total: int, start: int, batch_size: int, mode: str = "auto", label: str = "",
+               quiet: bool = False):
+    self.total, self.step, self.batch_size, self.label, self.quiet = total, start, batch_size, label, quiet
     interactive = sys.stderr.isatty() if mode == "auto" else mode == "on"
     self.bar = None
     if interactive:
@@ -104,7 +105,7 @@ class Progress:
 
   def log(self, step: int, **shown):
     """A line for logs (non-interactive runs): step, values, img/s, ETA."""
-    if self.bar is not None:
+    if self.bar is not None or self.quiet:
       return
     rate = self.rate()
     eta = (self.total - step) * self.batch_size / rate if rate > 0 else float("nan")

@@ -12,6 +12,7 @@ import json
 import os
 
 from modassem import checkpoints, config as config_lib, train
+from modassem.distributed import is_main, say
 from modassem.metrics import METRICS_FILE
 
 METHOD = ("meta", "incubate", "assemble")
@@ -37,22 +38,23 @@ def run(spec: str, overrides: dict, workdir: str) -> dict:
   configs, dirs = phase_configs(spec, overrides, workdir)
   results = {}
   for phase in METHOD:
-    print(f"== {phase} -> {dirs[phase]}", flush=True)
+    say(f"== {phase} -> {dirs[phase]}")
     results[phase] = train.train(configs[phase], dirs[phase])
 
   budget = sum(results[p]["train_flops"] for p in METHOD)
   e2e = configs["e2e"]
   per_step = train.step_flops(e2e)
   e2e.total_steps = max(int(round(budget / per_step)), 1)
-  print(f"== e2e -> {dirs['e2e']}: {e2e.total_steps} steps = {budget:.3g} FLOPs, the method's budget", flush=True)
+  say(f"== e2e -> {dirs['e2e']}: {e2e.total_steps} steps = {budget:.3g} FLOPs, the method's budget")
   results["e2e"] = train.train(e2e, dirs["e2e"])
 
   report = make_report(results, dirs)
-  checkpoints.write_json(os.path.join(workdir, "report.json"), report)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(report_markdown(report))
-  plot_curves(dirs, os.path.join(workdir, "curves.png"))
-  print(report_markdown(report), flush=True)
+  if is_main():
+    checkpoints.write_json(os.path.join(workdir, "report.json"), report)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+      f.write(report_markdown(report))
+    plot_curves(dirs, os.path.join(workdir, "curves.png"))
+    print(report_markdown(report), flush=True)
   return report
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from modassem import checkpoints, data as data_lib, phases, sharding, steps
+from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
 from modassem.optim import lr_schedule, make_optimizer
@@ -234,20 +235,21 @@ def train(config, workdir: str) -> dict:
   s = setup(config, workdir)
   done = checkpoints.read_json(os.path.join(workdir, checkpoints.RESULTS_FILE))
   if done is not None and done.get("steps") == s.total_steps:
-    print(f"{workdir}: {s.plan.phase} run already finished at step {s.total_steps} "
+    say(f"{workdir}: {s.plan.phase} run already finished at step {s.total_steps} "
           f"(top-1 {done.get('top1', float('nan')):.2f} %); nothing to do", flush=True)
     return done
 
   compiled, init_fn, abstract_state, key = compile_train_step(s)
   step_flops = flops_of(compiled, s.mesh.size)
   os.makedirs(workdir, exist_ok=True)
-  checkpoints.write_json(os.path.join(workdir, checkpoints.RUN_FILE), s.run)
+  if is_main():
+    checkpoints.write_json(os.path.join(workdir, checkpoints.RUN_FILE), s.run)
   mngr = checkpoints.manager(workdir, config)
   writer = Writer(workdir, process_index=jax.process_index())
   latest = mngr.latest_step()
   if latest is not None:
     state = checkpoints.restore_state(mngr, latest, abstract_state)
-    print(f"{workdir}: resuming {s.plan.phase} from step {latest}/{s.total_steps}", flush=True)
+    say(f"{workdir}: resuming {s.plan.phase} from step {latest}/{s.total_steps}")
   else:
     state = init_fn(key)
   start = int(latest or 0)
@@ -270,9 +272,10 @@ def train(config, workdir: str) -> dict:
     mngr.close()
     writer.close()
   # results.json last: its presence marks the run finished.
-  checkpoints.write_json(os.path.join(workdir, checkpoints.RESULTS_FILE), result)
-  print(f"{workdir}: {s.plan.phase} done in {wall:.0f} s: top-1 {result['top1']:.2f} %, "
-        f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}", flush=True)
+  if is_main():
+    checkpoints.write_json(os.path.join(workdir, checkpoints.RESULTS_FILE), result)
+  say(f"{workdir}: {s.plan.phase} done in {wall:.0f} s: top-1 {result['top1']:.2f} %, "
+       f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}")
   return result
 
 
@@ -283,7 +286,8 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):
   batches = _device_batches(s.dataset.train_batches(
       config.batch_size, seed=config.seed, start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count()), shard)
-  progress = Progress(s.total_steps, start, config.batch_size, config.progress, label=s.plan.phase)
+  progress = Progress(s.total_steps, start, config.batch_size, config.progress if is_main() else "off",
+                      label=s.plan.phase, quiet=not is_main())
   t0 = time.perf_counter()
   pending = None   # (step, metrics) of the previous step: read one step late to keep the device busy
 
@@ -350,5 +354,6 @@ def evaluate_run(config, workdir: str) -> dict:
   mngr.close()
   result = evaluate(s, params)
   result.update(phase=s.plan.phase, step=int(latest), workdir=workdir)
-  checkpoints.write_json(os.path.join(workdir, "eval.json"), result)
+  if is_main():
+    checkpoints.write_json(os.path.join(workdir, "eval.json"), result)
   return result
