@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Runs the whole method for one preset on the machine at hand (one host, all its devices),
-# phase by phase: meta, the K incubations (one after the other), assembly.
-# Assumes: modassem installed, ImageNet prepared for TFDS (see README), and a shared
-# filesystem path for RUNS. Usage: launch/local.sh configs/vit_b.py runs/vit_b [extra --config.* flags]
+# Runs the whole method for one preset on the machine at hand (one host, one process that sees all
+# its devices), phase by phase: meta, the K incubations, assembly, then evaluation of the assembled model.
+# Assumes: modassem installed (`pip install -e .`, or `.[gpu]` / `.[tpu]`); the preset's data prepared
+# (ImageNet for TFDS, see README); RUNS on a disk with room for the checkpoints; K equal to the preset's
+# number of modules (4 in every preset).
+# Usage: launch/local.sh configs/vit_b.py runs/vit_b [extra --config.* flags]
+# Env: MODE=each (default: one incubation run per module, one after the other) or MODE=all (one
+#      `--config.module=all` run training the K modules together); K=4; DRY_RUN=1 prints the commands only.
+# Rerunning resumes every unfinished run from its latest checkpoint and skips the finished ones.
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/_lib.sh"
+
 CONFIG=${1:?config file, e.g. configs/vit_b.py}
 RUNS=${2:?run root, e.g. runs/vit_b}
 shift 2
 K=${K:-4}
-modassem train --config="$CONFIG:meta" --workdir="$RUNS/meta" "$@"
-for i in $(seq 0 $((K - 1))); do
-  modassem train --config="$CONFIG:incubate" --config.module="$i" --config.meta="$RUNS/meta" \
-    --workdir="$RUNS/inc$i" "$@"
-done
-MODULES=$(seq -s, -f "$RUNS/inc%g" 0 $((K - 1)))
-modassem train --config="$CONFIG:assemble" --config.modules="$MODULES" --workdir="$RUNS/assemble" "$@"
-modassem eval --config="$CONFIG:assemble" --workdir="$RUNS/assemble" "$@"
+MODE=${MODE:-each}
+
+run_phases "$CONFIG" "$RUNS" "$@"

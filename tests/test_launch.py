@@ -1,0 +1,269 @@
+"""The launch scripts, under DRY_RUN=1: which commands they would run, in which order, and that they run none.
+
+Every script runs with stub `gcloud`, `modassem`, `pip`, `python3`, ... first on PATH: a stub that is called
+records it, so "nothing was executed" is checked directly. No accelerator, cloud account or network is needed.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, "launch")
+K = 4
+STUBBED = ("gcloud", "gsutil", "modassem", "pip", "pip3", "python", "python3", "git", "curl", "sudo", "gcsfuse",
+           "nvidia-smi", "ssh", "scp")
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+  """(env, called-marker, cwd): PATH starts with stubs that record any call and fail."""
+  stubs = tmp_path / "stubs"
+  stubs.mkdir()
+  called = tmp_path / "called"
+  for name in STUBBED:
+    stub = stubs / name
+    stub.write_text(f"#!/bin/sh\necho \"{name} $*\" >> '{called}'\nexit 97\n")
+    stub.chmod(0o755)
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("MODE", "K", "NNODES", "NODE_RANK", "COORDINATOR", "RUNS", "TPU_NAME", "ZONE", "PROJECT",
+                      "ACCELERATOR_TYPE", "SLICE_ACCELERATOR_TYPE", "DISTRIBUTED", "CONFIG", "INSTALL")}
+  env.update(PATH=f"{stubs}:/usr/bin:/bin", DRY_RUN="1")
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  return env, called, cwd
+
+
+def dry_run(sandbox, script, *args, **env):
+  """The commands `script` prints under DRY_RUN=1, each as its argv."""
+  base, called, cwd = sandbox
+  proc = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], env={**base, **env}, cwd=cwd,
+                        capture_output=True, text=True, timeout=30)
+  assert proc.returncode == 0, proc.stderr
+  assert not called.exists(), f"{script} ran commands under DRY_RUN=1:\n{called.read_text()}"
+  assert os.listdir(cwd) == [], f"{script} created {os.listdir(cwd)} under DRY_RUN=1"
+  lines = proc.stdout.splitlines()
+  assert lines and all(line.startswith("+ ") for line in lines), proc.stdout
+  return [shlex.split(line[2:]) for line in lines]
+
+
+def flag(argv, name):
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+  assert len(values) == 1, (name, argv)
+  return values[0]
+
+
+def has_flag(argv, name):
+  return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def phase(argv):
+  """'meta' / 'incubate' / 'assemble' (train) or 'eval' for a modassem command."""
+  if argv[1] == "eval":
+    return "eval"
+  return flag(argv, "config").rsplit(":", 1)[1]
+
+
+def check_phases(cmds, runs, mode, config="configs/vit_b.py"):
+  """meta, then the incubations, then assemble and eval; the sources each phase reads; returns the commands."""
+  assert all(c[0] == "modassem" for c in cmds), cmds
+  assert [c[1] for c in cmds] == ["train"] * (len(cmds) - 1) + ["eval"]
+  assert all(flag(c, "config").startswith(config + ":") for c in cmds)
+  phases = [phase(c) for c in cmds]
+  n_inc = K if mode == "each" else 1
+  assert phases == ["meta"] + ["incubate"] * n_inc + ["assemble", "eval"]
+  meta, incs, asm, ev = cmds[0], cmds[1:-2], cmds[-2], cmds[-1]
+  assert flag(meta, "workdir") == f"{runs}/meta"
+  for inc in incs:
+    assert flag(inc, "config.meta") == flag(meta, "workdir")
+  if mode == "each":
+    assert [flag(c, "config.module") for c in incs] == [str(i) for i in range(K)]
+    inc_dirs = [flag(c, "workdir") for c in incs]
+    assert len(set(inc_dirs)) == K
+  else:
+    assert flag(incs[0], "config.module") == "all"
+    inc_dirs = [flag(incs[0], "workdir")] * K
+  assert flag(asm, "config.modules").split(",") == inc_dirs
+  assert not {flag(meta, "workdir"), flag(asm, "workdir")} & set(inc_dirs)
+  assert flag(ev, "workdir") == flag(asm, "workdir")
+  return cmds
+
+
+# -- local.sh -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["each", "all"])
+def test_local_phases_in_order(sandbox, mode):
+  cmds = dry_run(sandbox, "local.sh", "configs/vit_b.py", "runs/b", "--config.batch_size=64", MODE=mode)
+  check_phases(cmds, "runs/b", mode)
+  assert all(c[-1] == "--config.batch_size=64" for c in cmds)   # extra flags reach every phase
+
+
+def test_local_default_is_one_run_per_module(sandbox):
+  check_phases(dry_run(sandbox, "local.sh", "configs/vit_b.py", "runs/b"), "runs/b", "each")
+
+
+def test_bad_mode_is_refused(sandbox):
+  base, _, cwd = sandbox
+  proc = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), "configs/vit_b.py", "runs/b"],
+                        env={**base, "MODE": "sideways"}, cwd=cwd, capture_output=True, text=True, timeout=30)
+  assert proc.returncode != 0 and "MODE=sideways" in proc.stderr
+
+
+# -- gpu.sh ---------------------------------------------------------------------------------------------------
+
+def test_gpu_single_host(sandbox):
+  cmds = dry_run(sandbox, "gpu.sh", "configs/vit_l.py", "runs/l")
+  install, phases = cmds[0], cmds[1:]
+  assert install[:5] == ["python3", "-m", "pip", "install", "-e"] and install[5].endswith("[gpu]")
+  check_phases(phases, "runs/l", "each", config="configs/vit_l.py")
+  for c in phases:     # one process for all local GPUs: no multi-process flags
+    assert not any(has_flag(c, f) for f in ("coordinator", "num_processes", "process_id", "distributed"))
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_gpu_multi_node_flags_per_node(sandbox, rank):
+  cmds = dry_run(sandbox, "gpu.sh", "configs/vit_b.py", "/shared/runs/b", MODE="all", NNODES="3",
+                 NODE_RANK=str(rank), COORDINATOR="10.0.0.1:1234", INSTALL="0")
+  check_phases(cmds, "/shared/runs/b", "all")
+  for c in cmds:
+    assert flag(c, "coordinator") == "10.0.0.1:1234"
+    assert flag(c, "num_processes") == "3"
+    assert flag(c, "process_id") == str(rank)
+
+
+def test_gpu_multi_node_needs_coordinator(sandbox):
+  base, _, cwd = sandbox
+  proc = subprocess.run(["bash", os.path.join(LAUNCH, "gpu.sh"), "configs/vit_b.py", "runs/b"],
+                        env={**base, "NNODES": "2", "NODE_RANK": "1"}, cwd=cwd, capture_output=True, text=True,
+                        timeout=30)
+  assert proc.returncode != 0 and "COORDINATOR" in proc.stderr
+
+
+# -- tpu_pod.sh -----------------------------------------------------------------------------------------------
+
+RUNS = "gs://my-bucket/modassem/vit_b"
+MOUNTED = "/mnt/gcs/my-bucket/modassem/vit_b"   # RUNS as the workers see it (Cloud Storage FUSE)
+
+
+def tpu_commands(cmds):
+  """[(verb, tpu name, argv)], and the modassem commands [(tpu name, modassem argv)] started over ssh."""
+  steps, runs = [], []
+  for c in cmds:
+    if c == ["wait"]:
+      steps.append(("wait", None, c))
+      continue
+    assert c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"], c
+    verb, name = c[4], c[5]
+    if verb == "scp":
+      name = c[7].split(":")[0] if c[5] == "--recurse" else name
+    steps.append((verb, name, c))
+    if verb == "ssh":
+      assert "--worker=all" in c
+      remote = flag(c, "command")
+      last = remote.split(" && ")[-1]
+      if last.startswith("modassem "):
+        runs.append((name, shlex.split(last)))
+  return steps, runs
+
+
+def test_tpu_pod_mode_all(sandbox):
+  cmds = dry_run(sandbox, "tpu_pod.sh", "--config.batch_size=4096", RUNS=RUNS, TPU_NAME="pod", ZONE="us-central2-b")
+  steps, runs = tpu_commands(cmds)
+  creates = [s for s in steps if s[0] == "create"]
+  assert [s[1] for s in creates] == ["pod"]
+  create = creates[0][2]
+  assert flag(create, "accelerator-type") == "v4-32" and flag(create, "zone") == "us-central2-b"
+  assert flag(create, "version")
+  verbs = [s[0] for s in steps]
+  assert verbs.index("create") < verbs.index("scp") < verbs.index("ssh")
+  scp = next(s[2] for s in steps if s[0] == "scp")
+  assert "--recurse" in scp and "--worker=all" in scp and scp[scp.index("--recurse") + 1] == REPO
+  remotes = [flag(s[2], "command") for s in steps if s[0] == "ssh"]
+  assert "pip install -e '.[tpu]'" in remotes[0]                 # install before any run
+  assert any("gcsfuse" in r and "my-bucket" in r for r in remotes[:2])
+  assert {name for name, _ in runs} == {"pod"}
+  check_phases([argv for _, argv in runs], MOUNTED, "all")
+  for _, argv in runs:   # a v4-32 spans 4 hosts: jax.distributed in every process; extra flags everywhere
+    assert "--distributed" in argv and argv[-1] == "--config.batch_size=4096"
+  assert "delete" not in verbs
+
+
+def test_tpu_pod_mode_slices(sandbox):
+  cmds = dry_run(sandbox, "tpu_pod.sh", RUNS=RUNS, TPU_NAME="pod", MODE="slices", SLICE_ACCELERATOR_TYPE="v4-8",
+                 PROJECT="proj")
+  steps, runs = tpu_commands(cmds)
+  assert all(flag(s[2], "project") == "proj" for s in steps if s[0] != "wait")
+  slices = [f"pod-inc{i}" for i in range(K)]
+  creates = {s[1]: s[2] for s in steps if s[0] == "create"}
+  assert list(creates) == ["pod"] + slices                        # K slices besides the main TPU VM
+  assert all(flag(creates[n], "accelerator-type") == "v4-8" for n in slices)
+  assert flag(creates["pod"], "accelerator-type") == "v4-32"
+  for name in creates:                                           # each gets the code and modassem
+    assert any(s[0] == "scp" and s[1] == name for s in steps)
+    assert any(s[0] == "ssh" and s[1] == name and "pip install -e '.[tpu]'" in flag(s[2], "command")
+               for s in steps)
+  check_phases([argv for _, argv in runs], MOUNTED, "each")
+  names = [name for name, _ in runs]
+  assert names == ["pod"] + slices + ["pod", "pod"]               # incubation i on slice i
+  for name, argv in runs:
+    if name != "pod":
+      assert flag(argv, "config.module") == name[-1]
+      assert "--distributed" not in argv                         # a v4-8 is one host
+    else:
+      assert "--distributed" in argv
+  # the slices run in parallel, are waited for, then deleted, all before the assembly
+  order = [(s[0], s[1]) for s in steps]
+  wait = order.index(("wait", None))
+  assert [o for o in order[wait + 1:] if o[0] == "delete"] == [("delete", n) for n in slices]
+  last_inc = max(i for i, s in enumerate(steps) if s[0] == "ssh" and s[1] in slices)
+  first_asm = min(i for i, s in enumerate(steps) if s[0] == "ssh" and s[1] == "pod" and i > last_inc)
+  assert last_inc < wait < first_asm
+
+
+def test_tpu_pod_needs_bucket(sandbox):
+  base, called, cwd = sandbox
+  for runs in (None, "runs/local"):
+    env = {**base, **({"RUNS": runs} if runs else {})}
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh")], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode != 0 and "gs://" in proc.stderr
+  assert not called.exists()
+
+
+# -- colab.ipynb ----------------------------------------------------------------------------------------------
+
+def test_colab_notebook(tmp_path):
+  path = os.path.join(LAUNCH, "colab.ipynb")
+  with open(path) as f:
+    nb = json.load(f)
+  assert nb["nbformat"] == 4 and nb["metadata"]["kernelspec"]["name"] == "python3"
+  for cell in nb["cells"]:
+    assert cell["cell_type"] in ("markdown", "code") and isinstance(cell["source"], list)
+    if cell["cell_type"] == "code":
+      assert cell["outputs"] == [] and cell["execution_count"] is None
+      # valid Python once IPython's `!` and `%` lines are set aside
+      compile("".join(l for l in cell["source"] if not l.lstrip().startswith(("!", "%"))), "cell", "exec")
+  code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+  text = "\n".join(code)
+  assert "REPO_URL" in text and "git" in text and "clone" in text and ".zip" in text
+  assert any(c.strip().startswith("%pip install") and "-e ." in c for c in code)
+  pipeline = [i for i, c in enumerate(code)
+              if c.strip() == "!modassem pipeline --config=configs/demo.py --workdir=runs/demo"]
+  shows = [i for i, c in enumerate(code) if "runs/demo/report.md" in c and "runs/demo/curves.png" in c]
+  assert pipeline and shows and pipeline[0] < shows[0]
+  assert "Markdown(" in code[shows[0]] and "Image(" in code[shows[0]] and "IPython.display" in code[shows[0]]
+  try:
+    import nbformat  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    pass
+  else:
+    nbformat.validate(nbformat.reads(json.dumps(nb), as_version=4))
+  # the committed notebook is what launch/make_colab.py writes
+  out = tmp_path / "colab.ipynb"
+  subprocess.run([sys.executable, os.path.join(LAUNCH, "make_colab.py"), str(out)], check=True,
+                 capture_output=True, timeout=30)
+  assert json.loads(out.read_text()) == nb
