@@ -64,8 +64,10 @@ def _random_modules(model, key, mesh, mode):
   return jax.device_put(params, sharding.tree_shardings(params, mesh, mode))
 
 
-def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mode: str) -> train.Setup:
-  overrides = {"batch_size": batch, "model.dtype": dtype, "sharding": mode, "total_steps": 1000, "warmup_steps": 10}
+def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mode: str,
+                remat: str = "none") -> train.Setup:
+  overrides = {"batch_size": batch, "model.dtype": dtype, "sharding": mode, "total_steps": 1000, "warmup_steps": 10,
+               "model.remat": remat}
   if phase == "incubate":
     overrides["module"] = module
   config = config_lib.load(os.path.join(REPO, "configs", f"{preset}.py:{phase}"), overrides)
@@ -82,9 +84,20 @@ def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mo
 
 
 def measure(s: train.Setup, repeats: int) -> dict:
+  """Compiles the step; with repeats > 0 also times it (repeats = 0: FLOPs and memory only)."""
   t0 = time.perf_counter()
   compiled, init_fn, _, key = train.compile_train_step(s)
   compile_s = time.perf_counter() - t0
+  flops = train.flops_of(compiled, s.mesh.size)
+  mem = compiled.memory_analysis()
+  memory = None
+  if mem is not None:
+    memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+              - mem.alias_size_in_bytes) / 2**30
+  out = {"flops": flops, "compile_s": compile_s, "memory_gb": memory, "step_s": None, "img_s": None, "mfu": None,
+         "times": []}
+  if repeats <= 0:
+    return out
   state = init_fn(key)
   c = s.config
   rng = np.random.default_rng(0)
@@ -102,16 +115,10 @@ def measure(s: train.Setup, repeats: int) -> dict:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
-  flops = train.flops_of(compiled, s.mesh.size)
-  mem = compiled.memory_analysis()
-  memory = None
-  if mem is not None:
-    memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-              - mem.alias_size_in_bytes) / 2**30
   peak = peak_flops(jax.devices()[0], str(c.model.dtype))
-  return {"step_s": step_s, "img_s": c.batch_size / step_s, "flops": flops, "compile_s": compile_s,
-          "mfu": flops / step_s / (peak * s.mesh.size) if peak else None, "memory_gb": memory,
-          "times": times}
+  out.update(step_s=step_s, img_s=c.batch_size / step_s, times=times,
+             mfu=flops / step_s / (peak * s.mesh.size) if peak else None)
+  return out
 
 
 def main(argv=None):
@@ -120,7 +127,8 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8, help="global batch size")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--sharding", default="data", choices=list(sharding.MODES))
-  p.add_argument("--repeats", type=int, default=5, help="timed steps per phase (median reported)")
+  p.add_argument("--repeats", type=int, default=5, help="timed steps per phase (median reported); 0: compile only")
+  p.add_argument("--remat", default="none", help="per-block rematerialisation: none, dots, full")
   p.add_argument("--phases", default="", help="comma-separated subset, e.g. e2e,incubate0,incubate_all")
   p.add_argument("--out", default="", help="write OUT.json and OUT.md")
   args = p.parse_args(argv)
@@ -135,14 +143,16 @@ def main(argv=None):
   for name in names:
     phase = "incubate" if name.startswith("incubate") else name
     module = name[len("incubate"):].lstrip("_") if phase == "incubate" else ""
-    rows[name] = measure(phase_setup(args.preset, phase, module, args.batch, args.dtype, args.sharding), args.repeats)
+    rows[name] = measure(phase_setup(args.preset, phase, module, args.batch, args.dtype, args.sharding, args.remat),
+                         args.repeats)
     rows[name]["vs_e2e"] = rows[name]["flops"] / rows["e2e"]["flops"]
     r = rows[name]
-    print(f"{name:>13}: {r['step_s']:.4f} s/step  {r['img_s']:8.1f} img/s  {r['flops']:.3e} FLOPs "
-          f"({r['vs_e2e']:.3f} of e2e)  compile {r['compile_s']:.1f} s", flush=True)
+    timing = f"{r['step_s']:.4f} s/step  {r['img_s']:8.1f} img/s  " if r["step_s"] else ""
+    print(f"{name:>13}: {timing}{r['flops']:.3e} FLOPs ({r['vs_e2e']:.3f} of e2e)  compile {r['compile_s']:.1f} s  "
+          f"memory {r['memory_gb']:.2f} GiB", flush=True)
 
   device = jax.devices()[0]
-  report = {"preset": args.preset, "batch": args.batch, "dtype": args.dtype, "sharding": args.sharding,
+  report = {"preset": args.preset, "batch": args.batch, "dtype": args.dtype, "sharding": args.sharding, "remat": args.remat,
             "device": getattr(device, "device_kind", str(device)), "devices": jax.device_count(),
             "jax": jax.__version__, "repeats": args.repeats, "phases": rows}
   md = markdown(report)
@@ -156,14 +166,14 @@ def main(argv=None):
 
 
 def markdown(r: dict) -> str:
-  lines = [f"{r['preset']}, batch {r['batch']}, {r['dtype']}, {r['devices']} x {r['device']} ({r['sharding']}), "
-           f"jax {r['jax']}, median of {r['repeats']} steps", "",
+  lines = [f"{r['preset']}, batch {r['batch']}, {r['dtype']}, {r['devices']} x {r['device']} ({r['sharding']}, "
+           f"remat {r['remat']}), jax {r['jax']}, median of {r['repeats']} steps", "",
            "| phase | step s | img/s | FLOPs/step | of e2e | MFU | memory GiB |", "|---|---|---|---|---|---|---|"]
   for name, x in r["phases"].items():
     mfu = f"{100 * x['mfu']:.1f} %" if x["mfu"] is not None else "-"
     mem = f"{x['memory_gb']:.2f}" if x["memory_gb"] is not None else "-"
-    lines.append(f"| {name} | {x['step_s']:.4f} | {x['img_s']:.1f} | {x['flops']:.3e} | {x['vs_e2e']:.3f} | {mfu} | "
-                 f"{mem} |")
+    step = f"{x['step_s']:.4f} | {x['img_s']:.1f}" if x["step_s"] else "- | -"
+    lines.append(f"| {name} | {step} | {x['flops']:.3e} | {x['vs_e2e']:.3f} | {mfu} | {mem} |")
   return "\n".join(lines) + "\n"
 
 

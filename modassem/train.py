@@ -24,6 +24,7 @@ from modassem import checkpoints, data as data_lib, phases, sharding, steps
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
+from modassem.models.vit import REMAT_POLICIES
 from modassem.optim import lr_schedule, make_optimizer
 from modassem.phases import Plan, module_name
 
@@ -57,6 +58,8 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
                         f"use an image size that is a multiple of {m.patch}")
   if m.width % m.heads:
     raise ModassemError(f"model.width={m.width} is not divisible by model.heads={m.heads}")
+  if m.get("remat", "none") not in REMAT_POLICIES:
+    raise ModassemError(f"model.remat={m.remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
   if str(m.dtype) not in _DTYPES:
     raise ModassemError(f"model.dtype={m.dtype!r} is unknown: use one of {', '.join(_DTYPES)}")
   per = num_devices * config.accum_steps

@@ -125,3 +125,21 @@ def test_mixup_and_cutmix_mix_images_and_targets_consistently(alpha_mix, alpha_c
   same, t = mixup.mix(jax.random.key(0), images, targets, mixup=0.0, cutmix=0.0, switch_prob=0.5, prob=1.0)
   np.testing.assert_array_equal(same, images)
   np.testing.assert_array_equal(t, targets)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_rematerialisation_gives_the_same_loss_and_gradients(remat):
+  kwargs = dict(depths=(2, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, drop_path=0.2)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+  params = ViT(**kwargs).init(jax.random.key(0), x)["params"]
+
+  def loss(model, p):
+    return model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).sum()
+
+  plain = jax.value_and_grad(lambda p: loss(ViT(**kwargs), p))(params)
+  remat_ = jax.value_and_grad(lambda p: loss(ViT(**kwargs, remat=remat), p))(params)
+  np.testing.assert_allclose(remat_[0], plain[0], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(remat_[1]), jax.tree_util.tree_leaves(plain[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="remat"):
+    ViT(**kwargs, remat="some").init(jax.random.key(0), x)

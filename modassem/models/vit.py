@@ -25,6 +25,26 @@ _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 _token_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
+# Rematerialisation per block: which activations the backward pass keeps
+# rather than recomputes. "none" keeps all (fastest, most memory); "full"
+# keeps only each block's input; "dots" keeps matmul outputs and recomputes
+# the cheap elementwise work (GELU, norms, softmax) in between.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block_class(remat: str):
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
+  if remat == "none":
+    return Block
+  # `train` (argument 2, counting self) is a Python bool: static for the rematerialised call.
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2,))
+
+
 def drop_path_rates(rate: float, total_depth: int) -> list[float]:
   """Stochastic depth grows linearly over the blocks of the whole model."""
   if total_depth <= 1:
@@ -113,6 +133,7 @@ class ViTModule(nn.Module):
   drop_path: float = 0.0
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @property
   def is_first(self) -> bool:
@@ -128,8 +149,9 @@ class ViTModule(nn.Module):
     if self.is_first:
       x = self._stem(x, train)
     rates = drop_path_rates(self.drop_path, self.total_depth)
+    block = block_class(self.remat)
     for j in range(self.depth):
-      x = Block(self.width, self.heads, self.mlp_ratio, self.qkv_bias, self.ln_eps,
+      x = block(self.width, self.heads, self.mlp_ratio, self.qkv_bias, self.ln_eps,
                 rates[self.block_offset + j], self.dropout, self.dtype, name=f"blocks_{j}")(x, train)
     if self.is_last:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
@@ -168,6 +190,7 @@ class ViT(nn.Module):
   drop_path: float = 0.0
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @property
   def num_modules(self) -> int:
@@ -186,7 +209,7 @@ class ViT(nn.Module):
         total_depth=sum(depths), image_size=self.image_size, patch=self.patch, width=self.width,
         heads=self.heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, ln_eps=self.ln_eps,
         num_classes=self.num_classes, drop_path=self.drop_path, dropout=self.dropout,
-        dtype=self.dtype)
+        dtype=self.dtype, remat=self.remat)
     kwargs.update(overrides)
     return ViTModule(**kwargs)
 
