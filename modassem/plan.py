@@ -1,0 +1,218 @@
+"""`modassem plan`: the training cost of every phase of a preset, before any run.
+
+    modassem plan --config=configs/vit_h.py [--config.FIELD=VALUE ...] [--num_train=N] [--out=FILE.json]
+
+For each phase (meta, incubation of each module, assembly, and the e2e
+baseline) it compiles the trainer's real train step against abstract values
+(no data is read and no parameter is allocated, so ViT-H plans on a laptop),
+takes the FLOPs of one step from XLA's cost analysis, and multiplies by the
+phase's step count from its epochs. The result is the method's cost against
+end-to-end training, next to the ratio the paper measured in A100 GPU-hours.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+from modassem import config as config_lib, phases, sharding, train
+from modassem.errors import ModassemError
+
+# Train-split sizes of the datasets the presets use, so a plan needs no data on
+# disk. ImageNet-1K's is its official count; digits is the 80 % train part of
+# scikit-learn's 1,797 images (the split modassem uses).
+KNOWN_TRAIN_SIZES = {
+    "imagenet2012": 1_281_167,
+    "cifar100": 50_000,
+    "cifar10": 50_000,
+    "digits": 1_437,
+}
+
+# The paper's training cost in A100 GPU-hours: (Deep Incubation, e2e), by preset.
+PAPER_GPU_HOURS = {
+    "vit_b16": (390, 290),
+    "vit_l16": (890, 1090),
+    "vit_h14": (2720, 4790),
+}
+
+METHOD_NOTE = ("The paper's figures are wall-clock A100 GPU-hours, not FLOPs: they also count "
+               "input pipelines, communication and how well each phase used the GPUs.")
+
+
+def dataset_key(data) -> str:
+  # A TFDS dataset is named by tfds_name; the built-in sources by their name.
+  return str(data.tfds_name) if str(data.name) == "tfds" else str(data.name)
+
+
+def num_train_of(data, override: int | None = None) -> int:
+  """Train examples per epoch: the override, or the known size of `data`'s dataset."""
+  if override:
+    return int(override)
+  key = dataset_key(data)
+  if key not in KNOWN_TRAIN_SIZES:
+    raise ModassemError(f"the train-set size of dataset {key!r} is unknown: pass --num_train=N "
+                        f"(known: {', '.join(sorted(KNOWN_TRAIN_SIZES))})")
+  # The subset is class-balanced, so its size is the fraction to within a few examples.
+  return int(round(KNOWN_TRAIN_SIZES[key] * float(data.get("train_fraction", 1.0))))
+
+
+def phase_steps(config, num_train: int) -> tuple[int, int]:
+  """(total, warmup) steps of `config`'s phase, the trainer's rule with `num_train` examples."""
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise ModassemError(f"batch size {config.batch_size} does not fit the {num_train} train examples: "
+                        f"lower --config.batch_size")
+  total = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
+  warmup = (config.warmup_steps if config.warmup_steps >= 0
+            else int(round(config.warmup_epochs * steps_per_epoch)))
+  total = max(int(total), 1)
+  return total, min(int(warmup), total)
+
+
+def phase_names(num_modules: int) -> list[str]:
+  return ["meta"] + [f"incubate{i}" for i in range(num_modules)] + ["assemble", "e2e"]
+
+
+def phase_config(path: str, name: str, overrides: dict):
+  """The config of phase `name` (incubateI: module I alone, as each of the K runs trains)."""
+  phase = "incubate" if name.startswith("incubate") else name
+  config = config_lib.load(f"{path}:{phase}", {k: v for k, v in overrides.items() if k != "phase"})
+  if phase == "incubate":
+    config.module = name[len("incubate"):]
+    # The trainer's checks want the meta run an incubation builds on; a plan reads none.
+    config.meta = config.meta or "(not read)"
+  return config
+
+
+def frozen_abstract(config, plan, mesh, model_of) -> dict:
+  """The frozen meta modules as shapes with shardings: the compiled step is the same as with real ones."""
+  slots = phases.frozen_slots(plan)
+  if not slots:
+    return {}
+  abstract = train.abstract_modules(model_of(plan.meta_depths))
+  out = {}
+  for k in slots:
+    tree = abstract[phases.module_name(k)]
+    out[phases.module_name(k)] = train._with_shardings(  # pylint: disable=protected-access
+        tree, sharding.tree_shardings(tree, mesh, config.sharding))
+  return out
+
+
+def compiled_step_flops(config, total_steps: int, warmup_steps: int) -> float:
+  """FLOPs of one train step of `config`, from the compiled step; allocates no parameters."""
+  plan = phases.make_plan(config)
+  mesh = sharding.make_mesh()
+  train.check_config(config, plan, mesh.size, load_sources=False)
+  sharding.check_mode(config.sharding)
+  model_of = functools.partial(phases.model_for, config)
+  frozen = frozen_abstract(config, plan, mesh, model_of)
+  # sources=None: assembly from a fresh init compiles to the same step as from incubated modules.
+  s = train.Setup(config, plan, None, mesh, model_of, {}, total_steps, warmup_steps, frozen, None)
+  compiled = train.compile_train_step(s)[0]
+  return train.flops_of(compiled, mesh.size)
+
+
+def summarize(preset: str, num_modules: int, flops: dict, steps: dict) -> dict:
+  """Per-phase totals and shares, the method's and e2e's totals, their ratio and the paper's."""
+  method_names = [n for n in phase_names(num_modules) if n != "e2e"]
+  method = sum(flops[n] * steps[n] for n in method_names)
+  e2e = flops["e2e"] * steps["e2e"]
+  rows = {}
+  for n in phase_names(num_modules):
+    total = flops[n] * steps[n]
+    rows[n] = {"step_flops": flops[n], "steps": steps[n], "total_flops": total,
+               "share": total / method if n != "e2e" else None}
+  paper = PAPER_GPU_HOURS.get(preset)
+  return {"preset": preset, "num_modules": num_modules, "phases": rows, "method_flops": method, "e2e_flops": e2e,
+          "ratio": method / e2e, "paper_gpu_hours": list(paper) if paper else None,
+          "paper_ratio": paper[0] / paper[1] if paper else None}
+
+
+def markdown(r: dict) -> str:
+  k = r["num_modules"]
+  lines = [f"Training cost of {r['preset']} (K={k}), FLOPs from XLA's cost analysis of each compiled train step",
+           "", "| phase | FLOPs/step | steps | total FLOPs | share of method |", "|---|---|---|---|---|"]
+  for name, x in r["phases"].items():
+    share = f"{100 * x['share']:.1f} %" if x["share"] is not None else "-"
+    lines.append(f"| {name} | {x['step_flops']:.3e} | {x['steps']} | {x['total_flops']:.3e} | {share} |")
+  paper = "-"
+  if r["paper_ratio"] is not None:
+    ours, e2e = r["paper_gpu_hours"]
+    paper = f"{ours} / {e2e} = {r['paper_ratio']:.2f}"
+  lines += ["", f"- method (meta + {k} incubations + assembly): {r['method_flops']:.3e} FLOPs",
+            f"- e2e: {r['e2e_flops']:.3e} FLOPs",
+            f"- method / e2e: {r['ratio']:.3f} (FLOPs); paper, A100 GPU-hours: {paper}",
+            "", METHOD_NOTE]
+  return "\n".join(lines) + "\n"
+
+
+def cost_report(spec: str, overrides: dict | None = None, num_train: int | None = None, *, log=None) -> dict:
+  """The cost report of the preset in `spec` (its phase, if any, is ignored: every phase is planned)."""
+  path, _ = config_lib.split_spec(spec)
+  overrides = dict(overrides or {})
+  first = phase_config(path, "meta", overrides)
+  k = int(first.model.num_modules)
+  n = num_train_of(first.data, num_train)
+  flops, steps = {}, {}
+  for name in phase_names(k):
+    t0 = time.perf_counter()
+    config = phase_config(path, name, overrides)
+    total, warmup = phase_steps(config, n)
+    flops[name] = compiled_step_flops(config, total, warmup)
+    steps[name] = total
+    if log:
+      log(f"{name}: {flops[name]:.3e} FLOPs/step x {total} steps (compiled in {time.perf_counter() - t0:.1f} s)")
+  report = summarize(str(first.preset), k, flops, steps)
+  report.update(num_train=n, batch_size=int(first.batch_size), dataset=dataset_key(first.data))
+  return report
+
+
+def _parse(argv: list[str]):
+  """absl + ml_collections flags: `--config` with typed overrides, `--num_train` and `--out`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  for arg in argv:
+    if arg.startswith("--config="):
+      config_lib.add_config_dir(config_lib.split_spec(arg.split("=", 1)[1])[0])
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vit_h.py", flag_values=fv,
+                                  lock_config=True, sys_argv=["modassem"] + argv)
+  flags.DEFINE_integer("num_train", None, "train examples per epoch (default: the dataset's known size)",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("out", None, "also write the numbers to this JSON file", flag_values=fv)
+  fv(["modassem"] + argv)
+  if not fv["config"].present:
+    raise ValueError("--config is required, e.g. --config=configs/vit_b.py")
+  return fv
+
+
+def main(argv: list[str]) -> int:
+  """`modassem plan ...`: prints the Markdown report; returns the exit status."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from modassem.cli import _fail, _unknown_field  # pylint: disable=g-import-not-at-top
+  try:
+    fv = _parse(argv)
+  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, ModassemError) as e:
+    text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
+    field = _unknown_field(argv, text)
+    if field is not None:
+      text = f"unknown config field {field!r}: see the preset file and configs/common.py for the fields"
+    return _fail("plan", text)
+  try:
+    report = cost_report(config_flags.get_config_filename(fv["config"]),
+                         config_flags.get_override_values(fv["config"]), fv.num_train,
+                         log=lambda line: print(line, file=sys.stderr, flush=True))
+  except ModassemError as e:
+    return _fail("plan", str(e))
+  print(markdown(report), end="", flush=True)
+  if fv.out:
+    os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)
+    with open(fv.out, "w") as f:
+      json.dump(report, f, indent=2)
+  return 0
