@@ -27,8 +27,11 @@ def _fail(verb: str, message: str) -> int:
   return 2
 
 
-def _parse(verb: str, argv: list[str]):
-  """absl + ml_collections flags: `--config` with typed `--config.x.y=v` overrides, and `--workdir`."""
+def config_flag_values(argv: list[str], example: str):
+  """Flags with `--config=FILE[:ARG]` and its typed `--config.x.y=v` overrides (absl + ml_collections).
+
+  The caller defines its own flags on the result, then parses `["modassem"] + argv`.
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
@@ -39,8 +42,16 @@ def _parse(verb: str, argv: list[str]):
       config_lib.add_config_dir(config_lib.split_spec(arg.split("=", 1)[1])[0])
   fv = flags.FlagValues()
   # sys_argv: the overrides are found in `argv`, not in sys.argv, so `main(argv)` works in-process.
-  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vit_b.py:meta", flag_values=fv,
+  config_flags.DEFINE_config_file("config", None, f"config file, e.g. {example}", flag_values=fv,
                                   lock_config=True, sys_argv=["modassem"] + argv)
+  return fv
+
+
+def _parse(verb: str, argv: list[str]):
+  """`--config` with its overrides, `--workdir`, and the multi-process flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  fv = config_flag_values(argv, "configs/vit_b.py:meta")
   flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
   flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a multi-process run", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "processes in a multi-process run", flag_values=fv)

@@ -173,14 +173,9 @@ def cost_report(spec: str, overrides: dict | None = None, num_train: int | None 
 def _parse(argv: list[str]):
   """absl + ml_collections flags: `--config` with typed overrides, `--num_train` and `--out`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  for arg in argv:
-    if arg.startswith("--config="):
-      config_lib.add_config_dir(config_lib.split_spec(arg.split("=", 1)[1])[0])
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vit_h.py", flag_values=fv,
-                                  lock_config=True, sys_argv=["modassem"] + argv)
+  from modassem.cli import config_flag_values  # pylint: disable=g-import-not-at-top
+  fv = config_flag_values(argv, "configs/vit_h.py")
   flags.DEFINE_integer("num_train", None, "train examples per epoch (default: the dataset's known size)",
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_string("out", None, "also write the numbers to this JSON file", flag_values=fv)
