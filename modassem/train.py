@@ -239,7 +239,7 @@ def train(config, workdir: str) -> dict:
   done = checkpoints.read_json(os.path.join(workdir, checkpoints.RESULTS_FILE))
   if done is not None and done.get("steps") == s.total_steps:
     say(f"{workdir}: {s.plan.phase} run already finished at step {s.total_steps} "
-          f"(top-1 {done.get('top1', float('nan')):.2f} %); nothing to do", flush=True)
+        f"(top-1 {done.get('top1', float('nan')):.2f} %); nothing to do")
     return done
 
   compiled, init_fn, abstract_state, key = compile_train_step(s)
