@@ -96,7 +96,8 @@ def model_for(config, depths, *, dtype=None) -> ViT:
   m = config.model
   return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, width=m.width, heads=m.heads,
              mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps, num_classes=m.num_classes,
-             drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype), remat=m.get("remat", "none"))
+             drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype), remat=m.get("remat", "none"),
+             attention=m.get("attention", "auto"))
 
 
 def init_trained(plan: Plan, model: ViT, key) -> dict:

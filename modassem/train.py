@@ -58,6 +58,8 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
                         f"use an image size that is a multiple of {m.patch}")
   if m.width % m.heads:
     raise ModassemError(f"model.width={m.width} is not divisible by model.heads={m.heads}")
+  if m.get("attention", "auto") not in ("auto", "xla", "cudnn"):
+    raise ModassemError(f"model.attention={m.attention!r} is unknown: use auto, xla or cudnn")
   if m.get("remat", "none") not in REMAT_POLICIES:
     raise ModassemError(f"model.remat={m.remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
   if str(m.dtype) not in _DTYPES:

@@ -143,3 +143,16 @@ def test_rematerialisation_gives_the_same_loss_and_gradients(remat):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="remat"):
     ViT(**kwargs, remat="some").init(jax.random.key(0), x)
+
+
+def test_attention_takes_cudnn_only_where_it_applies():
+  from modassem.models.vit import attention_implementation as impl
+  assert impl("auto", "gpu", jnp.bfloat16, 64) == "cudnn"
+  assert impl("auto", "gpu", jnp.bfloat16, 80) == "cudnn"      # ViT-H/14's head dim
+  assert impl("auto", "gpu", jnp.float32, 64) == "xla"
+  assert impl("auto", "gpu", jnp.bfloat16, 12) == "xla"
+  assert impl("auto", "cpu", jnp.bfloat16, 64) == "xla"
+  assert impl("auto", "tpu", jnp.bfloat16, 64) == "xla"
+  assert impl("xla", "gpu", jnp.bfloat16, 64) == "xla"
+  with pytest.raises(ValueError, match="attention"):
+    impl("flash", "gpu", jnp.bfloat16, 64)

@@ -52,11 +52,27 @@ def drop_path_rates(rate: float, total_depth: int) -> list[float]:
   return [rate * j / (total_depth - 1) for j in range(total_depth)]
 
 
+def attention_implementation(choice: str, backend: str, dtype, head_dim: int) -> str:
+  """Which kernel `jax.nn.dot_product_attention` runs: "xla" or "cudnn".
+
+  "auto" takes cuDNN's fused flash attention where it applies (a GPU, half
+  precision, head dims it supports) and XLA's everywhere else; JAX's own
+  default is always XLA.
+  """
+  if choice in ("xla", "cudnn"):
+    return choice
+  if choice != "auto":
+    raise ValueError(f"model.attention={choice!r} is unknown: use auto, xla or cudnn")
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
 class Attention(nn.Module):
   width: int
   heads: int
   qkv_bias: bool = True
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -65,7 +81,8 @@ class Attention(nn.Module):
                    dtype=self.dtype, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, self.width // self.heads), 3, axis=2)
     # `dot_product_attention` lets XLA (or cuDNN on GPU) pick a fused kernel.
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    impl = attention_implementation(self.attention, jax.default_backend(), self.dtype, self.width // self.heads)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=impl)
     out = out.reshape(b, n, self.width)
     return nn.Dense(self.width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(out)
 
@@ -96,6 +113,7 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -103,7 +121,7 @@ class Block(nn.Module):
     # over tokens and channels is exactly stochastic depth, rescaling included.
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
-    y = Attention(self.width, self.heads, self.qkv_bias, self.dtype, name="attn")(y)
+    y = Attention(self.width, self.heads, self.qkv_bias, self.dtype, self.attention, name="attn")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + drop(y, deterministic=not train)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
@@ -134,6 +152,7 @@ class ViTModule(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: str = "none"
+  attention: str = "auto"
 
   @property
   def is_first(self) -> bool:
@@ -152,7 +171,7 @@ class ViTModule(nn.Module):
     block = block_class(self.remat)
     for j in range(self.depth):
       x = block(self.width, self.heads, self.mlp_ratio, self.qkv_bias, self.ln_eps,
-                rates[self.block_offset + j], self.dropout, self.dtype, name=f"blocks_{j}")(x, train)
+                rates[self.block_offset + j], self.dropout, self.dtype, self.attention, name=f"blocks_{j}")(x, train)
     if self.is_last:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
       x = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x[:, 0])
@@ -191,6 +210,7 @@ class ViT(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: str = "none"
+  attention: str = "auto"
 
   @property
   def num_modules(self) -> int:
@@ -209,7 +229,7 @@ class ViT(nn.Module):
         total_depth=sum(depths), image_size=self.image_size, patch=self.patch, width=self.width,
         heads=self.heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, ln_eps=self.ln_eps,
         num_classes=self.num_classes, drop_path=self.drop_path, dropout=self.dropout,
-        dtype=self.dtype, remat=self.remat)
+        dtype=self.dtype, remat=self.remat, attention=self.attention)
     kwargs.update(overrides)
     return ViTModule(**kwargs)
 
