@@ -65,11 +65,7 @@ def phase_steps(config, num_train: int) -> tuple[int, int]:
   if steps_per_epoch == 0:
     raise ModassemError(f"batch size {config.batch_size} does not fit the {num_train} train examples: "
                         f"lower --config.batch_size")
-  total = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
-  warmup = (config.warmup_steps if config.warmup_steps >= 0
-            else int(round(config.warmup_epochs * steps_per_epoch)))
-  total = max(int(total), 1)
-  return total, min(int(warmup), total)
+  return train.schedule_lengths(config, steps_per_epoch)
 
 
 def phase_names(num_modules: int) -> list[str]:

@@ -115,6 +115,14 @@ def _load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, w
   return out
 
 
+def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
+  """(total, warmup) steps: `total_steps`/`warmup_steps` where set, else the epochs times `steps_per_epoch`."""
+  total = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
+  warmup = config.warmup_steps if config.warmup_steps >= 0 else int(round(config.warmup_epochs * steps_per_epoch))
+  total = max(int(total), 1)
+  return total, min(int(warmup), total)
+
+
 def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   """Checks `config` and reads what the run builds on; `load_sources=False` skips assembly's module
   sources (evaluating a run restores its own parameters)."""
@@ -126,10 +134,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   if dataset.num_classes != config.model.num_classes:
     raise ModassemError(f"the dataset has {dataset.num_classes} classes, model.num_classes={config.model.num_classes}: "
                         f"set --config.model.num_classes={dataset.num_classes}")
-  steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
-  total = config.total_steps or int(round(config.epochs * steps_per_epoch))
-  warmup = config.warmup_steps if config.warmup_steps >= 0 else int(round(config.warmup_epochs * steps_per_epoch))
-  total = max(int(total), 1)
+  total, warmup = schedule_lengths(config, dataset.steps_per_epoch(config.batch_size))
   model_of = functools.partial(phases.model_for, config)
   run = run_info(config, plan, total)
   if workdir is not None:
@@ -144,7 +149,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
     dirs = module_sources(config, plan)
     sources = _load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths, dirs,
                             "module source")
-  return Setup(config, plan, dataset, mesh, model_of, run, total, min(warmup, total), frozen, sources)
+  return Setup(config, plan, dataset, mesh, model_of, run, total, warmup, frozen, sources)
 
 
 def _place_batch(batch: dict, shard) -> dict:
