@@ -465,13 +465,9 @@ def _read_run(run_dir: str) -> dict:
 
 
 def _abstract_modules(arch: dict, depths) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   from modassem.models.vit import ViT  # pylint: disable=g-import-not-at-top
-  model = ViT(depths=tuple(depths), **arch)
-  image = jnp.zeros((1, arch["image_size"], arch["image_size"], 3), jnp.float32)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), image))["params"]
+  from modassem.train import abstract_modules  # pylint: disable=g-import-not-at-top
+  return abstract_modules(ViT(depths=tuple(depths), **arch))
 
 
 def _load_modules(run_dir: str, run: dict, slots, depths, what: str) -> dict:
