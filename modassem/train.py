@@ -350,18 +350,20 @@ def evaluate_run(config, workdir: str) -> dict:
     raise ModassemError(f"{workdir} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir of a run")
   s = setup(config, workdir, load_sources=False)
   mngr = checkpoints.manager(workdir, config)
-  latest = mngr.latest_step()
-  if latest is not None:
-    params = checkpoints.restore_state(mngr, latest, state_spec(s)[3]).params
-  elif all(os.path.isdir(checkpoints.module_dir(workdir, k)) for k in s.plan.trained):
-    # No train state, but every trained module: a run imported with `modassem convert`
-    # (an official checkpoint has no Orbax train state to restore).
-    params = _load_modules(config, s.plan, s.mesh, s.model_of, s.plan.trained, s.plan.depths,
-                           [workdir] * len(s.plan.trained), "run")
-    latest = (checkpoints.read_json(os.path.join(workdir, checkpoints.RUN_FILE)) or {}).get("total_steps", 0)
-  else:
-    raise ModassemError(f"{workdir} has no checkpoint yet: train the run first")
-  mngr.close()
+  try:
+    latest = mngr.latest_step()
+    if latest is not None:
+      params = checkpoints.restore_state(mngr, latest, state_spec(s)[3]).params
+    elif all(os.path.isdir(checkpoints.module_dir(workdir, k)) for k in s.plan.trained):
+      # No train state, but every trained module: a run imported with `modassem convert`
+      # (an official checkpoint has no Orbax train state to restore).
+      params = _load_modules(config, s.plan, s.mesh, s.model_of, s.plan.trained, s.plan.depths,
+                             [workdir] * len(s.plan.trained), "run")
+      latest = (checkpoints.read_json(os.path.join(workdir, checkpoints.RUN_FILE)) or {}).get("total_steps", 0)
+    else:
+      raise ModassemError(f"{workdir} has no checkpoint yet: train the run first")
+  finally:
+    mngr.close()
   result = evaluate(s, params)
   result.update(phase=s.plan.phase, step=int(latest), workdir=workdir)
   if is_main():
