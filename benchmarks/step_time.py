@@ -1,6 +1,7 @@
 """Train-step speed, FLOPs and memory of every phase, side by side.
 
     python benchmarks/step_time.py --preset=vit_b --batch=8 --dtype=float32
+    python benchmarks/step_time.py --preset=vit_h --batch=8 --repeats=0 --scan   # compile time only
 
 For each phase (e2e, meta, incubate i for every i, incubate all, assemble) it
 builds the phase's real compiled step (the trainer's own `compile_train_step`)
@@ -8,10 +9,14 @@ on random parameters and random images, then reports:
 
   step_s     median wall time of one step after compilation (--repeats timed steps)
   img_s      images per second at that median
-  flops      FLOPs of one step from XLA's cost analysis, summed over devices
+  flops      FLOPs of one step from XLA's cost analysis, summed over devices (with
+             --scan, of the same step with its blocks written out: XLA counts
+             a loop body once)
   vs_e2e     flops / the e2e step's flops
   mfu        flops / step_s / the devices' peak (None where the peak is unknown, e.g. CPU)
   memory_gb  arguments + outputs + temporaries of the compiled step (XLA's memory analysis)
+  compile_s  seconds to trace, lower and compile the step (--scan: the blocks of a
+             module are traced once, not once each)
 
 and writes JSON and a Markdown table (--out). Nothing here reads data or
 checkpoints: meta and source modules are random, which does not change speed.
@@ -65,9 +70,9 @@ def _random_modules(model, key, mesh, mode):
 
 
 def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mode: str,
-                remat: str = "none") -> train.Setup:
+                remat: str = "none", scan: bool = False) -> train.Setup:
   overrides = {"batch_size": batch, "model.dtype": dtype, "sharding": mode, "total_steps": 1000, "warmup_steps": 10,
-               "model.remat": remat}
+               "model.remat": remat, "model.scan": scan}
   if phase == "incubate":
     overrides["module"] = module
   config = config_lib.load(os.path.join(REPO, "configs", f"{preset}.py:{phase}"), overrides)
@@ -88,7 +93,7 @@ def measure(s: train.Setup, repeats: int) -> dict:
   t0 = time.perf_counter()
   compiled, init_fn, _, key = train.compile_train_step(s)
   compile_s = time.perf_counter() - t0
-  flops = train.flops_of(compiled, s.mesh.size)
+  flops = train.train_step_flops(s, compiled)
   mem = compiled.memory_analysis()
   memory = None
   if mem is not None:
@@ -129,6 +134,7 @@ def main(argv=None):
   p.add_argument("--sharding", default="data", choices=list(sharding.MODES))
   p.add_argument("--repeats", type=int, default=5, help="timed steps per phase (median reported); 0: compile only")
   p.add_argument("--remat", default="none", help="per-block rematerialisation: none, dots, full")
+  p.add_argument("--scan", action="store_true", help="nn.scan over each module's blocks (model.scan)")
   p.add_argument("--phases", default="", help="comma-separated subset, e.g. e2e,incubate0,incubate_all")
   p.add_argument("--out", default="", help="write OUT.json and OUT.md")
   args = p.parse_args(argv)
@@ -143,7 +149,8 @@ def main(argv=None):
   for name in names:
     phase = "incubate" if name.startswith("incubate") else name
     module = name[len("incubate"):].lstrip("_") if phase == "incubate" else ""
-    rows[name] = measure(phase_setup(args.preset, phase, module, args.batch, args.dtype, args.sharding, args.remat),
+    rows[name] = measure(phase_setup(args.preset, phase, module, args.batch, args.dtype, args.sharding, args.remat,
+                                     args.scan),
                          args.repeats)
     rows[name]["vs_e2e"] = rows[name]["flops"] / rows["e2e"]["flops"]
     r = rows[name]
@@ -153,7 +160,7 @@ def main(argv=None):
 
   device = jax.devices()[0]
   report = {"preset": args.preset, "batch": args.batch, "dtype": args.dtype, "sharding": args.sharding, "remat": args.remat,
-            "device": getattr(device, "device_kind", str(device)), "devices": jax.device_count(),
+            "scan": args.scan, "device": getattr(device, "device_kind", str(device)), "devices": jax.device_count(),
             "jax": jax.__version__, "repeats": args.repeats, "phases": rows}
   md = markdown(report)
   print(md)
@@ -167,13 +174,15 @@ def main(argv=None):
 
 def markdown(r: dict) -> str:
   lines = [f"{r['preset']}, batch {r['batch']}, {r['dtype']}, {r['devices']} x {r['device']} ({r['sharding']}, "
-           f"remat {r['remat']}), jax {r['jax']}, median of {r['repeats']} steps", "",
-           "| phase | step s | img/s | FLOPs/step | of e2e | MFU | memory GiB |", "|---|---|---|---|---|---|---|"]
+           f"remat {r['remat']}{', scanned blocks' if r.get('scan') else ''}), jax {r['jax']}, "
+           f"median of {r['repeats']} steps", "",
+           "| phase | step s | img/s | FLOPs/step | of e2e | MFU | memory GiB | compile s |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, x in r["phases"].items():
     mfu = f"{100 * x['mfu']:.1f} %" if x["mfu"] is not None else "-"
     mem = f"{x['memory_gb']:.2f}" if x["memory_gb"] is not None else "-"
     step = f"{x['step_s']:.4f} | {x['img_s']:.1f}" if x["step_s"] else "- | -"
-    lines.append(f"| {name} | {step} | {x['flops']:.3e} | {x['vs_e2e']:.3f} | {mfu} | {mem} |")
+    lines.append(f"| {name} | {step} | {x['flops']:.3e} | {x['vs_e2e']:.3f} | {mfu} | {mem} | {x['compile_s']:.1f} |")
   return "\n".join(lines) + "\n"
 
 

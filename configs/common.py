@@ -49,6 +49,7 @@ def get_config(preset: str, phase: str, *, num_modules: int = 4, assemble_drop_p
   c.model.dtype = "bfloat16"   # compute dtype; parameters stay float32
   c.model.remat = "none"       # per-block rematerialisation: none | dots | full (less memory, more compute)
   c.model.attention = "auto"   # auto: cuDNN flash attention on GPUs in half precision, XLA elsewhere
+  c.model.scan = False         # nn.scan over each module's blocks: compile time independent of depth
 
   # Phase inputs: which module to incubate ("all" or an index), where the meta
   # run is, and the K incubation runs that assembly stacks (comma-separated).

@@ -59,6 +59,11 @@ def check_workdir(workdir: str, run: dict) -> dict | None:
       raise ModassemError(
           f"{workdir} holds a run (phase {old.get('phase')}) whose {what} is {old.get(key)}, not {run[key]}: "
           f"use a new --workdir for this run, or the config that made it to resume it")
+  # The train state is saved in the model's parameter layout, which model.scan sets.
+  if bool(old.get("scan", False)) != bool(run.get("scan", False)):
+    raise ModassemError(f"{workdir} holds a run trained with model.scan={bool(old.get('scan', False))}, whose "
+                        f"checkpoints are in that parameter layout: resume or evaluate it with "
+                        f"--config.model.scan={bool(old.get('scan', False))}")
   return old
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from modassem.models.vit import is_stacked
+
 # Parameters that are not decayed besides biases and norm scales (DeiT's `no_weight_decay`).
 _NO_DECAY = ("pos_embed", "cls_token")
 
@@ -13,7 +15,10 @@ def decay_mask(params):
   """True where weight decay applies: matrices and conv kernels, not embeddings' tokens."""
   def decays(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
-    return x.ndim > 1 and name not in _NO_DECAY
+    # A scanned module's block parameters carry a leading block axis: a
+    # stacked bias is 2-D and still a bias.
+    ndim = x.ndim - 1 if is_stacked(path) else x.ndim
+    return ndim > 1 and name not in _NO_DECAY
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

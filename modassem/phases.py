@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from modassem.errors import ModassemError
-from modassem.models.vit import ViT
+from modassem.models.vit import ViT, stack_blocks
 
 Params = Mapping[str, Any]
 
@@ -92,12 +92,12 @@ def make_plan(config) -> Plan:
   raise ModassemError(f"unknown phase {phase!r}: use meta, incubate, assemble or e2e")
 
 
-def model_for(config, depths, *, dtype=None) -> ViT:
+def model_for(config, depths, *, dtype=None, scan=None) -> ViT:
   m = config.model
   return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, width=m.width, heads=m.heads,
              mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps, num_classes=m.num_classes,
              drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype), remat=m.get("remat", "none"),
-             attention=m.get("attention", "auto"))
+             attention=m.get("attention", "auto"), scan=bool(m.get("scan", False) if scan is None else scan))
 
 
 def init_trained(plan: Plan, model: ViT, key) -> dict:
@@ -105,10 +105,13 @@ def init_trained(plan: Plan, model: ViT, key) -> dict:
 
   The whole target is initialised and the trained slots are kept, so module i
   starts from the same values whether it is incubated alone or with the rest.
+  It is initialised per block and stacked where the model scans, so that the
+  layout changes how the step runs, never what it trains.
   """
   image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  params = model.init(key, image)["params"]
-  return {module_name(i): params[module_name(i)] for i in plan.trained}
+  params = model.clone(scan=False).init(key, image)["params"]
+  trained = {module_name(i): params[module_name(i)] for i in plan.trained}
+  return stack_blocks(trained) if model.scan else trained
 
 
 def frozen_slots(plan: Plan) -> list[int]:

@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from modassem.errors import ModassemError
+from modassem.models.vit import is_stacked
 
 AXIS = "data"
 MODES = ("data", "fsdp")
@@ -31,10 +32,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _fsdp_spec(shape, n: int) -> P:
+def _fsdp_spec(shape, n: int, stacked: bool = False) -> P:
   # Largest dimension that splits evenly; small or indivisible arrays
-  # (biases of odd width, scalars) stay replicated: they are cheap.
-  dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+  # (biases of odd width, scalars) stay replicated: they are cheap. The block
+  # axis of scanned parameters is never split: each scan iteration slices one
+  # block, and a slice of a split axis would gather the whole stack.
+  dims = sorted(range(1 if stacked else 0, len(shape)), key=lambda d: -shape[d])
   for d in dims:
     if shape[d] % n == 0 and shape[d] >= n:
       spec = [None] * len(shape)
@@ -54,4 +57,5 @@ def tree_shardings(tree, mesh: Mesh, mode: str):
   n = mesh.shape[AXIS]
   if mode == "data" or n == 1:
     return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
-  return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n)), tree)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n, is_stacked(path))), tree)

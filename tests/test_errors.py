@@ -208,6 +208,14 @@ def test_train_refuses_a_run_directory_of_another_run(capsys, meta_copy, spec, o
   assert tree_state(meta_copy) == before
 
 
+@pytest.mark.parametrize("verb", ["train", "eval"])
+def test_a_run_continues_only_in_the_parameter_layout_it_was_saved_in(capsys, meta_copy, verb):
+  before = tree_state(meta_copy)
+  line = cli_error(capsys, verb, f"--config={TINY}:meta", "--config.model.scan=True", f"--workdir={meta_copy}")
+  assert_names(line, meta_copy, "model.scan=False", "--config.model.scan=False")
+  assert tree_state(meta_copy) == before
+
+
 def test_train_refuses_an_incubation_directory_of_another_module(runs, capsys, tmp_path):
   workdir = str(tmp_path / "inc_all_copy")
   shutil.copytree(runs["inc_all"], workdir)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from modassem import config as config_lib, mixup, optim, phases
-from modassem.models.vit import ViT, drop_path_rates
+from modassem import config as config_lib, mixup, optim, phases, sharding
+from modassem.models.vit import ViT, ViTModule, drop_path_rates, stack_blocks, unstack_blocks
 
 
 def _params(model):
@@ -156,3 +156,71 @@ def test_attention_takes_cudnn_only_where_it_applies():
   assert impl("xla", "gpu", jnp.bfloat16, 64) == "xla"
   with pytest.raises(ValueError, match="attention"):
     impl("flash", "gpu", jnp.bfloat16, 64)
+
+
+# --- nn.scan over a module's blocks -------------------------------------------
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_blocks_compute_what_the_per_block_model_computes(remat):
+  kwargs = dict(depths=(1, 3, 2, 2), image_size=8, patch=4, width=16, heads=2, num_classes=3, remat=remat)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+  plain, scanned = ViT(**kwargs), ViT(**kwargs, scan=True)
+  params = plain.init(jax.random.key(0), x)["params"]
+  stacked = stack_blocks(params)
+  # The stacked layout is exactly what the scanned model declares, and converts back losslessly.
+  want = jax.eval_shape(lambda: scanned.init(jax.random.key(0), x))["params"]
+  assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(want)
+  assert [a.shape for a in jax.tree_util.tree_leaves(stacked)] == [a.shape for a in jax.tree_util.tree_leaves(want)]
+  assert stacked["module_1"]["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 16, 48)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, unstack_blocks(stacked), params)
+
+  np.testing.assert_allclose(scanned.apply({"params": stacked}, x), plain.apply({"params": params}, x),
+                             rtol=1e-5, atol=1e-6)
+
+  def loss(model, p):
+    return model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).sum()
+
+  g_plain = jax.grad(lambda p: loss(plain, p))(params)
+  g_scan = unstack_blocks(jax.grad(lambda p: loss(scanned, p))(stacked))
+  for a, b in zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_each_block_drops_its_branches_at_its_own_rate(scan):
+  """Module 1 of 3 holds blocks 1 and 2 of a 3-block model: rates p/2 and p.
+
+  Block 1's branches are zeroed, so it passes its input through whatever it
+  drops; an example comes out unchanged exactly when block 2 drops both of
+  its branches, which happens with probability p**2 (p/2 would give p**2/4).
+  """
+  p, n = 0.6, 4000
+  module = ViTModule(index=1, num_modules=3, depth=2, block_offset=1, total_depth=3, image_size=8, patch=4,
+                     width=16, heads=2, mlp_ratio=4.0, qkv_bias=True, ln_eps=1e-6, num_classes=3, drop_path=p,
+                     scan=scan)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 5, 16)), jnp.float32)
+  params = unstack_blocks({"m": module.init(jax.random.key(0), x[:1])["params"]})["m"]
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.zeros_like(a) if "blocks_0" in jax.tree_util.keystr(path)
+      and ("proj" in jax.tree_util.keystr(path) or "fc2" in jax.tree_util.keystr(path)) else a, params)
+  if scan:
+    params = stack_blocks({"m": params})["m"]
+  out = module.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
+  unchanged = np.asarray((out == x).all(axis=(1, 2))).mean()
+  assert unchanged == pytest.approx(p ** 2, abs=0.04)
+  # In evaluation nothing is dropped.
+  assert not np.asarray((module.apply({"params": params}, x) == x).all(axis=(1, 2))).any()
+
+
+def test_scanned_layout_keeps_decay_mask_and_never_splits_the_block_axis():
+  model = ViT(depths=(2, 2), image_size=8, patch=4, width=16, heads=2, num_classes=3)
+  params = _params(model)
+  mask, stacked_mask = optim.decay_mask(params), optim.decay_mask(jax.eval_shape(stack_blocks, params))
+  blocks = stacked_mask["module_0"]["blocks"]
+  assert blocks["attn"]["qkv"]["kernel"] and blocks["mlp"]["fc1"]["kernel"]
+  assert not (blocks["attn"]["qkv"]["bias"] or blocks["norm1"]["scale"] or blocks["mlp"]["fc2"]["bias"])
+  assert stacked_mask["module_0"]["patch_embed"] == mask["module_0"]["patch_embed"]
+  # FSDP splits the largest evenly divisible dimension, never a stack's block axis.
+  assert sharding._fsdp_spec((16, 12), 8) == sharding.P("data", None)
+  assert sharding._fsdp_spec((16, 12), 8, stacked=True) == sharding.P()
+  assert sharding._fsdp_spec((8, 16, 48), 8, stacked=True) == sharding.P(None, None, "data")

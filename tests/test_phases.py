@@ -139,3 +139,33 @@ def test_incubation_step_costs_fall_with_the_slot_and_all_shares_the_prefix(runs
   assert flops["all"] < sum(singles)
   e2e = train.step_flops(tiny("e2e"))
   assert singles[0] < e2e
+
+
+def test_step_flops_count_every_iteration_of_a_loop():
+  """XLA's cost analysis counts a loop body once; the trainer's count covers every block and micro-batch."""
+  base = train.step_flops(tiny("e2e"))
+  # Counting each body once would give about a quarter: 1 of 2 micro-batches, 1 of 2 blocks per module.
+  assert train.step_flops(tiny("e2e", accum_steps=2, **{"model.scan": True})) == pytest.approx(base, rel=0.05)
+
+
+def test_scanned_runs_exchange_modules_with_per_block_runs(runs, tmp_path):
+  """A scanned incubation reads the per-block meta run, trains as the per-block run does and saves per block;
+  a scanned assembly stacks those modules."""
+  plain, scanned = str(tmp_path / "plain"), str(tmp_path / "scanned")
+  no_drop = {"model.drop_path": 0.0}   # drop-path masks are drawn per block in one layout, per step in the other
+  train.train(tiny("incubate", meta=runs["meta"], module="1", **no_drop), plain)
+  train.train(tiny("incubate", meta=runs["meta"], module="1", **no_drop, **{"model.scan": True}), scanned)
+  a, b = _saved_module(plain, 1), _saved_module(scanned, 1)
+  assert a.keys() == b.keys() and any("blocks_1" in n for n in b)
+  for name in a:
+    np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+  sources = [runs["inc_all"], scanned, runs["inc_all"], runs["inc_all"]]
+  config = tiny("assemble", modules=",".join(sources), **{"model.scan": True})
+  s = train.setup(config, None)
+  _, init_fn, _, key = train.compile_train_step(s)
+  params = _leaves(jax.device_get(train.saved_layout(config, init_fn(key).params)))
+  assert "['module_1']['blocks']" not in "".join(params)
+  for k, run_dir in enumerate(sources):
+    for name, x in _saved_module(run_dir, k).items():
+      np.testing.assert_array_equal(params[f"['module_{k}']{name}"], x)

@@ -31,8 +31,11 @@ for name, (phase, overrides) in json.loads(sys.argv[1]).items():
     state, metrics = compiled(state, s.frozen, train._place_batch(next(it), shard), key)
     losses.append(float(metrics["loss"]))
   specs = sorted({str(x.sharding.spec) for x in jax.tree_util.tree_leaves(state.params)})
+  stacked = [x.sharding.spec for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
+             if "'blocks'" in jax.tree_util.keystr(p)]
   leaves = [np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
-  out[name] = {"devices": jax.device_count(), "losses": losses, "specs": specs,
+  out[name] = {"devices": jax.device_count(), "losses": losses, "specs": specs, "stacked": len(stacked),
+               "block_axis_split": any(len(sp) and sp[0] is not None for sp in stacked),
                "params": float(np.concatenate(leaves).astype(np.float64).sum())}
 print(json.dumps(out))
 """ % TINY
@@ -59,7 +62,8 @@ def results(runs):
   eight = _run(8, {"e2e/data": ["e2e", {"sharding": "data"}], "e2e/fsdp": ["e2e", {"sharding": "fsdp"}],
                    "incubate/data": ["incubate", {"sharding": "data", **inc}],
                    "incubate/fsdp": ["incubate", {"sharding": "fsdp", **inc}],
-                   "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}]})
+                   "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}],
+                   "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}]})
   return one, eight
 
 
@@ -80,3 +84,12 @@ def test_gradient_accumulation_matches_the_full_batch(results):
   one, eight = results
   np.testing.assert_allclose(eight["plain/accum2"]["losses"], one["plain"]["losses"], rtol=2e-5)
   np.testing.assert_allclose(eight["plain/accum2"]["params"], one["plain"]["params"], rtol=1e-5)
+
+
+def test_scanned_blocks_under_fsdp_match_the_per_block_model_on_one_device(results):
+  one, eight = results
+  scan = eight["plain/scan"]
+  assert scan["stacked"] > 0 and not scan["block_axis_split"]
+  assert any("data" in s for s in scan["specs"])
+  np.testing.assert_allclose(scan["losses"], one["plain"]["losses"], rtol=2e-5)
+  np.testing.assert_allclose(scan["params"], one["plain"]["params"], rtol=1e-5)

@@ -13,6 +13,7 @@ Parameter names inside a module follow the official code's state-dict keys
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -36,13 +37,56 @@ REMAT_POLICIES = {
 }
 
 
-def block_class(remat: str):
+def block_class(remat: str, scan: bool = False):
   if remat not in REMAT_POLICIES:
     raise ValueError(f"model.remat={remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
   if remat == "none":
     return Block
-  # `train` (argument 2, counting self) is a Python bool: static for the rematerialised call.
-  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2,))
+  # `train` (argument 2, counting self) is a Python bool: static for the
+  # rematerialised call. Inside a scan the loop already keeps XLA from merging
+  # the recomputation into the forward pass, so the CSE barriers would only
+  # cost fusion opportunities.
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2,), prevent_cse=not scan)
+
+
+# Parameter layouts of a module's blocks. Checkpoints, conversion and every
+# exchange between phases use the per-block layout (`blocks_{j}`, as in the
+# official state dicts); a model built with `scan=True` holds them stacked
+# under `blocks` with a leading axis of length depth, which is what `nn.scan`
+# iterates over. These two functions are the only bridge between the two.
+SCANNED = "blocks"
+
+
+def stack_blocks(params):
+  """{"module_k": {..., "blocks_j": tree}} -> {"module_k": {..., "blocks": tree with a leading depth axis}}."""
+  def one(module):
+    module = dict(module)
+    names = sorted((n for n in module if n.startswith("blocks_")), key=lambda n: int(n.split("_")[1]))
+    if not names:
+      return module
+    blocks = [module.pop(n) for n in names]
+    module[SCANNED] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
+    return module
+  return {name: one(module) for name, module in params.items()}
+
+
+def unstack_blocks(params):
+  """The inverse of `stack_blocks`."""
+  def one(module):
+    module = dict(module)
+    if SCANNED not in module:
+      return module
+    stacked = module.pop(SCANNED)
+    depth = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    for j in range(depth):
+      module[f"blocks_{j}"] = jax.tree_util.tree_map(lambda x: x[j], stacked)
+    return module
+  return {name: one(module) for name, module in params.items()}
+
+
+def is_stacked(path) -> bool:
+  """Whether the leaf at `path` (a tree path) lives in the scanned layout, its axis 0 being the block index."""
+  return any(getattr(k, "key", None) == SCANNED for k in path)
 
 
 def drop_path_rates(rate: float, total_depth: int) -> list[float]:
@@ -116,17 +160,31 @@ class Block(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    # Dropping whole residual branches per example: a dropout mask broadcast
-    # over tokens and channels is exactly stochastic depth, rescaling included.
-    drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+  def __call__(self, x, train: bool, rate=None):
+    """`rate` overrides `drop_path` with a traced value: under `nn.scan` every
+    block shares one definition, so its rate comes in as a scanned input."""
+    if rate is None:
+      # Dropping whole residual branches per example: a dropout mask broadcast
+      # over tokens and channels is exactly stochastic depth, rescaling included.
+      drop = functools.partial(nn.Dropout(self.drop_path, broadcast_dims=(1, 2)), deterministic=not train)
+    else:
+      drop = functools.partial(self._drop_path, rate=rate, train=train)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
     y = Attention(self.width, self.heads, self.qkv_bias, self.dtype, self.attention, name="attn")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    x = x + drop(y, deterministic=not train)
+    x = x + drop(y)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
     y = Mlp(self.width, int(self.width * self.mlp_ratio), self.dropout, self.dtype, name="mlp")(y, train)
-    return x + drop(y, deterministic=not train)
+    return x + drop(y)
+
+  def _drop_path(self, y, *, rate, train: bool):
+    # nn.Dropout needs its rate as a Python number; this is the same per-example
+    # branch drop for a traced rate (which must stay below 1).
+    if not train:
+      return y
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
 
 
 class ViTModule(nn.Module):
@@ -153,6 +211,7 @@ class ViTModule(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   attention: str = "auto"
+  scan: bool = False
 
   @property
   def is_first(self) -> bool:
@@ -167,11 +226,21 @@ class ViTModule(nn.Module):
     """Images [B, H, W, 3] -> tokens (module 0), tokens -> tokens, tokens -> logits (module K-1)."""
     if self.is_first:
       x = self._stem(x, train)
-    rates = drop_path_rates(self.drop_path, self.total_depth)
-    block = block_class(self.remat)
-    for j in range(self.depth):
-      x = block(self.width, self.heads, self.mlp_ratio, self.qkv_bias, self.ln_eps,
-                rates[self.block_offset + j], self.dropout, self.dtype, self.attention, name=f"blocks_{j}")(x, train)
+    rates = drop_path_rates(self.drop_path, self.total_depth)[self.block_offset:self.block_offset + self.depth]
+    block = functools.partial(block_class(self.remat, self.scan), self.width, self.heads, self.mlp_ratio,
+                              self.qkv_bias, self.ln_eps)
+    if self.scan:
+      # One traced block applied `depth` times: the program (and its compile
+      # time) no longer grows with the depth. Each block gets its own
+      # parameters (stacked on axis 0) and its own dropout key.
+      blocks = nn.scan(lambda blk, x, rate: (blk(x, train, rate), None),
+                       variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       length=self.depth)
+      x, _ = blocks(block(0.0, self.dropout, self.dtype, self.attention, name=SCANNED), x,
+                    jnp.asarray(rates, jnp.float32))
+    else:
+      for j in range(self.depth):
+        x = block(rates[j], self.dropout, self.dtype, self.attention, name=f"blocks_{j}")(x, train)
     if self.is_last:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
       x = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x[:, 0])
@@ -211,6 +280,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   attention: str = "auto"
+  scan: bool = False   # nn.scan over each module's blocks: parameters in the stacked layout (see stack_blocks)
 
   @property
   def num_modules(self) -> int:
@@ -229,7 +299,7 @@ class ViT(nn.Module):
         total_depth=sum(depths), image_size=self.image_size, patch=self.patch, width=self.width,
         heads=self.heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, ln_eps=self.ln_eps,
         num_classes=self.num_classes, drop_path=self.drop_path, dropout=self.dropout,
-        dtype=self.dtype, remat=self.remat, attention=self.attention)
+        dtype=self.dtype, remat=self.remat, attention=self.attention, scan=self.scan)
     kwargs.update(overrides)
     return ViTModule(**kwargs)
 
