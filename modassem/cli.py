@@ -47,8 +47,8 @@ def config_flag_values(argv: list[str], example: str):
   return fv
 
 
-def _parse(verb: str, argv: list[str]):
-  """`--config` with its overrides, `--workdir`, and the multi-process flags."""
+def _parse(verb: str, argv: list[str], parse: bool = True):
+  """`--config` with its overrides, `--workdir`, and the multi-process flags (`parse=False`: defined only)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   fv = config_flag_values(argv, "configs/vit_b.py:meta")
@@ -58,6 +58,8 @@ def _parse(verb: str, argv: list[str]):
   flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run", flag_values=fv)
   flags.DEFINE_bool("distributed", False, "multi-process run on a TPU pod or SLURM cluster: JAX finds the "
                     "coordinator itself", flag_values=fv)
+  if not parse:
+    return fv
   fv(["modassem"] + argv)
   if not fv["config"].present:
     raise ValueError("--config is required, e.g. --config=configs/demo.py:meta")
@@ -66,16 +68,22 @@ def _parse(verb: str, argv: list[str]):
   return fv
 
 
-def _convert(argv: list[str]) -> int:
-  """`convert` takes no config: its own three flags, and torch only once a .pth is read or written."""
+def _convert_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
   flags.DEFINE_string("from", None, "official .pth checkpoint, or run directory to export", flag_values=fv)
   flags.DEFINE_string("to", None, "run directory to write, or .pth file to export to", flag_values=fv)
   flags.DEFINE_string("preset", None, "preset giving heads and LayerNorm eps (found from the shapes if not given)",
                       flag_values=fv)
+  return fv
+
+
+def _convert(argv: list[str]) -> int:
+  """`convert` takes no config: its own three flags, and torch only once a .pth is read or written."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
+  fv = _convert_flags()
   try:
     fv(["modassem"] + argv)
     from modassem import convert  # pylint: disable=g-import-not-at-top
@@ -96,6 +104,29 @@ def _unknown_field(argv: list[str], text: str) -> str | None:
   return None
 
 
+def verb_help(verb: str) -> str:
+  """`modassem VERB --help`: the verb's paragraph of the overview and its flags."""
+  lines, keep = [], False
+  for line in __doc__.split("Verbs:")[1].splitlines():
+    if line.startswith("  ") and not line.startswith("   "):
+      keep = line.split()[0] == verb
+    if keep:
+      lines.append(line.strip())
+  if verb == "convert":
+    fv = _convert_flags()
+  elif verb == "plan":
+    from modassem import plan  # pylint: disable=g-import-not-at-top
+    fv = plan._parse([], parse=False)  # pylint: disable=protected-access
+  else:
+    fv = _parse(verb, [], parse=False)
+  flags_ = {f.name: f for f in fv._flags().values()}  # pylint: disable=protected-access
+  out = [f"modassem {verb}: " + " ".join(lines)[len(verb):].strip(), "", "flags:"]
+  out += [f"  --{name}: {flags_[name].help}" for name in sorted(flags_)]
+  if verb != "convert":
+    out.append("  --config.FIELD=VALUE: override a field of the config, e.g. --config.batch_size=256")
+  return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help", "help"):
@@ -105,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
   if verb not in VERBS:
     return _fail("", f"unknown verb {verb!r}: use one of {', '.join(VERBS)} (modassem --help)")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if any(a in ("-h", "--help", "-help") for a in rest):
+    print(verb_help(verb))
+    return 0
   if verb == "convert":
     return _convert(rest)
   if verb == "plan":

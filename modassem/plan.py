@@ -165,8 +165,8 @@ def cost_report(spec: str, overrides: dict | None = None, num_train: int | None 
   return report
 
 
-def _parse(argv: list[str]):
-  """absl + ml_collections flags: `--config` with typed overrides, `--num_train` and `--out`."""
+def _parse(argv: list[str], parse: bool = True):
+  """absl + ml_collections flags: `--config` with typed overrides, `--num_train` and `--out` (`parse=False`: defined only)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from modassem.cli import config_flag_values  # pylint: disable=g-import-not-at-top
@@ -174,6 +174,8 @@ def _parse(argv: list[str]):
   flags.DEFINE_integer("num_train", None, "train examples per epoch (default: the dataset's known size)",
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_string("out", None, "also write the numbers to this JSON file", flag_values=fv)
+  if not parse:
+    return fv
   fv(["modassem"] + argv)
   if not fv["config"].present:
     raise ValueError("--config is required, e.g. --config=configs/vit_b.py")

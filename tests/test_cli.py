@@ -72,3 +72,11 @@ def test_rerunning_the_pipeline_finds_every_run_finished(pipeline_dir, capsys):
   assert cli.main(["pipeline", f"--config={TINY}", f"--workdir={pipeline_dir}", "--config.total_steps=4"]) == 0
   out = capsys.readouterr().out
   assert out.count("already finished") == 4
+
+
+@pytest.mark.parametrize("verb, flag", [("train", "--workdir"), ("eval", "--workdir"), ("pipeline", "--config"),
+                                        ("convert", "--from"), ("plan", "--num_train")])
+def test_every_verb_explains_itself(verb, flag, capsys):
+  assert cli.main([verb, "--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"modassem {verb}: ") and f"  {flag}: " in out
