@@ -92,12 +92,11 @@ def frozen_abstract(config, plan, mesh, model_of) -> dict:
   out = {}
   for k in slots:
     tree = abstract[phases.module_name(k)]
-    out[phases.module_name(k)] = train._with_shardings(  # pylint: disable=protected-access
-        tree, sharding.tree_shardings(tree, mesh, config.sharding))
+    out[phases.module_name(k)] = train.placed(tree, mesh, config)
   return out
 
 
-def compiled_step_flops(config, total_steps: int, warmup_steps: int) -> float:
+def phase_step_flops(config, total_steps: int, warmup_steps: int) -> float:
   """FLOPs of one train step of `config`, from XLA's cost analysis of its step; allocates no parameters."""
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
@@ -144,23 +143,30 @@ def markdown(r: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def cost_report(spec: str, overrides: dict | None = None, num_train: int | None = None, *, log=None) -> dict:
-  """The cost report of the preset in `spec` (its phase, if any, is ignored: every phase is planned)."""
+def schedule(spec: str, overrides: dict | None = None, num_train: int | None = None):
+  """(first phase's config, train examples per epoch, {phase name: (config, total steps, warmup steps)})."""
   path, _ = config_lib.split_spec(spec)
   overrides = dict(overrides or {})
   first = phase_config(path, "meta", overrides)
-  k = int(first.model.num_modules)
   n = num_train_of(first.data, num_train)
-  flops, steps = {}, {}
-  for name in phase_names(k):
-    t0 = time.perf_counter()
+  phases_ = {}
+  for name in phase_names(int(first.model.num_modules)):
     config = phase_config(path, name, overrides)
-    total, warmup = phase_steps(config, n)
-    flops[name] = compiled_step_flops(config, total, warmup)
+    phases_[name] = (config, *phase_steps(config, n))
+  return first, n, phases_
+
+
+def cost_report(spec: str, overrides: dict | None = None, num_train: int | None = None, *, log=None) -> dict:
+  """The cost report of the preset in `spec` (its phase, if any, is ignored: every phase is planned)."""
+  first, n, planned = schedule(spec, overrides, num_train)
+  flops, steps = {}, {}
+  for name, (config, total, warmup) in planned.items():
+    t0 = time.perf_counter()
+    flops[name] = phase_step_flops(config, total, warmup)
     steps[name] = total
     if log:
       log(f"{name}: {flops[name]:.3e} FLOPs/step x {total} steps (compiled in {time.perf_counter() - t0:.1f} s)")
-  report = summarize(str(first.preset), k, flops, steps)
+  report = summarize(str(first.preset), int(first.model.num_modules), flops, steps)
   report.update(num_train=n, batch_size=int(first.batch_size), dataset=dataset_key(first.data))
   return report
 

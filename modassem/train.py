@@ -105,7 +105,8 @@ def _with_shardings(abstract, shardings):
   return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _placed(tree, mesh, config):
+def placed(tree, mesh, config):
+  """`tree`'s shapes with the shardings `config.sharding` gives them on `mesh`."""
   return _with_shardings(tree, sharding.tree_shardings(tree, mesh, config.sharding))
 
 
@@ -120,9 +121,9 @@ def _load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, w
     expect = {"arch": checkpoints.arch_of(config), "preset": config.preset, "num_modules": plan.num_modules,
               "depth": depths[k]}
     out[module_name(k)] = checkpoints.load_module(run_dir, k, expect=expect, what=what,
-                                                  abstract=_placed(abstract[module_name(k)], mesh, config))
+                                                  abstract=placed(abstract[module_name(k)], mesh, config))
   if config.model.get("scan", False):
-    target = jax.tree_util.tree_map(lambda a: a.sharding, _placed(jax.eval_shape(stack_blocks, out), mesh, config))
+    target = jax.tree_util.tree_map(lambda a: a.sharding, placed(jax.eval_shape(stack_blocks, out), mesh, config))
     out = jax.jit(stack_blocks, out_shardings=target)(out)
   return out
 
@@ -193,10 +194,14 @@ def flops_of(compiled, num_devices: int = 1) -> float:
   optimizer update under data parallelism, is counted on every device: it is
   executed on every device).
   """
-  cost = compiled.cost_analysis()
+  return _flops(compiled.cost_analysis()) * num_devices
+
+
+def _flops(cost) -> float:
+  # Older JAX versions return one dict per program, newer ones the dict.
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan"))) * num_devices
+  return float((cost or {}).get("flops", float("nan")))
 
 
 def state_spec(s: Setup):
@@ -253,7 +258,7 @@ def unrolled(s: Setup) -> Setup | None:
   with c.unlocked():
     c.model.scan = False
     c.accum_steps = 1
-  frozen = {name: _placed(tree, s.mesh, c) for name, tree in jax.eval_shape(unstack_blocks, s.frozen).items()}
+  frozen = {name: placed(tree, s.mesh, c) for name, tree in jax.eval_shape(unstack_blocks, s.frozen).items()}
   return dataclasses.replace(s, config=c, model_of=functools.partial(phases.model_for, c), frozen=frozen,
                              sources=None)
 
@@ -270,11 +275,8 @@ def train_step_flops(s: Setup, compiled=None) -> float:
   twin = unrolled(s)
   if twin is None:
     return flops_of(compiled if compiled is not None else compile_train_step(s)[0], s.mesh.size)
-  cost = lower_train_step(twin)[0].cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
   # Lowered, the program is still the global one: its count is already the total over devices.
-  return float((cost or {}).get("flops", float("nan")))
+  return _flops(lower_train_step(twin)[0].cost_analysis())
 
 
 def step_flops(config) -> float:

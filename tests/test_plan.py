@@ -84,17 +84,13 @@ def test_printed_ratio_is_method_over_e2e(planned):
   assert "not FLOPs" in text
 
 
-def test_num_train_override_changes_steps(monkeypatch, tmp_path):
-  # The step counts do not depend on the compiled FLOPs: skip compiling here.
-  monkeypatch.setattr(plan, "compiled_step_flops", lambda config, total, warmup: 1.0)
-  out = str(tmp_path / "p.json")
-  assert cli.main(["plan", f"--config={TINY}:meta", "--config.total_steps=0", "--num_train=6400",
-                   f"--out={out}"]) == 0
-  with open(out) as f:
-    report = json.load(f)
-  assert report["num_train"] == 6400
-  assert report["phases"]["meta"]["steps"] == 300 * (6400 // 32)
-  assert report["phases"]["incubate1"]["steps"] == 100 * (6400 // 32)
+def test_num_train_override_changes_steps():
+  first, n, planned = plan.schedule(TINY, {"total_steps": 0}, 6400)
+  assert n == 6400 and first.phase == "meta"
+  assert list(planned) == PHASES
+  assert planned["meta"][1] == 300 * (6400 // 32)
+  assert planned["incubate1"][1] == 100 * (6400 // 32)
+  assert planned["incubate1"][0].module == "1"
 
 
 def test_total_steps_override_wins():
