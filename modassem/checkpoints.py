@@ -67,13 +67,17 @@ def check_workdir(workdir: str, run: dict) -> dict | None:
   return old
 
 
+def state_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True,
       create=True,
   )
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+  return ocp.CheckpointManager(state_dir(workdir), options=options,
                                item_names=("state",))
 
 

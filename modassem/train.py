@@ -373,7 +373,7 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):
       for bad in [c for c in mngr.all_steps() if c >= step - 1]:
         mngr.delete(bad)
       good = mngr.latest_step()
-      ckpt_dir = os.path.join(os.path.dirname(writer.path), "checkpoints")
+      ckpt_dir = checkpoints.state_dir(os.path.dirname(writer.path))
       kept = (f"the last good checkpoint is step {good} in {ckpt_dir}, where a rerun resumes"
               if good is not None else "no good checkpoint was saved yet, so a rerun starts over")
       raise ModassemError(f"loss is {loss} at step {step}: training stopped; {kept}; "
@@ -412,9 +412,10 @@ def evaluate_run(config, workdir: str) -> dict:
   if not os.path.isfile(os.path.join(workdir, checkpoints.RUN_FILE)):
     raise ModassemError(f"{workdir} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir of a run")
   s = setup(config, workdir, load_sources=False)
-  mngr = checkpoints.manager(workdir, config)
+  # A converted run has no checkpoints/ folder, and evaluating it must not make one.
+  mngr = checkpoints.manager(workdir, config) if os.path.isdir(checkpoints.state_dir(workdir)) else None
   try:
-    latest = mngr.latest_step()
+    latest = mngr.latest_step() if mngr is not None else None
     if latest is not None:
       params = checkpoints.restore_state(mngr, latest, state_spec(s)[3]).params
     elif all(os.path.isdir(checkpoints.module_dir(workdir, k)) for k in s.plan.trained):
@@ -426,7 +427,8 @@ def evaluate_run(config, workdir: str) -> dict:
     else:
       raise ModassemError(f"{workdir} has no checkpoint yet: train the run first")
   finally:
-    mngr.close()
+    if mngr is not None:
+      mngr.close()
   result = evaluate(s, params)
   result.update(phase=s.plan.phase, step=int(latest), workdir=workdir)
   if is_main():

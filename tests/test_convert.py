@@ -283,6 +283,7 @@ def test_converted_runs_plug_into_the_phases(official, tmp_path, capsys):
   capsys.readouterr()
   assert cli.main(["eval", f"--config={REPO}/configs/tiny.py:assemble", f"--workdir={runs['final']}"]) == 0
   assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] <= 100.0
+  assert not os.path.exists(checkpoints.state_dir(runs["final"]))   # evaluating adds no empty checkpoint folder
   # The converted incubated module and final model are assembly sources ...
   s = train.setup(tiny("assemble", modules=",".join([runs["final"], runs["inc1"], runs["final"], runs["final"]])), None)
   got = _leaves(s.sources["module_1"])
