@@ -172,7 +172,9 @@ def cost_report(spec: str, overrides: dict | None = None, num_train: int | None 
 
 
 def _parse(argv: list[str], parse: bool = True):
-  """absl + ml_collections flags: `--config` with typed overrides, `--num_train` and `--out` (`parse=False`: defined only)."""
+  """absl + ml_collections flags: `--config` with typed overrides, `--num_train` and `--out`.
+
+  `parse=False` only defines them (for `--help`)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from modassem.cli import config_flag_values  # pylint: disable=g-import-not-at-top
