@@ -92,12 +92,17 @@ def make_plan(config) -> Plan:
   raise ModassemError(f"unknown phase {phase!r}: use meta, incubate, assemble or e2e")
 
 
+def scans(config) -> bool:
+  """Whether `config`'s model runs each module's blocks under `nn.scan` (stacked parameter layout)."""
+  return bool(config.model.get("scan", False))
+
+
 def model_for(config, depths, *, dtype=None, scan=None) -> ViT:
   m = config.model
   return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, width=m.width, heads=m.heads,
              mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps, num_classes=m.num_classes,
              drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype), remat=m.get("remat", "none"),
-             attention=m.get("attention", "auto"), scan=bool(m.get("scan", False) if scan is None else scan))
+             attention=m.get("attention", "auto"), scan=scans(config) if scan is None else bool(scan))
 
 
 def init_trained(plan: Plan, model: ViT, key) -> dict:

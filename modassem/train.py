@@ -93,7 +93,7 @@ def module_sources(config, plan: Plan) -> list[str]:
 def run_info(config, plan: Plan, total_steps: int) -> dict:
   return {"phase": plan.phase, "preset": config.preset, "arch": checkpoints.arch_of(config),
           "depths": list(plan.depths), "trained": list(plan.trained), "total_steps": total_steps,
-          "sources": module_sources(config, plan), "scan": bool(config.model.get("scan", False))}
+          "sources": module_sources(config, plan), "scan": phases.scans(config)}
 
 
 def abstract_modules(model) -> dict:
@@ -122,8 +122,8 @@ def _load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, w
               "depth": depths[k]}
     out[module_name(k)] = checkpoints.load_module(run_dir, k, expect=expect, what=what,
                                                   abstract=placed(abstract[module_name(k)], mesh, config))
-  if config.model.get("scan", False):
-    target = jax.tree_util.tree_map(lambda a: a.sharding, placed(jax.eval_shape(stack_blocks, out), mesh, config))
+  if phases.scans(config):
+    target = sharding.tree_shardings(jax.eval_shape(stack_blocks, out), mesh, config.sharding)
     out = jax.jit(stack_blocks, out_shardings=target)(out)
   return out
 
@@ -131,7 +131,7 @@ def _load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, w
 def saved_layout(config, params) -> dict:
   """`params` in the per-block layout that module checkpoints and conversion use."""
   # Jitted, so that on several hosts every process slices its own shards of the global arrays.
-  return jax.jit(unstack_blocks)(params) if config.model.get("scan", False) else params
+  return jax.jit(unstack_blocks)(params) if phases.scans(config) else params
 
 
 def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
@@ -252,7 +252,7 @@ def unrolled(s: Setup) -> Setup | None:
   fresh init compiles to the same step) and frozen modules become shapes.
   """
   c = s.config
-  if not c.model.get("scan", False) and c.accum_steps == 1:
+  if not phases.scans(c) and c.accum_steps == 1:
     return None
   c = copy.deepcopy(c)
   with c.unlocked():
