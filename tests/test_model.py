@@ -1,5 +1,7 @@
 """The model, the presets and the recipe's pieces, checked against the paper's numbers."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,14 +84,30 @@ def test_phase_defaults_are_the_official_ones(phase, epochs, warmup, drop_path, 
   assert config_lib.load(f"{REPO}/configs/vit_h.py:assemble").model.drop_path == 0.6
 
 
-def test_schedule_warms_up_linearly_then_decays_to_min_lr():
-  c = config_lib.load(f"{REPO}/configs/vit_b.py:meta")
-  sched = optim.lr_schedule(c, total_steps=1000, warmup_steps=100)
-  assert float(sched(0)) == pytest.approx(1e-6, rel=1e-4)
-  assert float(sched(50)) == pytest.approx((1e-6 + 2e-3) / 2, rel=1e-3)
-  assert float(sched(100)) == pytest.approx(2e-3)
-  assert float(sched(1000)) == pytest.approx(1e-5, rel=1e-3)
-  assert all(float(sched(s)) >= float(sched(s + 50)) for s in range(100, 950, 50))
+def official_lr(t, *, base, warmup_lr, min_lr, warmup, total):
+  """timm's CosineLRScheduler as DeiT's `create_scheduler` builds it for the official runs (t_initial=total,
+  warmup_t=warmup, warmup_lr_init=warmup_lr, lr_min=min_lr, cycle_limit=1, cycle_mul=1, cycle_decay=1,
+  warmup_prefix=False), evaluated at time t; written from timm's formula, in float64."""
+  if t < warmup:
+    return warmup_lr + t * (base - warmup_lr) / warmup
+  cycle, t_curr = divmod(t, total)   # warmup_prefix=False: the cosine's clock includes the warmup
+  if cycle >= 1:                     # past the one cycle: lr_min
+    return min_lr
+  return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t_curr / total))
+
+
+@pytest.mark.parametrize("phase", ["meta", "incubate", "assemble", "e2e"])
+def test_schedule_is_the_official_schedulers_formula(phase):
+  """Each phase's warmup and cosine, on the official scheduler's clock counted in steps (10 per epoch)."""
+  c = config_lib.load(f"{REPO}/configs/vit_b.py:{phase}")
+  total, warmup = int(c.epochs * 10), int(c.warmup_epochs * 10)
+  sched = optim.lr_schedule(c, total_steps=total, warmup_steps=warmup)
+  want = [official_lr(t, base=2e-3, warmup_lr=1e-6, min_lr=1e-5, warmup=warmup, total=total) for t in range(total + 5)]
+  got = np.asarray(jax.vmap(sched)(jnp.arange(total + 5)))
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-9)
+  # The cosine runs over the whole run: after incubation's warmup (20 of 100 epochs) the rate is 0.9 of the peak.
+  if phase == "incubate":
+    assert float(sched(warmup)) == pytest.approx(1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + math.cos(math.pi * 0.2)))
 
 
 def test_weight_decay_skips_biases_norms_and_tokens():
