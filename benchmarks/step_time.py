@@ -9,9 +9,9 @@ on random parameters and random images, then reports:
 
   step_s     median wall time of one step after compilation (--repeats timed steps)
   img_s      images per second at that median
-  flops      FLOPs of one step from XLA's cost analysis, summed over devices (with
-             --scan, of the same step with its blocks written out: XLA counts
-             a loop body once)
+  flops      FLOPs of one step from XLA's cost analysis of the lowered (global)
+             step, as the trainer counts them (with --scan, of the same step
+             with its blocks written out: XLA counts a loop body once)
   vs_e2e     flops / the e2e step's flops
   mfu        flops / step_s / the devices' peak (None where the peak is unknown, e.g. CPU)
   memory_gb  arguments + outputs + temporaries of the compiled step (XLA's memory analysis)
@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from modassem import config as config_lib, phases, sharding, train  # noqa: E402
+from modassem import config as config_lib, cost, phases, prepare, sharding  # noqa: E402
 
 # Dense peak FLOP/s per device, by compute dtype. Sources: vendor datasheets
 # (H100/H200 SXM, A100 SXM: tensor-core dense figures; fp32 entries are TF32,
@@ -70,7 +70,7 @@ def _random_modules(model, key, mesh, mode):
 
 
 def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mode: str,
-                remat: str = "none", scan: bool = False) -> train.Setup:
+                remat: str = "none", scan: bool = False) -> prepare.Setup:
   overrides = {"batch_size": batch, "model.dtype": dtype, "sharding": mode, "total_steps": 1000, "warmup_steps": 10,
                "model.remat": remat, "model.scan": scan}
   if phase == "incubate":
@@ -85,15 +85,16 @@ def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mo
     frozen = {phases.module_name(k): meta[phases.module_name(k)] for k in phases.frozen_slots(plan)}
   if phase == "assemble":
     sources = _random_modules(model_of(plan.depths), jax.random.key(2), mesh, mode)
-  return train.Setup(config, plan, None, mesh, model_of, {}, 1000, 10, frozen, sources)
+  return prepare.Setup(config, plan, None, mesh, model_of, {}, 1000, 10, frozen, sources)
 
 
-def measure(s: train.Setup, repeats: int) -> dict:
+def measure(s: prepare.Setup, repeats: int) -> dict:
   """Compiles the step; with repeats > 0 also times it (repeats = 0: FLOPs and memory only)."""
   t0 = time.perf_counter()
-  compiled, init_fn, _, key = train.compile_train_step(s)
+  lowered, init_fn, _, key = prepare.lower_train_step(s)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  flops = train.train_step_flops(s, compiled)
+  flops = cost.train_step_flops(s, lowered)
   mem = compiled.memory_analysis()
   memory = None
   if mem is not None:

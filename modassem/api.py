@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from modassem import convert
+from modassem.errors import ModassemError
 from modassem.models.vit import ViT
 
 
@@ -27,7 +28,7 @@ def load(path: str, *, preset: str | None = None, image_size: int | None = None)
   """
   if os.path.isdir(path):
     if preset is not None:
-      raise convert.ModassemError("preset applies to .pth files; a run directory has its own architecture")
+      raise ModassemError("preset applies to .pth files; a run directory has its own architecture")
     m = convert.model_from_run(path)
   else:
     m = convert.model_from_pth(path, preset)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from modassem import checkpoints, config as config_lib, train
+from modassem import checkpoints, config as config_lib, cost, train
 from modassem.distributed import is_main, say
 from modassem.metrics import METRICS_FILE
 
@@ -43,7 +43,7 @@ def run(spec: str, overrides: dict, workdir: str) -> dict:
 
   budget = sum(results[p]["train_flops"] for p in METHOD)
   e2e = configs["e2e"]
-  per_step = train.step_flops(e2e)
+  per_step = cost.step_flops(e2e)
   e2e.total_steps = max(int(round(budget / per_step)), 1)
   say(f"== e2e -> {dirs['e2e']}: {e2e.total_steps} steps = {budget:.3g} FLOPs, the method's budget")
   results["e2e"] = train.train(e2e, dirs["e2e"])

@@ -19,8 +19,9 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from conftest import REPO, tiny  # noqa: E402
-from modassem import checkpoints, cli, convert, train  # noqa: E402
+from modassem import checkpoints, cli, convert, prepare, train  # noqa: E402
 from modassem.errors import ModassemError  # noqa: E402
+from modassem.models.presets import PRESETS  # noqa: E402
 import modassem  # noqa: E402
 
 PATCH, WIDTH, HEADS, IMAGE, CLASSES = 4, 16, 2, 8, 10   # the tiny preset
@@ -101,12 +102,12 @@ def stages_of(model, depths):
   for k, d in enumerate(depths):
     stage = {}
     if k == 0:
-      stage.update({n: sd[n] for n in convert._STEM})
+      stage.update({n: sd[n] for n in convert.STEM})
     for j in range(d):
       prefix = f"blocks.{offset + j}."
       stage.update({f"blocks.{j}.{n[len(prefix):]}": v for n, v in sd.items() if n.startswith(prefix)})
     if k == len(depths) - 1:
-      stage.update({n: sd[n] for n in convert._TOP})
+      stage.update({n: sd[n] for n in convert.TOP})
     out.append(stage)
     offset += d
   return out
@@ -221,7 +222,7 @@ def test_pos_embed_resize_matches_torch_bicubic(grid_in, grid_out):
 
 def test_higher_resolution_through_the_preset_and_load(official, tmp_path, monkeypatch):
   # A preset of another resolution resizes the position embedding (here 8 -> 16 px, grid 2 -> 4).
-  monkeypatch.setitem(convert.PRESETS, "tiny_16", {**convert.PRESETS["tiny"], "image_size": 16})
+  monkeypatch.setitem(PRESETS, "tiny_16", {**PRESETS["tiny"], "image_size": 16})
   run = str(tmp_path / "hi")
   convert.convert(official["files"]["final"], run, preset="tiny_16")
   model, params = modassem.load(run)
@@ -285,13 +286,13 @@ def test_converted_runs_plug_into_the_phases(official, tmp_path, capsys):
   assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] <= 100.0
   assert not os.path.exists(checkpoints.state_dir(runs["final"]))   # evaluating adds no empty checkpoint folder
   # The converted incubated module and final model are assembly sources ...
-  s = train.setup(tiny("assemble", modules=",".join([runs["final"], runs["inc1"], runs["final"], runs["final"]])), None)
+  s = prepare.setup(tiny("assemble", modules=",".join([runs["final"], runs["inc1"], runs["final"], runs["final"]])), None)
   got = _leaves(s.sources["module_1"])
   want = _leaves(modassem.load(official["files"]["inc1"])[1]["module_1"])
   assert all(np.array_equal(got[k], want[k]) for k in want)
   # ... and the converted meta model is the frozen meta model of a short incubation.
   inc2 = str(tmp_path / "inc2")
-  result = train.train(tiny("incubate", meta=runs["meta"], module="2", total_steps=2), inc2)
+  result = train.train(tiny("incubate", meta=runs["meta"], module="2"), inc2)
   assert np.isfinite(result["loss"])
   # Exported, that incubation run is its hybrid: module 2 from the run, the others from the converted meta model.
   out = str(tmp_path / "inc2.pth")

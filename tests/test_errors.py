@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, run_cli, tiny
-from modassem import checkpoints, cli, train
+from modassem import checkpoints, cli, prepare, train
 from modassem.errors import ModassemError
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -282,10 +282,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
 
   # The kept checkpoint is good: finite parameters with a finite loss, so a rerun resumes from it.
   config = tiny("meta", **NAN)
-  s = train.setup(config, workdir)
+  s = prepare.setup(config, workdir)
   mngr = checkpoints.manager(workdir, config)
   assert mngr.latest_step() == good
-  state = checkpoints.restore_state(mngr, good, train.state_spec(s)[3])
+  state = checkpoints.restore_state(mngr, good, prepare.state_spec(s)[3])
   mngr.close()
   assert int(state.step) == good
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny
-from modassem import checkpoints, phases, train
+from modassem import checkpoints, cost, phases, prepare, train
 from modassem.errors import ModassemError
 
 
@@ -22,14 +22,14 @@ def _saved_module(run_dir, k):
 
 def _steps(config, n):
   """Sets up `config`, runs n train steps; returns (setup, state before, state after)."""
-  s = train.setup(config, None)
-  compiled, init_fn, _, key = train.compile_train_step(s)
+  s = prepare.setup(config, None)
+  compiled, init_fn, _, key = prepare.compile_train_step(s)
   state = init_fn(key)
   before = jax.device_get(state)
-  shard = train.sharding.batch_sharding(s.mesh)
+  shard = prepare.sharding.batch_sharding(s.mesh)
   it = s.dataset.train_batches(config.batch_size, seed=config.seed)
   for _ in range(n):
-    state, metrics = compiled(state, s.frozen, train._place_batch(next(it), shard), key)
+    state, metrics = compiled(state, s.frozen, prepare.place_batch(next(it), shard), key)
   return s, before, jax.device_get(state)
 
 
@@ -93,8 +93,8 @@ def test_incubated_module_has_the_target_depth(runs):
 def test_assembly_places_module_i_of_run_i_in_slot_i(runs):
   sources = [runs["inc_all"], runs["inc_1"], runs["inc_all"], runs["inc_all"]]
   config = tiny("assemble", modules=",".join(sources))
-  s = train.setup(config, None)
-  _, init_fn, _, key = train.compile_train_step(s)
+  s = prepare.setup(config, None)
+  _, init_fn, _, key = prepare.compile_train_step(s)
   params = _leaves(jax.device_get(init_fn(key).params))
   for k, run_dir in enumerate(sources):
     for name, x in _saved_module(run_dir, k).items():
@@ -103,7 +103,7 @@ def test_assembly_places_module_i_of_run_i_in_slot_i(runs):
 
 def test_assembled_model_runs_as_one_vit(runs):
   config = tiny("assemble", modules=",".join([runs["inc_all"]] * 4))
-  s = train.setup(config, None)
+  s = prepare.setup(config, None)
   model = phases.model_for(config, s.plan.depths)
   images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
   whole = model.apply({"params": s.sources}, images)
@@ -131,21 +131,21 @@ def test_plans(module, trained):
 
 def test_incubation_step_costs_fall_with_the_slot_and_all_shares_the_prefix(runs):
   """XLA's own count: no backward pass before slot i, and `all` runs the shared meta prefix once."""
-  flops = {m: train.step_flops(tiny("incubate", meta=runs["meta"], module=m)) for m in ("0", "1", "2", "3", "all")}
+  flops = {m: cost.step_flops(tiny("incubate", meta=runs["meta"], module=m)) for m in ("0", "1", "2", "3", "all")}
   singles = [flops[str(i)] for i in range(4)]
   # Every hybrid has the same blocks; what differs is how many of them sit
   # before the trained slot, where only a forward pass runs.
   assert singles[0] > singles[1] > singles[2] > singles[3]
   assert flops["all"] < sum(singles)
-  e2e = train.step_flops(tiny("e2e"))
+  e2e = cost.step_flops(tiny("e2e"))
   assert singles[0] < e2e
 
 
 def test_step_flops_count_every_iteration_of_a_loop():
   """XLA's cost analysis counts a loop body once; the trainer's count covers every block and micro-batch."""
-  base = train.step_flops(tiny("e2e"))
+  base = cost.step_flops(tiny("e2e"))
   # Counting each body once would give about a quarter: 1 of 2 micro-batches, 1 of 2 blocks per module.
-  assert train.step_flops(tiny("e2e", accum_steps=2, **{"model.scan": True})) == pytest.approx(base, rel=0.05)
+  assert cost.step_flops(tiny("e2e", accum_steps=2, **{"model.scan": True})) == pytest.approx(base, rel=0.05)
 
 
 def test_scanned_runs_exchange_modules_with_per_block_runs(runs, tmp_path):
@@ -162,9 +162,9 @@ def test_scanned_runs_exchange_modules_with_per_block_runs(runs, tmp_path):
 
   sources = [runs["inc_all"], scanned, runs["inc_all"], runs["inc_all"]]
   config = tiny("assemble", modules=",".join(sources), **{"model.scan": True})
-  s = train.setup(config, None)
-  _, init_fn, _, key = train.compile_train_step(s)
-  params = _leaves(jax.device_get(train.saved_layout(config, init_fn(key).params)))
+  s = prepare.setup(config, None)
+  _, init_fn, _, key = prepare.compile_train_step(s)
+  params = _leaves(jax.device_get(prepare.saved_layout(config, init_fn(key).params)))
   assert "['module_1']['blocks']" not in "".join(params)
   for k, run_dir in enumerate(sources):
     for name, x in _saved_module(run_dir, k).items():

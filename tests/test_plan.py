@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import TINY
-from modassem import cli, plan
+from modassem import cli, cost as plan
 
 PHASES = ["meta", "incubate0", "incubate1", "incubate2", "incubate3", "assemble", "e2e"]
 

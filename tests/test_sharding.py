@@ -17,18 +17,18 @@ from conftest import REPO, TINY
 SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from modassem import config as config_lib, train
+from modassem import config as config_lib, prepare
 out = {}
 for name, (phase, overrides) in json.loads(sys.argv[1]).items():
   config = config_lib.load(f"%s:{phase}", overrides)
-  s = train.setup(config, None)
-  compiled, init_fn, _, key = train.compile_train_step(s)
+  s = prepare.setup(config, None)
+  compiled, init_fn, _, key = prepare.compile_train_step(s)
   state = init_fn(key)
   it = s.dataset.train_batches(config.batch_size, seed=0)
-  shard = train.sharding.batch_sharding(s.mesh)
+  shard = prepare.sharding.batch_sharding(s.mesh)
   losses = []
   for _ in range(3):
-    state, metrics = compiled(state, s.frozen, train._place_batch(next(it), shard), key)
+    state, metrics = compiled(state, s.frozen, prepare.place_batch(next(it), shard), key)
     losses.append(float(metrics["loss"]))
   specs = sorted({str(x.sharding.spec) for x in jax.tree_util.tree_leaves(state.params)})
   stacked = [x.sharding.spec for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]

@@ -309,3 +309,9 @@ class ViT(nn.Module):
     for k in range(self.num_modules):
       x = self.module(k, name=f"module_{k}")(x, train)
     return x
+
+
+def abstract_params(model: ViT) -> dict:
+  """`model`'s parameters as ShapeDtypeStructs: their shapes, with nothing allocated."""
+  image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), image))["params"]

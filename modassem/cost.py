@@ -1,25 +1,90 @@
-"""`modassem plan`: the training cost of every phase of a preset, before any run.
+"""Training cost: FLOPs of a train step from XLA's cost analysis, and `modassem plan`, the cost of every
+phase of a preset before any run.
 
     modassem plan --config=configs/vit_h.py [--config.FIELD=VALUE ...] [--num_train=N] [--out=FILE.json]
 
+A step is counted on its lowered program: the global computation of one
+step on the whole batch, as JAX hands it to XLA, before XLA's
+backend-specific rewriting. That count needs no compilation (ViT-H plans on
+a laptop in seconds), is the same whatever the number of devices, and is
+what the trainer records in `results.json`, so a plan, a run and the
+equal-FLOPs baseline of the pipeline all use one measure.
+
 For each phase (meta, incubation of each module, assembly, and the e2e
-baseline) it compiles the trainer's real train step against abstract values
-(no data is read and no parameter is allocated, so ViT-H plans on a laptop),
-takes the FLOPs of one step from XLA's cost analysis, and multiplies by the
-phase's step count from its epochs. The result is the method's cost against
-end-to-end training, next to the ratio the paper measured in A100 GPU-hours.
+baseline) the report lowers the trainer's real train step against abstract
+values (no data is read and no parameter is allocated), and multiplies its
+FLOPs by the phase's step count from its epochs. The result is the method's
+cost against end-to-end training, next to the ratio the paper measured in
+A100 GPU-hours.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import json
 import os
 import sys
 import time
 
-from modassem import config as config_lib, phases, sharding, train
+import jax
+
+from modassem import config as config_lib, flags, phases, prepare, sharding
 from modassem.errors import ModassemError
+from modassem.models.vit import abstract_params, unstack_blocks
+
+
+# --- FLOPs of a step ----------------------------------------------------------
+
+def lowered_flops(lowered) -> float:
+  """FLOPs of a lowered program from XLA's cost analysis (the global program: all devices' work together)."""
+  cost = lowered.cost_analysis()
+  # Older JAX versions return one dict per program, newer ones the dict.
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def unrolled(s: prepare.Setup) -> prepare.Setup | None:
+  """`s` with its step's loops written out (no scan over blocks, no accumulation scan), or None if it has none.
+
+  XLA's cost analysis counts a loop's body once whatever its trip count, so a
+  step with loops is counted on this equivalent loop-free step: the same
+  work, since accumulation only splits the batch. Sources are left out (a
+  fresh init lowers to the same step) and frozen modules become shapes.
+  """
+  c = s.config
+  if not phases.scans(c) and c.accum_steps == 1:
+    return None
+  c = copy.deepcopy(c)
+  with c.unlocked():
+    c.model.scan = False
+    c.accum_steps = 1
+  frozen = {name: prepare.placed(tree, s.mesh, c) for name, tree in jax.eval_shape(unstack_blocks, s.frozen).items()}
+  return dataclasses.replace(s, config=c, model_of=functools.partial(phases.model_for, c), frozen=frozen,
+                             sources=None)
+
+
+def train_step_flops(s: prepare.Setup, lowered=None) -> float:
+  """FLOPs of one train step of `s` from XLA's cost analysis of its lowered program.
+
+  `lowered` is the step as the trainer lowers it (lowered here when not
+  given). A step with loops is counted on its `unrolled` twin, also lowered
+  only: compiling it would cost the time the scan saves.
+  """
+  twin = unrolled(s)
+  if twin is not None:
+    return lowered_flops(prepare.lower_train_step(twin)[0])
+  return lowered_flops(lowered if lowered is not None else prepare.lower_train_step(s)[0])
+
+
+def step_flops(config) -> float:
+  """FLOPs of one train step of `config`; lowers the step, compiles nothing and writes nothing."""
+  return train_step_flops(prepare.setup(config, None))
+
+
+# --- the cost report ----------------------------------------------------------
 
 # Train-split sizes of the datasets the presets use, so a plan needs no data on
 # disk. ImageNet-1K's is its official count; digits is the 80 % train part of
@@ -65,7 +130,7 @@ def phase_steps(config, num_train: int) -> tuple[int, int]:
   if steps_per_epoch == 0:
     raise ModassemError(f"batch size {config.batch_size} does not fit the {num_train} train examples: "
                         f"lower --config.batch_size")
-  return train.schedule_lengths(config, steps_per_epoch)
+  return prepare.schedule_lengths(config, steps_per_epoch)
 
 
 def phase_names(num_modules: int) -> list[str]:
@@ -84,29 +149,25 @@ def phase_config(path: str, name: str, overrides: dict):
 
 
 def frozen_abstract(config, plan, mesh, model_of) -> dict:
-  """The frozen meta modules as shapes with shardings: the compiled step is the same as with real ones."""
+  """The frozen meta modules as shapes with shardings: the lowered step is the same as with real ones."""
   slots = phases.frozen_slots(plan)
   if not slots:
     return {}
-  abstract = train.abstract_modules(model_of(plan.meta_depths))
-  out = {}
-  for k in slots:
-    tree = abstract[phases.module_name(k)]
-    out[phases.module_name(k)] = train.placed(tree, mesh, config)
-  return out
+  abstract = abstract_params(model_of(plan.meta_depths))
+  return {phases.module_name(k): prepare.placed(abstract[phases.module_name(k)], mesh, config) for k in slots}
 
 
 def phase_step_flops(config, total_steps: int, warmup_steps: int) -> float:
-  """FLOPs of one train step of `config`, from XLA's cost analysis of its step; allocates no parameters."""
+  """FLOPs of one train step of `config`, from its lowered step; reads no data, allocates no parameters."""
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
-  train.check_config(config, plan, mesh.size, load_sources=False)
+  prepare.check_config(config, plan, mesh.size, load_sources=False)
   sharding.check_mode(config.sharding)
   model_of = functools.partial(phases.model_for, config)
   frozen = frozen_abstract(config, plan, mesh, model_of)
   # sources=None: assembly from a fresh init compiles to the same step as from incubated modules.
-  s = train.Setup(config, plan, None, mesh, model_of, {}, total_steps, warmup_steps, frozen, None)
-  return train.train_step_flops(s)
+  s = prepare.Setup(config, plan, None, mesh, model_of, {}, total_steps, warmup_steps, frozen, None)
+  return train_step_flops(s)
 
 
 def summarize(preset: str, num_modules: int, flops: dict, steps: dict) -> dict:
@@ -165,23 +226,19 @@ def cost_report(spec: str, overrides: dict | None = None, num_train: int | None 
     flops[name] = phase_step_flops(config, total, warmup)
     steps[name] = total
     if log:
-      log(f"{name}: {flops[name]:.3e} FLOPs/step x {total} steps (compiled in {time.perf_counter() - t0:.1f} s)")
+      log(f"{name}: {flops[name]:.3e} FLOPs/step x {total} steps (lowered in {time.perf_counter() - t0:.1f} s)")
   report = summarize(str(first.preset), int(first.model.num_modules), flops, steps)
   report.update(num_train=n, batch_size=int(first.batch_size), dataset=dataset_key(first.data))
   return report
 
 
-def _parse(argv: list[str], parse: bool = True):
-  """absl + ml_collections flags: `--config` with typed overrides, `--num_train` and `--out`.
-
-  `parse=False` only defines them (for `--help`)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from modassem.cli import config_flag_values  # pylint: disable=g-import-not-at-top
-  fv = config_flag_values(argv, "configs/vit_h.py")
-  flags.DEFINE_integer("num_train", None, "train examples per epoch (default: the dataset's known size)",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_string("out", None, "also write the numbers to this JSON file", flag_values=fv)
+def _flags(argv: list[str], parse: bool = True):
+  """`--config` with typed overrides, `--num_train` and `--out` (`parse=False`: defined only, for `--help`)."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  fv = flags.config_flag_values(argv, "configs/vit_h.py")
+  absl_flags.DEFINE_integer("num_train", None, "train examples per epoch (default: the dataset's known size)",
+                            lower_bound=1, flag_values=fv)
+  absl_flags.DEFINE_string("out", None, "also write the numbers to this JSON file", flag_values=fv)
   if not parse:
     return fv
   fv(["modassem"] + argv)
@@ -192,24 +249,15 @@ def _parse(argv: list[str], parse: bool = True):
 
 def main(argv: list[str]) -> int:
   """`modassem plan ...`: prints the Markdown report; returns the exit status."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from modassem.cli import _fail, _unknown_field  # pylint: disable=g-import-not-at-top
   try:
-    fv = _parse(argv)
-  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, ModassemError) as e:
-    text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
-    field = _unknown_field(argv, text)
-    if field is not None:
-      text = f"unknown config field {field!r}: see the preset file and configs/common.py for the fields"
-    return _fail("plan", text)
+    fv = _flags(argv)
+  except flags.parse_errors() as e:
+    return flags.fail("plan", flags.parse_error_message(argv, e))
+  spec, overrides = flags.config_spec(fv)
   try:
-    report = cost_report(config_flags.get_config_filename(fv["config"]),
-                         config_flags.get_override_values(fv["config"]), fv.num_train,
-                         log=lambda line: print(line, file=sys.stderr, flush=True))
+    report = cost_report(spec, overrides, fv.num_train, log=lambda line: print(line, file=sys.stderr, flush=True))
   except ModassemError as e:
-    return _fail("plan", str(e))
+    return flags.fail("plan", str(e))
   print(markdown(report), end="", flush=True)
   if fv.out:
     os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)

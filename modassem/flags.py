@@ -1,0 +1,112 @@
+"""Command-line flags shared by every verb: `--config=FILE[:PHASE]` with its typed `--config.FIELD=VALUE`
+overrides (absl + ml_collections), and how a parse error becomes the one-line `modassem VERB: error: ...`.
+
+Both the CLI and the cost report parse through here, so a flag means the same
+thing, and fails the same way, whichever verb reads it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from modassem.errors import ModassemError
+
+
+def fail(verb: str, message: str) -> int:
+  """Prints `modassem VERB: error: MESSAGE` on one line; returns the exit status, 2."""
+  print(f"modassem {verb}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  return 2
+
+
+def config_flag_values(argv: list[str], example: str):
+  """Flags with `--config=FILE[:ARG]` and its typed `--config.x.y=v` overrides.
+
+  The caller defines its own flags on the result, then parses `["modassem"] + argv`.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from modassem import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  for arg in argv:
+    if arg.startswith("--config="):
+      config_lib.add_config_dir(config_lib.split_spec(arg.split("=", 1)[1])[0])
+  fv = flags.FlagValues()
+  # sys_argv: the overrides are found in `argv`, not in sys.argv, so `main(argv)` works in-process.
+  config_flags.DEFINE_config_file("config", None, f"config file, e.g. {example}", flag_values=fv,
+                                  lock_config=True, sys_argv=["modassem"] + argv)
+  return fv
+
+
+def config_spec(fv) -> tuple[str, dict]:
+  """(`FILE[:PHASE]`, {field: value}) of a parsed `--config` and its overrides."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  return config_flags.get_config_filename(fv["config"]), config_flags.get_override_values(fv["config"])
+
+
+def run_flags(argv: list[str], parse: bool = True):
+  """`train`, `eval` and `pipeline`: `--config` with its overrides, `--workdir`, and the multi-process flags.
+
+  `parse=False` only defines them (for `--help`).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  fv = config_flag_values(argv, "configs/vit_b.py:meta")
+  flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a multi-process run", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "processes in a multi-process run", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "multi-process run on a TPU pod or SLURM cluster: JAX finds the "
+                    "coordinator itself", flag_values=fv)
+  if not parse:
+    return fv
+  fv(["modassem"] + argv)
+  if not fv["config"].present:
+    raise ValueError("--config is required, e.g. --config=configs/demo.py:meta")
+  if not fv.workdir:
+    raise ValueError("--workdir is required: the run directory to write (or resume, or read)")
+  return fv
+
+
+def convert_flags():
+  """`convert` takes no config: `--from`, `--to` and `--preset`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  flags.DEFINE_string("from", None, "official .pth checkpoint, or run directory to export", flag_values=fv)
+  flags.DEFINE_string("to", None, "run directory to write, or .pth file to export to", flag_values=fv)
+  flags.DEFINE_string("preset", None, "preset giving heads and LayerNorm eps (found from the shapes if not given)",
+                      flag_values=fv)
+  return fv
+
+
+def parse_errors() -> tuple:
+  """The exceptions a bad command line raises (`except flags.parse_errors() as e:`)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  # absl's own errors; ml_collections raises KeyError/AttributeError for an unknown field, TypeError and
+  # ValueError for a value of the wrong type; loading the config file may raise ModassemError.
+  return (flags.Error, ValueError, KeyError, AttributeError, TypeError, ModassemError)
+
+
+def unknown_field(argv: list[str], text: str) -> str | None:
+  """The `--config.FIELD=...` override that a parse error naming one key (`'no_such'`) is about."""
+  name = text.strip("'\" ").split("'")[0]
+  for arg in argv:
+    if arg.startswith("--config."):
+      field = arg[len("--config."):].split("=", 1)[0]
+      if name in field.split("."):
+        return field
+  return None
+
+
+def parse_error_message(argv: list[str], e: Exception) -> str:
+  """What to tell the user about an exception raised while parsing `argv`."""
+  text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
+  field = unknown_field(argv, text)
+  if field is not None:
+    hint = f" ({text[text.find('Did you mean'):].rstrip('?')})" if "Did you mean" in text else ""
+    return f"unknown config field {field!r}{hint}: see the preset file and configs/common.py for the fields"
+  lowered = text.lower()
+  if "config" in text and ("not found" in lowered or "could not override" in lowered or "unknown" in lowered
+                           or "doesn't exist" in lowered):
+    return f"unknown config field: {text}; see the preset file and configs/common.py for the fields"
+  return text

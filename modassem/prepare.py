@@ -1,0 +1,204 @@
+"""A run before its first step: the config checked, the runs it builds on read and placed on the mesh, the
+sharded state's init, and the train step lowered against abstract values.
+
+Set-up reads and checks everything (config, data, the runs this one builds
+on) before anything is written, so bad input leaves no trace in a run
+directory. Shardings come from `jax.eval_shape`; the state is initialised (or
+restored) straight into them; the step is jitted with its state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from modassem import checkpoints, data as data_lib, phases, sharding, steps
+from modassem.errors import ModassemError
+from modassem.models.vit import REMAT_POLICIES, abstract_params, stack_blocks, unstack_blocks
+from modassem.optim import lr_schedule, make_optimizer
+from modassem.phases import Plan, module_name
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, built and checked before anything is written."""
+  config: Any
+  plan: Plan
+  dataset: Any
+  mesh: Any
+  model_of: Any
+  run: dict
+  total_steps: int
+  warmup_steps: int
+  frozen: dict            # frozen meta modules (incubation), placed on the mesh
+  sources: dict | None    # assembled modules (assembly), placed on the mesh
+
+  @functools.cached_property
+  def eval_fn(self):
+    # Built once per run: a fresh jit per evaluation would retrace every time.
+    return jax.jit(functools.partial(steps.eval_step, plan=self.plan, model_of=self.model_of))
+
+
+def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = True) -> None:
+  m = config.model
+  if m.image_size % m.patch:
+    raise ModassemError(f"model.image_size={m.image_size} is not divisible by model.patch={m.patch}: "
+                        f"use an image size that is a multiple of {m.patch}")
+  if m.width % m.heads:
+    raise ModassemError(f"model.width={m.width} is not divisible by model.heads={m.heads}")
+  if m.get("attention", "auto") not in ("auto", "xla", "cudnn"):
+    raise ModassemError(f"model.attention={m.attention!r} is unknown: use auto, xla or cudnn")
+  if not isinstance(m.get("scan", False), bool):
+    raise ModassemError(f"model.scan={m.scan!r} is not a boolean: use True or False")
+  if m.get("remat", "none") not in REMAT_POLICIES:
+    raise ModassemError(f"model.remat={m.remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
+  if str(m.dtype) not in _DTYPES:
+    raise ModassemError(f"model.dtype={m.dtype!r} is unknown: use one of {', '.join(_DTYPES)}")
+  per = num_devices * config.accum_steps
+  if config.batch_size % per:
+    raise ModassemError(f"batch_size={config.batch_size} is not divisible by devices x accum_steps = "
+                        f"{num_devices} x {config.accum_steps}: use a multiple of {per}")
+  if config.eval_batch_size % num_devices:
+    raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
+  if plan.phase == "incubate" and not config.meta:
+    raise ModassemError("incubation needs the meta run: pass --config.meta=WORKDIR_OF_THE_META_RUN")
+  if plan.phase == "assemble" and load_sources:
+    listed = [s for s in str(config.modules).split(",") if s]
+    if len(listed) != plan.num_modules:
+      raise ModassemError(f"config.modules lists {len(listed)} run(s), the model has {plan.num_modules} modules: "
+                          f"pass one incubation run per module, comma-separated, in module order")
+
+
+def module_sources(config, plan: Plan) -> list[str]:
+  if plan.phase == "assemble":
+    return [s.strip() for s in str(config.modules).split(",")]
+  if plan.phase == "incubate":
+    return [str(config.meta)]
+  return []
+
+
+def run_info(config, plan: Plan, total_steps: int) -> dict:
+  return {"phase": plan.phase, "preset": config.preset, "arch": checkpoints.arch_of(config),
+          "depths": list(plan.depths), "trained": list(plan.trained), "total_steps": total_steps,
+          "sources": module_sources(config, plan), "scan": phases.scans(config)}
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def placed(tree, mesh, config):
+  """`tree`'s shapes with the shardings `config.sharding` gives them on `mesh`."""
+  return _with_shardings(tree, sharding.tree_shardings(tree, mesh, config.sharding))
+
+
+def load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, what) -> dict:
+  """Modules `slots` from `run_dirs` (one per slot), checked and placed on the mesh.
+
+  Saved modules are in the per-block layout; a scanned model gets them stacked.
+  """
+  abstract = abstract_params(model_of(depths, scan=False))
+  out = {}
+  for k, run_dir in zip(slots, run_dirs):
+    expect = {"arch": checkpoints.arch_of(config), "preset": config.preset, "num_modules": plan.num_modules,
+              "depth": depths[k]}
+    out[module_name(k)] = checkpoints.load_module(run_dir, k, expect=expect, what=what,
+                                                  abstract=placed(abstract[module_name(k)], mesh, config))
+  if phases.scans(config):
+    target = sharding.tree_shardings(jax.eval_shape(stack_blocks, out), mesh, config.sharding)
+    out = jax.jit(stack_blocks, out_shardings=target)(out)
+  return out
+
+
+def saved_layout(config, params) -> dict:
+  """`params` in the per-block layout that module checkpoints and conversion use."""
+  # Jitted, so that on several hosts every process slices its own shards of the global arrays.
+  return jax.jit(unstack_blocks)(params) if phases.scans(config) else params
+
+
+def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
+  """(total, warmup) steps: `total_steps`/`warmup_steps` where set, else the epochs times `steps_per_epoch`."""
+  total = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
+  warmup = config.warmup_steps if config.warmup_steps >= 0 else int(round(config.warmup_epochs * steps_per_epoch))
+  total = max(int(total), 1)
+  return total, min(int(warmup), total)
+
+
+def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
+  """Checks `config` and reads what the run builds on; `load_sources=False` skips assembly's module
+  sources (evaluating a run restores its own parameters)."""
+  plan = phases.make_plan(config)
+  mesh = sharding.make_mesh()
+  check_config(config, plan, mesh.size, load_sources=load_sources)
+  sharding.check_mode(config.sharding)
+  dataset = data_lib.build(config.data, config.model.image_size)
+  if dataset.num_classes != config.model.num_classes:
+    raise ModassemError(f"the dataset has {dataset.num_classes} classes, model.num_classes={config.model.num_classes}: "
+                        f"set --config.model.num_classes={dataset.num_classes}")
+  total, warmup = schedule_lengths(config, dataset.steps_per_epoch(config.batch_size))
+  model_of = functools.partial(phases.model_for, config)
+  run = run_info(config, plan, total)
+  if workdir is not None:
+    checkpoints.check_workdir(workdir, run)
+
+  frozen, sources = {}, None
+  if plan.phase == "incubate":
+    needed = phases.frozen_slots(plan)
+    frozen = load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
+                          "meta run")
+  elif plan.phase == "assemble" and load_sources:
+    dirs = module_sources(config, plan)
+    sources = load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths, dirs,
+                           "module source")
+  return Setup(config, plan, dataset, mesh, model_of, run, total, warmup, frozen, sources)
+
+
+def place_batch(batch: dict, shard) -> dict:
+  return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
+
+
+def state_spec(s: Setup):
+  """The optimizer, its schedule, the state's init and its abstract value carrying shardings."""
+  config, plan, mesh = s.config, s.plan, s.mesh
+  tx = make_optimizer(config, s.total_steps, s.warmup_steps)
+  schedule = lr_schedule(config, s.total_steps, s.warmup_steps)
+  if s.sources is not None:
+    init = lambda k: steps.init_state(plan, tx, s.sources)
+  else:
+    init = lambda k: steps.init_state(plan, tx, phases.init_trained(plan, s.model_of(plan.depths), k))
+  key = jax.random.key(config.seed)
+  abstract = jax.eval_shape(init, key)
+  state_sh = sharding.tree_shardings(abstract, mesh, config.sharding)
+  return tx, schedule, jax.jit(init, out_shardings=state_sh), _with_shardings(abstract, state_sh)
+
+
+def lower_train_step(s: Setup):
+  """The jitted, donated train step lowered for the mesh, with the state's init and abstract value."""
+  config, plan, mesh = s.config, s.plan, s.mesh
+  tx, schedule, init_fn, abstract = state_spec(s)
+  state_sh = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
+  frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, s.frozen)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  step_fn = functools.partial(steps.train_step, config=config, plan=plan, model_of=s.model_of, tx=tx,
+                              schedule=schedule)
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
+  size = config.model.image_size
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
+  key = jax.random.key(config.seed)
+  return jitted.lower(abstract, s.frozen, batch, key), init_fn, abstract, key
+
+
+def compile_train_step(s: Setup):
+  """The jitted, donated, AOT-compiled train step, with the state's init and abstract value."""
+  lowered, init_fn, abstract, key = lower_train_step(s)
+  return lowered.compile(), init_fn, abstract, key
+
+

@@ -1,0 +1,125 @@
+"""The package's seams: no import cycles, every module importable on its own, conversion free of the trainer,
+and modules of a readable length."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = os.path.join(REPO, "modassem")
+MAX_LINES = 400
+# The trainer and what only it needs: checkpoint conversion must work without any of it.
+TRAINER = {"modassem.train", "modassem.prepare", "modassem.steps", "modassem.cost", "modassem.pipeline"}
+
+
+def _modules() -> dict:
+  """{dotted name: path} of every module of the package."""
+  out = {}
+  for root, _, files in os.walk(PACKAGE):
+    for f in files:
+      if f.endswith(".py"):
+        rel = os.path.relpath(os.path.join(root, f), REPO)[:-3].split(os.sep)
+        name = ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+        out[name] = os.path.join(root, f)
+  return out
+
+
+MODULES = _modules()
+
+
+def _target(name: str) -> str | None:
+  """The package module `name` refers to: itself, or its longest prefix that is a module (an attribute import)."""
+  while name and name not in MODULES:
+    name = name.rpartition(".")[0]
+  return name or None
+
+
+def _imports(path: str, name: str) -> set:
+  """The package modules `name` imports anywhere in its file, function-level imports included."""
+  tree = ast.parse(open(path).read(), path)
+  package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out.update(_target(a.name) for a in node.names if a.name.startswith("modassem"))
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+      if not base.startswith("modassem"):
+        continue
+      for alias in node.names:
+        # `from modassem import train` imports the module modassem.train; `from modassem.x import f`, modassem.x.
+        out.add(_target(f"{base}.{alias.name}") if f"{base}.{alias.name}" in MODULES else _target(base))
+  out.discard(None)
+  out.discard(name)
+  return out
+
+
+GRAPH = {name: _imports(path, name) for name, path in MODULES.items()}
+
+
+def _closure(start: str) -> set:
+  seen, todo = set(), [start]
+  while todo:
+    for dep in GRAPH[todo.pop()]:
+      if dep not in seen:
+        seen.add(dep)
+        todo.append(dep)
+  return seen
+
+
+def test_the_import_scan_sees_the_imports():
+  assert "modassem.prepare" in GRAPH["modassem.train"] and "modassem.cost" in GRAPH["modassem.train"]
+  assert "modassem.train" in GRAPH["modassem.cli"]                # a function-level import
+  assert "modassem.convert.arch" in GRAPH["modassem.convert.runs"]
+  assert "modassem.data.augment" in GRAPH["modassem.data.dataset"] or "modassem.data.augment" in _closure(
+      "modassem.data")
+
+
+def test_no_import_cycles():
+  cycles = sorted(f"{name} -> ... -> {name}" for name in GRAPH if name in _closure(name))
+  assert not cycles, "\n".join(cycles)
+
+
+def test_conversion_needs_nothing_from_the_trainer():
+  for name in MODULES:
+    if name == "modassem.convert" or name.startswith("modassem.convert."):
+      assert not _closure(name) & TRAINER, (name, sorted(_closure(name) & TRAINER))
+  assert not _closure("modassem.api") & TRAINER
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_are_a_readable_length(name):
+  path = MODULES[name]
+  with open(path) as f:
+    lines = f.read().splitlines()
+  if len(lines) > MAX_LINES:
+    doc = ast.get_docstring(ast.parse("\n".join(lines))) or ""
+    assert "Long because" in doc, (f"{path} has {len(lines)} lines: split it along its concerns, or say in its "
+                                   f"docstring why it is one file ('Long because ...')")
+
+
+def test_each_module_imports_on_its_own():
+  """Every module imports in a fresh package (the libraries it uses stay loaded, for speed)."""
+  script = (
+      "import importlib, json, sys\n"
+      "failed = {}\n"
+      "for name in json.loads(sys.argv[1]):\n"
+      "  for m in [m for m in sys.modules if m == 'modassem' or m.startswith('modassem.')]:\n"
+      "    del sys.modules[m]\n"
+      "  try:\n"
+      "    importlib.import_module(name)\n"
+      "  except Exception as e:\n"
+      "    failed[name] = repr(e)\n"
+      "print(json.dumps(failed))\n")
+  names = sorted(n for n in MODULES if not n.endswith("__main__"))   # `python -m modassem`: importing it runs the CLI
+  proc = subprocess.run([sys.executable, "-c", script, json.dumps(names)], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
