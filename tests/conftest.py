@@ -1,15 +1,135 @@
-"""Shared fixtures: small real runs of every phase on the built-in data, made once per test session."""
+"""Shared fixtures: small real runs of every phase on the built-in data, made once per test session.
 
+Most of the suite's time is XLA compiling the tiny preset's programs on two
+cores, so the session is arranged to compile less and to keep both cores busy:
+- Every process of the session (this one and the subprocesses tests start,
+  which inherit the environment) shares one persistent compilation cache with
+  no threshold: a program compiled once (the tiny meta step, its evaluation, a
+  sharded init) is read back wherever it comes again. The cache lives in a
+  temporary folder and goes with the session.
+- XLA's CPU backend compiles without LLVM's optimisation passes
+  (`--xla_backend_optimization_level=0`): a quarter less compile time, for
+  programs that run a few steps on tiny shapes. Every process of the session
+  uses the same setting, so runs compared with each other compile alike.
+- The heavy subprocesses (`modassem pipeline` on the tiny preset, whose runs
+  many tests read, and the 8-device cases of the sharding tests) are `JOBS`:
+  they start one after another in the background as soon as the tests are
+  collected, and the tests that need none of them run first, here, on the
+  other core.
+"""
+
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_SCRATCH = tempfile.mkdtemp(prefix="modassem-tests-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SCRATCH, "jax-cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
+SCRATCH = _SCRATCH                               # a folder for the session, removed at its end
+PIPELINE = os.path.join(_SCRATCH, "pipeline")   # the session pipeline's workdir: PIPELINE/meta, .../incubate, ...
+_SESSION_RUNS = ("pipeline_dir", "runs")
+
+
+def devices_env(devices: int) -> dict:
+  """The environment of a subprocess that simulates `devices` CPU devices (XLA reads the count at start-up)."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
+@dataclasses.dataclass
+class _Job:
+  argv: list
+  env: dict
+  module: str          # the test file that needs it
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  returncode: int | None = None
+  stdout: str = ""
+  stderr: str = ""
+
+
+class Jobs:
+  """Subprocesses that tests will need, run one after another in a background thread from collection on.
+
+  A test module adds its job when it is imported (`JOBS.add(...)`, during
+  collection); `JOBS.result(name)` waits for it. Only the jobs of modules
+  with collected tests run, the pipeline first.
+  """
+
+  def __init__(self):
+    self._jobs: dict[str, _Job] = {}
+    self._procs: list = []
+    self._stopped = False
+
+  def add(self, name: str, argv: list, *, module: str, env: dict | None = None) -> None:
+    self._jobs[name] = _Job(list(argv), dict(env or os.environ), os.path.basename(module))
+
+  def start(self, modules: set, pipeline: bool) -> None:
+    order = [n for n in self._jobs if n == "pipeline" and pipeline]
+    order += [n for n, job in self._jobs.items() if n != "pipeline" and job.module in modules]
+    for name in set(self._jobs) - set(order):
+      del self._jobs[name]
+    threading.Thread(target=self._run, args=(order,), daemon=True).start()
+
+  def _run(self, order):
+    for name in order:
+      job = self._jobs[name]
+      if not self._stopped:
+        proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        self._procs.append(proc)
+        job.stdout, job.stderr = proc.communicate()
+        job.returncode = proc.returncode
+      job.done.set()
+
+  def modules(self) -> set:
+    """The test files whose jobs run."""
+    return {job.module for job in self._jobs.values()}
+
+  def result(self, name: str, timeout: float = 1200) -> str:
+    """The stdout of job `name` once it has finished; fails the test with its stderr if it failed."""
+    job = self._jobs[name]
+    assert job.done.wait(timeout), f"{name} did not finish in {timeout} s"
+    assert job.returncode == 0, f"{name} failed:\n{job.stdout[-2000:]}\n{job.stderr[-3000:]}"
+    return job.stdout
+
+  def stop(self):
+    self._stopped = True
+    for proc in self._procs:
+      if proc.poll() is None:
+        proc.kill()
+
+
+JOBS = Jobs()
+JOBS.add("pipeline", [sys.executable, "-m", "modassem", "pipeline", f"--config={TINY}", f"--workdir={PIPELINE}"],
+         module=__file__)
+
+
+def pytest_collection_modifyitems(session, config, items):
+  """Starts the jobs the collected tests need, and runs the tests that need no job first."""
+  modules = {os.path.basename(str(item.fspath)) for item in items}
+  pipeline = any(name in getattr(item, "fixturenames", ()) for item in items for name in _SESSION_RUNS)
+  JOBS.start(modules, pipeline)
+  waits = JOBS.modules()
+  needs = lambda item: (any(name in getattr(item, "fixturenames", ()) for name in _SESSION_RUNS)
+                        or os.path.basename(str(item.fspath)) in waits)
+  items.sort(key=needs)   # stable: file order otherwise
+
+
+def pytest_sessionfinish(session, exitstatus):
+  JOBS.stop()
+  shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
 def tiny(phase: str, **overrides):
@@ -18,13 +138,18 @@ def tiny(phase: str, **overrides):
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-  """A finished tiny meta run, an incubate-all run and an incubate-module-1 run on it."""
+def pipeline_dir():
+  """`modassem pipeline` on the tiny preset: meta, incubate (module=all), assemble and e2e run directories."""
+  JOBS.result("pipeline")
+  return PIPELINE
+
+
+@pytest.fixture(scope="session")
+def runs(pipeline_dir, tmp_path_factory):
+  """Finished tiny runs: the pipeline's meta and incubate-all runs, and an incubate-module-1 run on that meta."""
   from modassem import train
-  root = tmp_path_factory.mktemp("runs")
-  dirs = {name: str(root / name) for name in ("meta", "inc_all", "inc_1")}
-  train.train(tiny("meta"), dirs["meta"])
-  train.train(tiny("incubate", meta=dirs["meta"], module="all"), dirs["inc_all"])
+  dirs = {"meta": os.path.join(pipeline_dir, "meta"), "inc_all": os.path.join(pipeline_dir, "incubate"),
+          "inc_1": str(tmp_path_factory.mktemp("runs") / "inc_1")}
   train.train(tiny("incubate", meta=dirs["meta"], module="1"), dirs["inc_1"])
   return dirs
 

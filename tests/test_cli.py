@@ -1,19 +1,13 @@
-"""The CLI end to end on the tiny preset: pipeline outputs, result files, and eval of a finished run."""
+"""The CLI end to end on the tiny preset: pipeline outputs (the session's `pipeline_dir`), result files, and eval
+of a finished run."""
 
 import json
 import os
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, tiny
 from modassem import cli
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-  work = str(tmp_path_factory.mktemp("pipe") / "demo")
-  assert cli.main(["pipeline", f"--config={TINY}", f"--workdir={work}", "--config.total_steps=4"]) == 0
-  return work
 
 
 def test_pipeline_writes_every_run_and_the_report(pipeline_dir):
@@ -58,18 +52,18 @@ def test_eval_of_a_finished_run_reproduces_its_result(pipeline_dir, capsys):
   # An assembled run evaluates from its own checkpoint: the module sources are not needed.
   run = os.path.join(pipeline_dir, "assemble")
   capsys.readouterr()
-  assert cli.main(["eval", f"--config={TINY}:assemble", "--config.total_steps=4", f"--workdir={run}"]) == 0
+  assert cli.main(["eval", f"--config={TINY}:assemble", f"--workdir={run}"]) == 0
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   with open(os.path.join(run, "results.json")) as f:
     final = json.load(f)
-  assert printed["step"] == 4
+  assert printed["step"] == final["steps"] == tiny("assemble").total_steps
   assert printed["top1"] == pytest.approx(final["top1"])
   assert printed["loss"] == pytest.approx(final["loss"], rel=1e-5)
 
 
 def test_rerunning_the_pipeline_finds_every_run_finished(pipeline_dir, capsys):
   capsys.readouterr()
-  assert cli.main(["pipeline", f"--config={TINY}", f"--workdir={pipeline_dir}", "--config.total_steps=4"]) == 0
+  assert cli.main(["pipeline", f"--config={TINY}", f"--workdir={pipeline_dir}"]) == 0
   out = capsys.readouterr().out
   assert out.count("already finished") == 4
 

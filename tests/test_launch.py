@@ -2,6 +2,8 @@
 
 Every script runs with stub `gcloud`, `modassem`, `pip`, `python3`, ... first on PATH: a stub that is called
 records it, so "nothing was executed" is checked directly. No accelerator, cloud account or network is needed.
+Every `modassem` command a script emits is then parsed by the CLI's own parser (flags, config file, overrides),
+and the checks read what that parser makes of it: a flag the CLI renamed or a config field it lost fails here.
 """
 
 import json
@@ -11,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+from modassem import cli, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
@@ -57,40 +61,40 @@ def flag(argv, name):
   return values[0]
 
 
-def has_flag(argv, name):
-  return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
-
-
-def phase(argv):
-  """'meta' / 'incubate' / 'assemble' (train) or 'eval' for a modassem command."""
-  if argv[1] == "eval":
-    return "eval"
-  return flag(argv, "config").rsplit(":", 1)[1]
+def parse(argv):
+  """A `modassem` command as `modassem VERB ...` parses it, config file and overrides included."""
+  assert argv[0] == "modassem" and argv[1] in cli.VERBS, argv
+  cwd = os.getcwd()
+  os.chdir(REPO)   # config paths are the repository's: the scripts run modassem from a copy of it
+  try:
+    return flags.run_flags(argv[2:])
+  finally:
+    os.chdir(cwd)
 
 
 def check_phases(cmds, runs, mode, config="configs/vit_b.py"):
-  """meta, then the incubations, then assemble and eval; the sources each phase reads; returns the commands."""
-  assert all(c[0] == "modassem" for c in cmds), cmds
-  assert [c[1] for c in cmds] == ["train"] * (len(cmds) - 1) + ["eval"]
-  assert all(flag(c, "config").startswith(config + ":") for c in cmds)
-  phases = [phase(c) for c in cmds]
+  """meta, then the incubations, then assemble and eval; the sources each phase reads; returns the parsed flags."""
+  assert [c[1] for c in cmds] == ["train"] * (len(cmds) - 1) + ["eval"], cmds
+  parsed = [parse(c) for c in cmds]
+  assert all(flags.config_spec(fv)[0].startswith(config + ":") for fv in parsed)
+  phases = [fv.config.phase for fv in parsed]
   n_inc = K if mode == "each" else 1
-  assert phases == ["meta"] + ["incubate"] * n_inc + ["assemble", "eval"]
-  meta, incs, asm, ev = cmds[0], cmds[1:-2], cmds[-2], cmds[-1]
-  assert flag(meta, "workdir") == f"{runs}/meta"
+  assert phases == ["meta"] + ["incubate"] * n_inc + ["assemble", "assemble"]
+  meta, incs, asm, ev = parsed[0], parsed[1:-2], parsed[-2], parsed[-1]
+  assert meta.workdir == f"{runs}/meta"
   for inc in incs:
-    assert flag(inc, "config.meta") == flag(meta, "workdir")
+    assert inc.config.meta == meta.workdir
   if mode == "each":
-    assert [flag(c, "config.module") for c in incs] == [str(i) for i in range(K)]
-    inc_dirs = [flag(c, "workdir") for c in incs]
+    assert [fv.config.module for fv in incs] == [str(i) for i in range(K)]
+    inc_dirs = [fv.workdir for fv in incs]
     assert len(set(inc_dirs)) == K
   else:
-    assert flag(incs[0], "config.module") == "all"
-    inc_dirs = [flag(incs[0], "workdir")] * K
-  assert flag(asm, "config.modules").split(",") == inc_dirs
-  assert not {flag(meta, "workdir"), flag(asm, "workdir")} & set(inc_dirs)
-  assert flag(ev, "workdir") == flag(asm, "workdir")
-  return cmds
+    assert incs[0].config.module == "all"
+    inc_dirs = [incs[0].workdir] * K
+  assert asm.config.modules.split(",") == inc_dirs
+  assert not {meta.workdir, asm.workdir} & set(inc_dirs)
+  assert ev.workdir == asm.workdir
+  return parsed
 
 
 # -- local.sh -------------------------------------------------------------------------------------------------
@@ -98,8 +102,8 @@ def check_phases(cmds, runs, mode, config="configs/vit_b.py"):
 @pytest.mark.parametrize("mode", ["each", "all"])
 def test_local_phases_in_order(sandbox, mode):
   cmds = dry_run(sandbox, "local.sh", "configs/vit_b.py", "runs/b", "--config.batch_size=64", MODE=mode)
-  check_phases(cmds, "runs/b", mode)
-  assert all(c[-1] == "--config.batch_size=64" for c in cmds)   # extra flags reach every phase
+  parsed = check_phases(cmds, "runs/b", mode)
+  assert all(fv.config.batch_size == 64 for fv in parsed)   # extra flags reach every phase
 
 
 def test_local_default_is_one_run_per_module(sandbox):
@@ -119,20 +123,17 @@ def test_gpu_single_host(sandbox):
   cmds = dry_run(sandbox, "gpu.sh", "configs/vit_l.py", "runs/l")
   install, phases = cmds[0], cmds[1:]
   assert install[:5] == ["python3", "-m", "pip", "install", "-e"] and install[5].endswith("[gpu]")
-  check_phases(phases, "runs/l", "each", config="configs/vit_l.py")
-  for c in phases:     # one process for all local GPUs: no multi-process flags
-    assert not any(has_flag(c, f) for f in ("coordinator", "num_processes", "process_id", "distributed"))
+  parsed = check_phases(phases, "runs/l", "each", config="configs/vit_l.py")
+  for fv in parsed:     # one process for all local GPUs: no multi-process flags
+    assert (fv.coordinator, fv.num_processes, fv.process_id, fv.distributed) == (None, None, None, False)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_gpu_multi_node_flags_per_node(sandbox, rank):
   cmds = dry_run(sandbox, "gpu.sh", "configs/vit_b.py", "/shared/runs/b", MODE="all", NNODES="3",
                  NODE_RANK=str(rank), COORDINATOR="10.0.0.1:1234", INSTALL="0")
-  check_phases(cmds, "/shared/runs/b", "all")
-  for c in cmds:
-    assert flag(c, "coordinator") == "10.0.0.1:1234"
-    assert flag(c, "num_processes") == "3"
-    assert flag(c, "process_id") == str(rank)
+  for fv in check_phases(cmds, "/shared/runs/b", "all"):
+    assert (fv.coordinator, fv.num_processes, fv.process_id) == ("10.0.0.1:1234", 3, rank)
 
 
 def test_gpu_multi_node_needs_coordinator(sandbox):
@@ -186,9 +187,9 @@ def test_tpu_pod_mode_all(sandbox):
   assert "pip install -e '.[tpu]'" in remotes[0]                 # install before any run
   assert any("gcsfuse" in r and "my-bucket" in r for r in remotes[:2])
   assert {name for name, _ in runs} == {"pod"}
-  check_phases([argv for _, argv in runs], MOUNTED, "all")
-  for _, argv in runs:   # a v4-32 spans 4 hosts: jax.distributed in every process; extra flags everywhere
-    assert "--distributed" in argv and argv[-1] == "--config.batch_size=4096"
+  for fv in check_phases([argv for _, argv in runs], MOUNTED, "all"):
+    # A v4-32 spans 4 hosts: jax.distributed in every process; extra flags everywhere.
+    assert fv.distributed and fv.config.batch_size == 4096
   assert "delete" not in verbs
 
 
@@ -206,15 +207,15 @@ def test_tpu_pod_mode_slices(sandbox):
     assert any(s[0] == "scp" and s[1] == name for s in steps)
     assert any(s[0] == "ssh" and s[1] == name and "pip install -e '.[tpu]'" in flag(s[2], "command")
                for s in steps)
-  check_phases([argv for _, argv in runs], MOUNTED, "each")
+  parsed = check_phases([argv for _, argv in runs], MOUNTED, "each")
   names = [name for name, _ in runs]
   assert names == ["pod"] + slices + ["pod", "pod"]               # incubation i on slice i
-  for name, argv in runs:
+  for name, fv in zip(names, parsed):
     if name != "pod":
-      assert flag(argv, "config.module") == name[-1]
-      assert "--distributed" not in argv                         # a v4-8 is one host
+      assert fv.config.module == name[-1]
+      assert not fv.distributed                                   # a v4-8 is one host
     else:
-      assert "--distributed" in argv
+      assert fv.distributed
   # the slices run in parallel, are waited for, then deleted, all before the assembly
   order = [(s[0], s[1]) for s in steps]
   wait = order.index(("wait", None))

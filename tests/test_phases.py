@@ -1,58 +1,79 @@
 """The method's guarantees: what incubation freezes, trains and stores, and what assembly stacks."""
 
+import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import stepping
 from conftest import tiny
 from modassem import checkpoints, cost, phases, prepare, train
 from modassem.errors import ModassemError
 
 
-def _leaves(tree):
-  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+_leaves = stepping.leaves
+
+
+def _saved_tree(run_dir, k):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(checkpoints.module_dir(run_dir, k))
 
 
 def _saved_module(run_dir, k):
-  import orbax.checkpoint as ocp
-  return _leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(run_dir, k)))
+  return _leaves(_saved_tree(run_dir, k))
 
 
-def _steps(config, n):
-  """Sets up `config`, runs n train steps; returns (setup, state before, state after)."""
-  s = prepare.setup(config, None)
-  compiled, init_fn, _, key = prepare.compile_train_step(s)
-  state = init_fn(key)
-  before = jax.device_get(state)
-  shard = prepare.sharding.batch_sharding(s.mesh)
-  it = s.dataset.train_batches(config.batch_size, seed=config.seed)
-  for _ in range(n):
-    state, metrics = compiled(state, s.frozen, prepare.place_batch(next(it), shard), key)
-  return s, before, jax.device_get(state)
+def _hybrid_loss(config, params, batch) -> float:
+  """The train loss of one batch through a hybrid built by hand: a ViT of the hybrid's depths on `params`, and
+  label-smoothed cross-entropy in NumPy (float64). Only for configs with no mixing and no drop path."""
+  plan = phases.make_plan(config)
+  (i,) = plan.trained
+  model = phases.model_for(config, plan.hybrid_depths(i))
+  logits = np.asarray(model.apply({"params": params}, batch["image"]), np.float64)
+  n = config.model.num_classes
+  targets = np.eye(n)[batch["label"]] * (1 - config.label_smoothing) + config.label_smoothing / n
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  return float(-(targets * log_p).sum(-1).mean())
 
 
 def test_incubation_leaves_meta_bit_for_bit_and_trains_only_module_i(runs):
-  config = tiny("incubate", meta=runs["meta"], module="2")
-  s, before, after = _steps(config, 3)
-  # The frozen meta modules handed to the step are the meta run's, and stay so.
-  frozen_after = _leaves(jax.device_get(s.frozen))
+  plain = {"mixup": 0.0, "cutmix": 0.0, "model.drop_path": 0.0}   # a loss that a hand-built hybrid can recompute
+  config = tiny("incubate", meta=runs["meta"], module="2", **plain)
+  s = prepare.setup(config, None)
+  compiled, init_fn, _, key = prepare.compile_train_step(s)
+  state = fresh = init_fn(key)
+  fresh = _leaves(fresh.params)
+  batches = s.dataset.train_batches(config.batch_size, seed=config.seed)
+  shard = prepare.sharding.batch_sharding(s.mesh)
+  for _ in range(4):
+    batch, module_2 = next(batches), jax.device_get(state.params["module_2"])   # the state is donated
+    state, metrics = compiled(state, s.frozen, prepare.place_batch(batch, shard), key)
+  # The frozen meta modules survive the donated steps, and the last step computed its loss with exactly the
+  # meta run's modules: the same loss comes out of a hybrid built by hand from the modules on disk and the
+  # module 2 that step started from.
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(s.frozen))
+  hybrid = {f"module_{k}": _saved_tree(runs["meta"], k) for k in (0, 1, 3)}
+  hybrid["module_2"] = module_2
+  # (The two agree to about 1e-8; frozen modules off by 1e-4 anywhere would move the loss by 2e-6.)
+  assert float(metrics["loss"]) == pytest.approx(_hybrid_loss(config, hybrid, batch), rel=2e-7)
+  frozen_after = _leaves(s.frozen)
   for k in (0, 1, 3):
-    saved = _saved_module(runs["meta"], k)
-    for name, x in saved.items():
+    for name, x in _saved_module(runs["meta"], k).items():
       np.testing.assert_array_equal(frozen_after[f"['module_{k}']{name}"], x)
   assert "['module_2']" not in "".join(frozen_after)
   # Only module 2 has parameters and optimizer state in the train state ...
+  after = jax.device_get(state)
   assert set(after.params) == {"module_2"}
   assert set(after.opt_state) == {"module_2"}
   opt_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]}
   assert all("module_2" in p for p in opt_paths if "mu" in p or "nu" in p)
   assert not any(f"module_{k}" in p for p in opt_paths for k in (0, 1, 3))
   # ... and it did train.
-  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before.params),
-                                                     jax.tree_util.tree_leaves(after.params))]
-  assert any(moved)
+  assert any(not np.array_equal(fresh[n], x) for n, x in _leaves(after.params).items())
 
 
 def test_incubation_does_not_touch_the_meta_run_on_disk(runs, tmp_path):
@@ -65,18 +86,19 @@ def test_incubation_does_not_touch_the_meta_run_on_disk(runs, tmp_path):
           out[os.path.relpath(p, d)] = hash(fh.read())
     return out
   before = snapshot(runs["meta"])
-  train.train(tiny("incubate", meta=runs["meta"], module="3", total_steps=2), str(tmp_path / "inc3"))
+  train.train(tiny("incubate", meta=runs["meta"], module="3"), str(tmp_path / "inc3"))
   assert snapshot(runs["meta"]) == before
 
 
-def test_incubate_all_matches_single_module_runs(runs, tmp_path):
-  """`module=all` trains each module as its own run would, on the same batches."""
-  singles = {1: runs["inc_1"]}
+def test_incubate_all_matches_single_module_runs(runs):
+  """`module=all` trains each module as its own run would, on the same batches (module 1: a whole run; the others
+  the same steps without the run around them)."""
+  singles = {1: _saved_module(runs["inc_1"], 1)}
   for k in (0, 2, 3):
-    singles[k] = str(tmp_path / f"inc_{k}")
-    train.train(tiny("incubate", meta=runs["meta"], module=str(k)), singles[k])
-  for k, run_dir in singles.items():
-    together, alone = _saved_module(runs["inc_all"], k), _saved_module(run_dir, k)
+    config = tiny("incubate", meta=runs["meta"], module=str(k))
+    singles[k] = _leaves(stepping.run_steps(config, config.total_steps)[1].params[f"module_{k}"])
+  for k, alone in singles.items():
+    together = _saved_module(runs["inc_all"], k)
     assert together.keys() == alone.keys()
     for name in alone:
       np.testing.assert_allclose(together[name], alone[name], rtol=1e-5, atol=1e-6, err_msg=f"module_{k}{name}")
@@ -129,6 +151,70 @@ def test_plans(module, trained):
     phases.make_plan(tiny("incubate", module="4"))
 
 
+def _branches(tree, keep):
+  """`tree` with the output projections of every block's two branches (attn.proj, mlp.fc2) zeroed, except in
+  blocks for which `keep(path)` holds, whose projections get large random weights instead."""
+  rng = np.random.default_rng(0)
+  def one(path, x):
+    name = jax.tree_util.keystr(path)
+    if "blocks_" not in name or not ("['proj']" in name or "['fc2']" in name):
+      return x
+    return rng.normal(0.0, 0.5, x.shape).astype(np.float32) if keep(name) else np.zeros_like(x)
+  return jax.tree_util.tree_map_with_path(one, jax.device_get(tree))
+
+
+def _unchanged(logits, identity):
+  """Per example: did the logits come out as if the one live block were the identity (both branches dropped)?"""
+  return np.asarray(jnp.all(jnp.abs(logits - identity) <= 1e-5, axis=-1))
+
+
+@pytest.mark.parametrize("module", ["1", "all"])
+def test_incubation_runs_meta_modules_in_train_mode_at_the_hybrids_drop_path_rates(module):
+  """The frozen meta modules drop residual branches as they would in the hybrid model: at the stochastic-depth
+  rate of their place in the hybrid (depths 1, 2, 1, 1 for module 1: meta module 2 is block 3 of 5, so
+  p * 3/4), not at the meta model's own rates (p * 2/3), and not at none (eval mode).
+
+  Every block's branches are zeroed but those of one meta module's block, which get large weights: an example's
+  logits then equal those of the all-identity model exactly when that block dropped both branches, which
+  happens with probability rate**2. For one module, the same fraction is measured on a hybrid built by hand as one
+  ViT; `all` runs the meta modules before each slot once for every hybrid, and must give each its own rates.
+  """
+  p, n = 0.6, 4000
+  config = tiny("incubate", module=module, **{"model.drop_path": p})
+  plan = phases.make_plan(config)
+  model_of = functools.partial(phases.model_for, config)
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(n, 8, 8, 3)), jnp.float32)
+  meta = model_of(plan.meta_depths).init(jax.random.key(0), images[:1])["params"]
+  target = model_of(plan.depths).init(jax.random.key(1), images[:1])["params"]
+  forward = jax.jit(lambda trained, frozen, key: phases.forward(plan, model_of, trained, frozen, images, train=True,
+                                                                key=key))
+  identity = phases.forward(plan, model_of, _branches({m: target[m] for m in map(phases.module_name, plan.trained)},
+                                                      lambda _: False),
+                            _branches(meta, lambda _: False), images, train=False, key=jax.random.key(0))
+  checked = 0
+  for k in range(plan.num_modules):
+    live = lambda name, k=k: f"['module_{k}']" in name
+    trained = _branches({m: target[m] for m in map(phases.module_name, plan.trained)}, lambda _: False)
+    frozen = _branches(meta, live)
+    logits = forward(trained, frozen, jax.random.key(7))
+    for i in plan.trained:
+      if i == k:
+        continue
+      depths = plan.hybrid_depths(i)
+      rate = p * sum(depths[:k]) / (sum(depths) - 1)   # linear in depth over the hybrid's blocks
+      got = _unchanged(logits[f"module_{i}"], identity[f"module_{i}"]).mean()
+      tol = 4 * np.sqrt(rate ** 2 * (1 - rate ** 2) / n) + 1e-3
+      assert got == pytest.approx(rate ** 2, abs=tol), (i, k, got, rate ** 2)
+      if module != "all":
+        # A hybrid built by hand: one ViT of the hybrid's depths, applied whole in train mode.
+        params = {**frozen, f"module_{i}": trained[f"module_{i}"]}
+        by_hand = model_of(depths).apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(11)})
+        by_hand = _unchanged(by_hand, identity[f"module_{i}"]).mean()
+        assert by_hand == pytest.approx(rate ** 2, abs=tol), (i, k, by_hand, rate ** 2)
+      checked += rate > 0
+  assert checked >= (2 if module != "all" else 8)
+
+
 def test_incubation_step_costs_fall_with_the_slot_and_all_shares_the_prefix(runs):
   """XLA's own count: no backward pass before slot i, and `all` runs the shared meta prefix once."""
   flops = {m: cost.step_flops(tiny("incubate", meta=runs["meta"], module=m)) for m in ("0", "1", "2", "3", "all")}
@@ -151,11 +237,12 @@ def test_step_flops_count_every_iteration_of_a_loop():
 def test_scanned_runs_exchange_modules_with_per_block_runs(runs, tmp_path):
   """A scanned incubation reads the per-block meta run, trains as the per-block run does and saves per block;
   a scanned assembly stacks those modules."""
-  plain, scanned = str(tmp_path / "plain"), str(tmp_path / "scanned")
+  scanned = str(tmp_path / "scanned")
   no_drop = {"model.drop_path": 0.0}   # drop-path masks are drawn per block in one layout, per step in the other
-  train.train(tiny("incubate", meta=runs["meta"], module="1", **no_drop), plain)
+  plain = tiny("incubate", meta=runs["meta"], module="1", **no_drop)
   train.train(tiny("incubate", meta=runs["meta"], module="1", **no_drop, **{"model.scan": True}), scanned)
-  a, b = _saved_module(plain, 1), _saved_module(scanned, 1)
+  a = _leaves(stepping.run_steps(plain, plain.total_steps)[1].params["module_1"])
+  b = _saved_module(scanned, 1)
   assert a.keys() == b.keys() and any("blocks_1" in n for n in b)
   for name in a:
     np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-5, err_msg=name)

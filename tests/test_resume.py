@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -13,8 +14,10 @@ import orbax.checkpoint as ocp
 from conftest import REPO, TINY, run_cli, tiny
 from modassem import checkpoints, train
 
-STEPS, EVERY = 400, 40
-ARGS = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}", "--config.log_every_steps=20",
+# The tiny preset's epoch is 1437 // 32 = 44 steps. A kill after one of the first checkpoints (10, 20, 30, 40)
+# interrupts mid-epoch, and the resumed run then crosses the epoch boundary, where the data order reshuffles.
+STEPS, EVERY, EPOCH = 50, 10, 44
+ARGS = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}", "--config.log_every_steps=1",
         "--config.keep_checkpoints=2"]
 
 
@@ -23,32 +26,40 @@ def _module(run_dir, k):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_kill_9_then_rerun_resumes_to_the_same_parameters(tmp_path):
-  ref = str(tmp_path / "ref")
-  train.train(tiny("meta", total_steps=STEPS, checkpoint_every_steps=EVERY, log_every_steps=20), ref)
-
-  work = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "modassem", "train", f"--config={TINY}:meta", f"--workdir={work}", *ARGS]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = os.path.join(work, "checkpoints")
-  deadline = time.time() + 300
+def _kill_after_first_checkpoint(proc, ckpt_dir, timeout=300):
+  """SIGKILL as soon as `proc` has committed its first checkpoint: mid-run, mid-epoch."""
+  deadline = time.time() + timeout
   try:
-    # Kill as soon as the first checkpoint is committed: mid-run, mid-epoch.
     while time.time() < deadline and proc.poll() is None:
       if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
         break
-      time.sleep(0.05)
+      time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
   finally:
     proc.wait()
+
+
+def test_kill_9_then_rerun_resumes_to_the_same_parameters(tmp_path):
+  work = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "modassem", "train", f"--config={TINY}:meta", f"--workdir={work}", *ARGS]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  killer = threading.Thread(target=_kill_after_first_checkpoint, args=(proc, os.path.join(work, "checkpoints")))
+  killer.start()
+  # The uninterrupted reference, here, while the other run starts and is killed.
+  ref = str(tmp_path / "ref")
+  try:
+    train.train(tiny("meta", total_steps=STEPS, checkpoint_every_steps=EVERY, log_every_steps=1), ref)
+  finally:
+    killer.join()
   assert proc.returncode == -signal.SIGKILL
   assert not os.path.exists(os.path.join(work, "results.json")), "the run ended before it could be killed"
 
   resumed = run_cli("train", f"--config={TINY}:meta", f"--workdir={work}", *ARGS)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resuming meta from step" in resumed.stdout
+  start = int(resumed.stdout.split("resuming meta from step ")[1].split("/")[0])
+  assert 0 < start < EPOCH and start % EVERY == 0, resumed.stdout   # mid-epoch, with the boundary still ahead
   for k in range(4):
-    for a, b in zip(_module(work, k), _module(ref, k)):
+    for a, b in zip(_module(work, k), _module(ref, k), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
   again = run_cli("train", f"--config={TINY}:meta", f"--workdir={work}", *ARGS)

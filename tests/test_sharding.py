@@ -1,44 +1,20 @@
 """The same train steps on 1 device and on 8 simulated CPU devices (data parallel and FSDP).
 
-Each device count needs its own process (XLA reads the flag at start-up);
-one process runs every case for its device count.
+XLA reads the device count at start-up, so the 8-device cases run in
+subprocesses (session jobs, see conftest.py) and this 1-device process
+computes the references.
+Parameters are compared leaf by leaf.
 """
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY
-
-SCRIPT = r"""
-import json, sys
-import jax, numpy as np
-from modassem import config as config_lib, prepare
-out = {}
-for name, (phase, overrides) in json.loads(sys.argv[1]).items():
-  config = config_lib.load(f"%s:{phase}", overrides)
-  s = prepare.setup(config, None)
-  compiled, init_fn, _, key = prepare.compile_train_step(s)
-  state = init_fn(key)
-  it = s.dataset.train_batches(config.batch_size, seed=0)
-  shard = prepare.sharding.batch_sharding(s.mesh)
-  losses = []
-  for _ in range(3):
-    state, metrics = compiled(state, s.frozen, prepare.place_batch(next(it), shard), key)
-    losses.append(float(metrics["loss"]))
-  specs = sorted({str(x.sharding.spec) for x in jax.tree_util.tree_leaves(state.params)})
-  stacked = [x.sharding.spec for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
-             if "'blocks'" in jax.tree_util.keystr(p)]
-  leaves = [np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
-  out[name] = {"devices": jax.device_count(), "losses": losses, "specs": specs, "stacked": len(stacked),
-               "block_axis_split": any(len(sp) and sp[0] is not None for sp in stacked),
-               "params": float(np.concatenate(leaves).astype(np.float64).sum())}
-print(json.dumps(out))
-""" % TINY
+import stepping
+from conftest import JOBS, PIPELINE, REPO, SCRATCH, devices_env
 
 # Mixup, CutMix and drop path stay on in the e2e and incubate cases: their
 # randomness must not depend on the device count. Accumulation is compared
@@ -46,30 +22,36 @@ print(json.dumps(out))
 PLAIN = {"mixup": 0.0, "cutmix": 0.0, "model.drop_path": 0.0}
 
 
-def _start(devices, cases):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(cases)], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _result(proc):
-  stdout, stderr = proc.communicate(timeout=900)
-  assert proc.returncode == 0, stderr[-3000:]
-  return json.loads(stdout.strip().splitlines()[-1])
+OUT = os.path.join(SCRATCH, "sharding")   # each case's parameters, NAME.npz
+INC = {"meta": os.path.join(PIPELINE, "meta"), "module": "all"}
+# The 8-device cases, as two jobs that start in the background at collection (after the session pipeline, whose
+# meta run the incubation cases read), while the tests that need no job run here.
+EIGHT = [{"e2e/data": ["e2e", {"sharding": "data"}], "incubate/data": ["incubate", {"sharding": "data", **INC}],
+          "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}]},
+         {"e2e/fsdp": ["e2e", {"sharding": "fsdp"}], "incubate/fsdp": ["incubate", {"sharding": "fsdp", **INC}],
+          "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}]}]
+for _i, _cases in enumerate(EIGHT):
+  JOBS.add(f"sharding-8-{_i}", [sys.executable, os.path.join(REPO, "tests", "stepping.py"), json.dumps(_cases), OUT],
+           module=__file__, env=devices_env(8))
 
 
 @pytest.fixture(scope="module")
 def results(runs):
-  inc = {"meta": runs["meta"], "module": "all"}
-  # Both device counts at once: most of each process is tracing and compiling, which uses one core.
-  one = _start(1, {"e2e": ["e2e", {"sharding": "data"}], "incubate": ["incubate", {"sharding": "data", **inc}],
-                   "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}]})
-  eight = _start(8, {"e2e/data": ["e2e", {"sharding": "data"}], "e2e/fsdp": ["e2e", {"sharding": "fsdp"}],
-                     "incubate/data": ["incubate", {"sharding": "data", **inc}],
-                     "incubate/fsdp": ["incubate", {"sharding": "fsdp", **inc}],
-                     "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}],
-                     "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}]})
-  return _result(one), _result(eight)
+  assert runs["meta"] == INC["meta"]
+  one = stepping.run_cases({"e2e": ["e2e", {"sharding": "data"}], "incubate": ["incubate", {"sharding": "data", **INC}],
+                            "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}]}, OUT)
+  eight = {}
+  for i in range(len(EIGHT)):
+    eight.update(json.loads(JOBS.result(f"sharding-8-{i}").strip().splitlines()[-1]))
+  return one, eight
+
+
+def assert_same_params(got, want):
+  """Leaf by leaf: the same tree paths, the same values."""
+  a, b = np.load(got["params"]), np.load(want["params"])
+  assert sorted(a.files) == sorted(b.files)
+  for name in b.files:
+    np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("phase", ["e2e", "incubate"])
@@ -82,13 +64,13 @@ def test_one_device_and_eight_give_the_same_losses(phase, results):
   assert any("data" in s for s in fsdp["specs"])
   for other in (data, fsdp):
     np.testing.assert_allclose(other["losses"], ref["losses"], rtol=2e-5)
-    np.testing.assert_allclose(other["params"], ref["params"], rtol=1e-5)
+    assert_same_params(other, ref)
 
 
 def test_gradient_accumulation_matches_the_full_batch(results):
   one, eight = results
   np.testing.assert_allclose(eight["plain/accum2"]["losses"], one["plain"]["losses"], rtol=2e-5)
-  np.testing.assert_allclose(eight["plain/accum2"]["params"], one["plain"]["params"], rtol=1e-5)
+  assert_same_params(eight["plain/accum2"], one["plain"])
 
 
 def test_scanned_blocks_under_fsdp_match_the_per_block_model_on_one_device(results):
@@ -97,4 +79,4 @@ def test_scanned_blocks_under_fsdp_match_the_per_block_model_on_one_device(resul
   assert scan["stacked"] > 0 and not scan["block_axis_split"]
   assert any("data" in s for s in scan["specs"])
   np.testing.assert_allclose(scan["losses"], one["plain"]["losses"], rtol=2e-5)
-  np.testing.assert_allclose(scan["params"], one["plain"]["params"], rtol=1e-5)
+  assert_same_params(scan, one["plain"])
