@@ -188,7 +188,7 @@ def summarize(preset: str, num_modules: int, flops: dict, steps: dict) -> dict:
 
 def markdown(r: dict) -> str:
   k = r["num_modules"]
-  lines = [f"Training cost of {r['preset']} (K={k}), FLOPs from XLA's cost analysis of each compiled train step",
+  lines = [f"Training cost of {r['preset']} (K={k}), FLOPs from XLA's cost analysis of each lowered train step",
            "", "| phase | FLOPs/step | steps | total FLOPs | share of method |", "|---|---|---|---|---|"]
   for name, x in r["phases"].items():
     share = f"{100 * x['share']:.1f} %" if x["share"] is not None else "-"
