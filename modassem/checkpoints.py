@@ -24,6 +24,16 @@ from modassem.models.presets import ARCH_FIELDS
 
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+
+# Config fields that change how a run logs, evaluates, checkpoints, places its arrays or finds its data, but not
+# what it trains: a resume may change them freely. Every other field must stay as the run was started.
+FREE_FIELDS = frozenset({
+    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "progress",
+    "eval_batch_size", "sharding", "model.remat", "model.attention",
+    "data.path", "data.tfds_data_dir", "data.manual_dir", "data.download", "data.prefetch", "data.eval_split",
+    "data.eval_crop_ratio",
+})
 
 
 def arch_of(config) -> dict:
@@ -65,6 +75,50 @@ def check_workdir(workdir: str, run: dict) -> dict | None:
                         f"checkpoints are in that parameter layout: resume or evaluate it with "
                         f"--config.model.scan={bool(old.get('scan', False))}")
   return old
+
+
+def config_record(config) -> dict:
+  """The resolved config as plain JSON values (what `config.json` holds)."""
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_config(workdir: str, config, allow_changed=()) -> list[str]:
+  """The fields of `config` that differ from the `config.json` the run in `workdir` was started with.
+
+  A difference in a field that changes what is trained is an error naming
+  the field and both values, unless `allow_changed` names it; `FREE_FIELDS`
+  may differ. Returns the fields that differ (free or allowed).
+  """
+  old = read_json(os.path.join(workdir, CONFIG_FILE))
+  new = _flat(config_record(config))
+  unknown = [f for f in allow_changed if f not in new]
+  if unknown:
+    raise ModassemError(f"--allow_changed={unknown[0]} names no config field: give fields as in "
+                        f"--config.FIELD, e.g. --allow_changed=optim.lr")
+  if old is None:
+    return []
+  old, missing = _flat(old), object()
+  changed = sorted(f for f in set(old) | set(new) if old.get(f, missing) != new.get(f, missing))
+  refused = [f for f in changed if f not in FREE_FIELDS and f not in allow_changed]
+  if refused:
+    f = refused[0]
+    show = lambda v: "(none)" if v is missing else json.dumps(v)
+    more = f" ({len(refused) - 1} more field(s) differ: {', '.join(refused[1:4])})" if len(refused) > 1 else ""
+    raise ModassemError(
+        f"{workdir} was started with {f}={show(old.get(f, missing))}, this config has {f}={show(new.get(f, missing))}"
+        f"{more}: resume with the config the run was started with (its {CONFIG_FILE}), use a new --workdir, or pass "
+        f"--allow_changed={','.join(refused)} to continue with the new values")
+  return changed
 
 
 def state_dir(workdir: str) -> str:

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, auto=fv.distributed)
     if verb == "train":
       from modassem import train  # pylint: disable=g-import-not-at-top
-      train.train(fv.config, fv.workdir)
+      train.train(fv.config, fv.workdir, allow_changed=fv.allow_changed)
     elif verb == "eval":
       from modassem import train  # pylint: disable=g-import-not-at-top
       result = train.evaluate_run(fv.config, fv.workdir)

@@ -58,6 +58,8 @@ def run_flags(argv: list[str], parse: bool = True):
   flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run", flag_values=fv)
   flags.DEFINE_bool("distributed", False, "multi-process run on a TPU pod or SLURM cluster: JAX finds the "
                     "coordinator itself", flag_values=fv)
+  flags.DEFINE_list("allow_changed", [], "train: config fields a resume may change from the run's config.json, "
+                    "e.g. optim.lr,total_steps", flag_values=fv)
   if not parse:
     return fv
   fv(["modassem"] + argv)

@@ -52,9 +52,15 @@ def evaluate(s: Setup, params) -> dict:
   return res
 
 
-def train(config, workdir: str) -> dict:
-  """Trains (or resumes, or reports a finished) run of `config.phase` in `workdir`."""
+def train(config, workdir: str, *, allow_changed=()) -> dict:
+  """Trains (or resumes, or reports a finished) run of `config.phase` in `workdir`.
+
+  A resume must use the config the run was started with (`config.json`),
+  except for fields that only change reporting (`checkpoints.FREE_FIELDS`)
+  and the fields named in `allow_changed`.
+  """
   s = prepare.setup(config, workdir)
+  changed = checkpoints.check_config(workdir, config, tuple(allow_changed))
   done = checkpoints.read_json(os.path.join(workdir, checkpoints.RESULTS_FILE))
   if done is not None and done.get("steps") == s.total_steps:
     say(f"{workdir}: {s.plan.phase} run already finished at step {s.total_steps} "
@@ -67,6 +73,9 @@ def train(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   if is_main():
     checkpoints.write_json(os.path.join(workdir, checkpoints.RUN_FILE), s.run)
+    checkpoints.write_json(os.path.join(workdir, checkpoints.CONFIG_FILE), checkpoints.config_record(config))
+  if changed:
+    say(f"{workdir}: continuing with changed {', '.join(changed)} (now in {checkpoints.CONFIG_FILE})")
   mngr = checkpoints.manager(workdir, config)
   writer = Writer(workdir, process_index=jax.process_index())
   latest = mngr.latest_step()

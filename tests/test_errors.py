@@ -299,3 +299,39 @@ def test_train_api_raises_the_error_type(runs, tmp_path):
   with pytest.raises(ModassemError, match=r"has 4 modules, this config 2"):
     train.train(config, workdir)
   assert not os.path.exists(workdir)
+
+
+# --- A resume with another config -------------------------------------------
+
+def test_a_resume_that_changes_what_is_trained_is_refused(capsys, meta_copy):
+  before = tree_state(meta_copy)
+  line = cli_error(capsys, "train", f"--config={TINY}:meta", "--config.optim.lr=0.001", "--config.seed=3",
+                   f"--workdir={meta_copy}")
+  assert_names(line, meta_copy, "was started with optim.lr=0.004, this config has optim.lr=0.001",
+               "1 more field(s) differ: seed", "config.json", "--allow_changed=optim.lr,seed")
+  assert tree_state(meta_copy) == before
+  with open(os.path.join(meta_copy, "config.json")) as f:
+    assert json.load(f)["optim"]["lr"] == tiny("meta").optim.lr
+  line = cli_error(capsys, "train", f"--config={TINY}:meta", "--allow_changed=optim.rate", f"--workdir={meta_copy}")
+  assert_names(line, "--allow_changed=optim.rate names no config field")
+
+
+def test_a_resume_may_change_what_only_reports(capsys, meta_copy):
+  capsys.readouterr()
+  assert cli.main(["train", f"--config={TINY}:meta", "--config.log_every_steps=1", "--config.eval_every_steps=5",
+                   "--config.keep_checkpoints=1", f"--workdir={meta_copy}"]) == 0
+  assert "already finished" in capsys.readouterr().out
+
+
+def test_an_allowed_change_continues_the_run_and_is_recorded(capsys, meta_copy):
+  # Back to a run stopped after its step-3 checkpoint.
+  for d in ("modules", "checkpoints/6"):
+    shutil.rmtree(os.path.join(meta_copy, d))
+  os.remove(os.path.join(meta_copy, "results.json"))
+  capsys.readouterr()
+  assert cli.main(["train", f"--config={TINY}:meta", "--config.optim.lr=0.001", "--allow_changed=optim.lr",
+                   f"--workdir={meta_copy}"]) == 0
+  out = capsys.readouterr().out
+  assert "resuming meta from step 3" in out and "continuing with changed optim.lr" in out
+  with open(os.path.join(meta_copy, "config.json")) as f:
+    assert json.load(f)["optim"]["lr"] == 0.001
