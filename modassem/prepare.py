@@ -163,19 +163,32 @@ def place_batch(batch: dict, shard) -> dict:
   return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
 
 
+def _init(s: Setup, tx):
+  """The train state's init and the arguments it takes before the key.
+
+  Assembly starts from the loaded modules. They are an argument of the
+  compiled init, not constants it closes over: closed over, every parameter
+  would be written into the program text (ViT-H's would pass protobuf's 2 GB
+  limit), and with several processes JAX refuses to close over arrays that
+  span other processes' devices.
+  """
+  plan = s.plan
+  if s.sources is not None:
+    return (lambda sources, k: steps.init_state(plan, tx, sources)), (s.sources,)
+  return (lambda k: steps.init_state(plan, tx, phases.init_trained(plan, s.model_of(plan.depths), k))), ()
+
+
 def state_spec(s: Setup):
-  """The optimizer, its schedule, the state's init and its abstract value carrying shardings."""
-  config, plan, mesh = s.config, s.plan, s.mesh
+  """The optimizer, its schedule, the state's init (`init_fn(key)`) and its abstract value carrying shardings."""
+  config, mesh = s.config, s.mesh
   tx = make_optimizer(config, s.total_steps, s.warmup_steps)
   schedule = lr_schedule(config, s.total_steps, s.warmup_steps)
-  if s.sources is not None:
-    init = lambda k: steps.init_state(plan, tx, s.sources)
-  else:
-    init = lambda k: steps.init_state(plan, tx, phases.init_trained(plan, s.model_of(plan.depths), k))
+  init, args = _init(s, tx)
   key = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init, key)
+  abstract = jax.eval_shape(init, *args, key)
   state_sh = sharding.tree_shardings(abstract, mesh, config.sharding)
-  return tx, schedule, jax.jit(init, out_shardings=state_sh), _with_shardings(abstract, state_sh)
+  init_fn = functools.partial(jax.jit(init, out_shardings=state_sh), *args)
+  return tx, schedule, init_fn, _with_shardings(abstract, state_sh)
 
 
 def lower_train_step(s: Setup):

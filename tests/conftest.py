@@ -35,17 +35,13 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_opti
 
 import pytest  # noqa: E402
 
+from processes import env_with_devices as devices_env  # noqa: E402,F401  (for the tests)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 SCRATCH = _SCRATCH                               # a folder for the session, removed at its end
 PIPELINE = os.path.join(_SCRATCH, "pipeline")   # the session pipeline's workdir: PIPELINE/meta, .../incubate, ...
 _SESSION_RUNS = ("pipeline_dir", "runs")
-
-
-def devices_env(devices: int) -> dict:
-  """The environment of a subprocess that simulates `devices` CPU devices (XLA reads the count at start-up)."""
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
 @dataclasses.dataclass

@@ -24,10 +24,12 @@ PLAIN = {"mixup": 0.0, "cutmix": 0.0, "model.drop_path": 0.0}
 
 OUT = os.path.join(SCRATCH, "sharding")   # each case's parameters, NAME.npz
 INC = {"meta": os.path.join(PIPELINE, "meta"), "module": "all"}
+ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the session's incubated modules
 # The 8-device cases, as two jobs that start in the background at collection (after the session pipeline, whose
 # meta run the incubation cases read), while the tests that need no job run here.
 EIGHT = [{"e2e/data": ["e2e", {"sharding": "data"}], "incubate/data": ["incubate", {"sharding": "data", **INC}],
-          "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}]},
+          "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}],
+          "assemble/fsdp": ["assemble", {"sharding": "fsdp", **ASM}]},
          {"e2e/fsdp": ["e2e", {"sharding": "fsdp"}], "incubate/fsdp": ["incubate", {"sharding": "fsdp", **INC}],
           "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}]}]
 for _i, _cases in enumerate(EIGHT):
@@ -39,7 +41,8 @@ for _i, _cases in enumerate(EIGHT):
 def results(runs):
   assert runs["meta"] == INC["meta"]
   one = stepping.run_cases({"e2e": ["e2e", {"sharding": "data"}], "incubate": ["incubate", {"sharding": "data", **INC}],
-                            "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}]}, OUT)
+                            "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}],
+                            "assemble": ["assemble", {"sharding": "data", **ASM}]}, OUT)
   eight = {}
   for i in range(len(EIGHT)):
     eight.update(json.loads(JOBS.result(f"sharding-8-{i}").strip().splitlines()[-1]))
@@ -65,6 +68,15 @@ def test_one_device_and_eight_give_the_same_losses(phase, results):
   for other in (data, fsdp):
     np.testing.assert_allclose(other["losses"], ref["losses"], rtol=2e-5)
     assert_same_params(other, ref)
+
+
+def test_assembly_with_fsdp_on_eight_devices_matches_one_device(results):
+  """The modules an assembly starts from are placed as FSDP shards and handed to the compiled init."""
+  one, eight = results
+  fsdp = eight["assemble/fsdp"]
+  assert any("data" in s for s in fsdp["specs"])
+  np.testing.assert_allclose(fsdp["losses"], one["assemble"]["losses"], rtol=2e-5)
+  assert_same_params(fsdp, one["assemble"])
 
 
 def test_gradient_accumulation_matches_the_full_batch(results):
