@@ -158,6 +158,34 @@ def save_modules(workdir: str, params: dict) -> None:
   ckptr.wait_until_finished()
 
 
+def module_intact(run_dir: str, k: int) -> bool:
+  """Whether module k's item in `run_dir` is there and reads back whole (every array, not only its metadata)."""
+  path = module_dir(run_dir, k)
+  if not os.path.isdir(path):
+    return False
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    meta = ckptr.metadata(path)
+    saved = getattr(meta.item_metadata, "tree", meta.item_metadata)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    ckptr.restore(path, jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved))
+  except Exception:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types for a damaged item)
+    return False
+  return True
+
+
+def move_aside(workdir: str, path: str) -> str:
+  """Moves `path` (inside `workdir`) to `workdir/damaged/...`, never over anything; returns where it went."""
+  rel = os.path.relpath(os.path.abspath(path), os.path.abspath(workdir))
+  dest, n = os.path.join(os.path.abspath(workdir), "damaged", rel), 1
+  while os.path.exists(dest):
+    n += 1
+    dest = os.path.join(os.path.abspath(workdir), "damaged", f"{rel}.{n}")
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  os.replace(path, dest)
+  return dest
+
+
 def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str) -> Any:
   """Module k of the finished run in `run_dir`, checked against what the caller expects.
 

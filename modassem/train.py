@@ -63,8 +63,12 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
   changed = checkpoints.check_config(workdir, config, tuple(allow_changed))
   done = checkpoints.read_json(os.path.join(workdir, checkpoints.RESULTS_FILE))
   if done is not None and done.get("steps") == s.total_steps:
-    say(f"{workdir}: {s.plan.phase} run already finished at step {s.total_steps} "
-        f"(top-1 {done.get('top1', float('nan')):.2f} %); nothing to do")
+    damaged = [k for k in s.plan.trained if not checkpoints.module_intact(workdir, k)]
+    if damaged:
+      _export_again(s, workdir, damaged)
+    else:
+      say(f"{workdir}: {s.plan.phase} run already finished at step {s.total_steps} "
+          f"(top-1 {done.get('top1', float('nan')):.2f} %); nothing to do")
     return done
 
   lowered, init_fn, abstract_state, key = prepare.lower_train_step(s)
@@ -109,6 +113,34 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
   say(f"{workdir}: {s.plan.phase} done in {wall:.0f} s: top-1 {result['top1']:.2f} %, "
        f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}")
   return result
+
+
+def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
+  """A finished run whose modules are missing or damaged: exports them again from its final checkpoint (the
+  damaged items are moved aside, not deleted)."""
+  names = ", ".join(f"module_{k}" for k in damaged)
+  mngr = checkpoints.manager(workdir, s.config) if os.path.isdir(checkpoints.state_dir(workdir)) else None
+  try:
+    if mngr is None or mngr.latest_step() != s.total_steps:
+      raise ModassemError(f"{workdir}: the {s.plan.phase} run finished, but {names} in modules/ are missing or "
+                          f"damaged and its final checkpoint (step {s.total_steps}) is gone too: rerun the phase "
+                          f"in a new --workdir")
+    state = checkpoints.restore_state(mngr, s.total_steps, prepare.state_spec(s)[3])
+  finally:
+    if mngr is not None:
+      mngr.close()
+  moved = []
+  if is_main():
+    moved = [checkpoints.move_aside(workdir, checkpoints.module_dir(workdir, k)) for k in damaged
+             if os.path.exists(checkpoints.module_dir(workdir, k))]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("modassem: damaged modules moved aside")
+  params = prepare.saved_layout(s.config, state.params)
+  checkpoints.save_modules(workdir, {f"module_{k}": params[f"module_{k}"] for k in damaged})
+  where = f" (the damaged items are in {os.path.dirname(moved[0])})" if moved else ""
+  say(f"{workdir}: the {s.plan.phase} run finished at step {s.total_steps}, but {names} in modules/ were missing or "
+      f"damaged: exported them again from its final checkpoint{where}")
 
 
 def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):

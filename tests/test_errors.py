@@ -335,3 +335,29 @@ def test_an_allowed_change_continues_the_run_and_is_recorded(capsys, meta_copy):
   assert "resuming meta from step 3" in out and "continuing with changed optim.lr" in out
   with open(os.path.join(meta_copy, "config.json")) as f:
     assert json.load(f)["optim"]["lr"] == 0.001
+
+
+# --- A finished run whose modules were lost ----------------------------------
+
+def test_a_finished_run_with_missing_or_damaged_modules_exports_them_again(capsys, runs, meta_copy):
+  shutil.rmtree(checkpoints.module_dir(meta_copy, 2))
+  data = os.path.join(checkpoints.module_dir(meta_copy, 1), "d")
+  for name in os.listdir(data):   # cut every data file of module 1 short
+    path = os.path.join(data, name)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  assert not checkpoints.module_intact(meta_copy, 1) and checkpoints.module_intact(meta_copy, 0)
+  capsys.readouterr()
+  assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={meta_copy}"]) == 0
+  out = capsys.readouterr().out
+  assert "module_1, module_2 in modules/ were missing or damaged: exported them again" in out, out
+  assert os.path.isdir(os.path.join(meta_copy, "damaged", "modules", "module_1"))   # moved aside, not deleted
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  for k in (1, 2):
+    got = jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(meta_copy, k)))
+    want = jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(runs["meta"], k)))
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Now whole again: the next rerun finds nothing to do.
+  assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={meta_copy}"]) == 0
+  assert "already finished" in capsys.readouterr().out
