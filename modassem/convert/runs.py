@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from modassem import checkpoints
-from modassem.convert.arch import Model, at_image_size, describe, kind_of, match_preset, run_depths
+from modassem.convert.arch import Model, at_image_size, describe, match_preset, run_depths
 from modassem.convert.official import infer_arch, module_to_stage, read_pth, stage_to_module, write_pth
 from modassem.errors import ModassemError
 from modassem.models.presets import ARCH_FIELDS, PRESETS
