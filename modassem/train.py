@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from modassem import checkpoints, cost, prepare, sharding
+from modassem import checkpoints, cost, lock, prepare, sharding
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
@@ -57,10 +57,18 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
 
   A resume must use the config the run was started with (`config.json`),
   except for fields that only change reporting (`checkpoints.FREE_FIELDS`)
-  and the fields named in `allow_changed`.
+  and the fields named in `allow_changed`. One run writes a directory at a
+  time (`lock.py`): a second one stops with an error naming the first.
   """
   s = prepare.setup(config, workdir)
   changed = checkpoints.check_config(workdir, config, tuple(allow_changed))
+  with lock.writer(workdir, say=say):
+    return _train(s, workdir, changed)
+
+
+def _train(s: Setup, workdir: str, changed: list[str]) -> dict:
+  """`train` once the run's checks have passed and its directory is locked."""
+  config = s.config
   done = checkpoints.read_json(os.path.join(workdir, checkpoints.RESULTS_FILE))
   if done is not None and done.get("steps") == s.total_steps:
     damaged = [k for k in s.plan.trained if not checkpoints.module_intact(workdir, k)]

@@ -4,6 +4,10 @@ import json
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -361,3 +365,40 @@ def test_a_finished_run_with_missing_or_damaged_modules_exports_them_again(capsy
   # Now whole again: the next rerun finds nothing to do.
   assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={meta_copy}"]) == 0
   assert "already finished" in capsys.readouterr().out
+
+
+# --- Two writers -----------------------------------------------------------------
+
+def test_a_second_writer_on_a_live_run_directory_is_refused(capsys, tmp_path):
+  work = str(tmp_path / "live")
+  args = [f"--config={TINY}:meta", "--config.total_steps=1000", "--config.checkpoint_every_steps=500",
+          "--config.log_every_steps=250"]
+  first = subprocess.Popen([sys.executable, "-m", "modassem", "train", *args, f"--workdir={work}"], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lock_file = os.path.join(work, "lock.json")
+  deadline = time.time() + 300
+  while not os.path.exists(lock_file) and first.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert first.poll() is None, first.communicate()[1][-3000:]
+  line = cli_error(capsys, "train", *args, f"--workdir={work}")
+  assert_names(line, f"{work} is being written by another run (pid {first.pid} on ", "last heartbeat",
+               "wait for it to end")
+  out, err = first.communicate(timeout=600)
+  assert first.returncode == 0, err[-3000:]
+  # The first run went on unharmed: one record per logged step, and its lock is gone.
+  with open(os.path.join(work, "metrics.jsonl")) as f:
+    assert [r["step"] for r in map(json.loads, f) if r["kind"] == "train"] == [250, 500, 750, 1000]
+  assert not os.path.exists(lock_file)
+
+
+def test_the_lock_of_a_run_that_is_gone_is_taken_over(capsys, meta_copy):
+  # A lock left by a process of this host that no longer exists (as after kill -9).
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  with open(os.path.join(meta_copy, "lock.json"), "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": int(dead.stdout), "since": time.time(), "heartbeat": time.time()},
+              f)
+  capsys.readouterr()
+  assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={meta_copy}"]) == 0
+  out = capsys.readouterr().out
+  assert "took over the lock of a run that is gone" in out and "already finished" in out
+  assert not os.path.exists(os.path.join(meta_copy, "lock.json"))

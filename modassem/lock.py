@@ -1,0 +1,149 @@
+"""One writer per run directory: a lock file with a heartbeat.
+
+`WORKDIR/lock.json` names the run writing the directory (host, process id,
+start time, last heartbeat). It is created with `O_CREAT | O_EXCL`, which is
+atomic on a local disk and on NFS, so of two runs started together one gets
+it and the other stops with a one-line error naming the holder. The holder
+refreshes its heartbeat every `HEARTBEAT_S` seconds and removes the file when
+it ends. A lock left by a crashed run does not block its rerun: it is stale
+when its holder is a process of this host that no longer exists, or when its
+heartbeat is older than `LEASE_S` seconds (a holder on another host), and is
+then taken over. A multi-process run is one writer: process 0 holds the lock
+for all of them.
+
+Written by hand because neither Orbax nor etils offers a lease on a
+directory; Orbax's own `.lock` guards single saves, not runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import threading
+import time
+
+import jax
+
+from modassem.errors import ModassemError
+
+LOCK_FILE = "lock.json"
+HEARTBEAT_S = 10.0
+LEASE_S = 60.0
+
+
+def _record(since: float) -> dict:
+  return {"host": socket.gethostname(), "pid": os.getpid(), "since": since, "heartbeat": time.time()}
+
+
+def _read(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None   # gone, or being rewritten: read again
+
+
+def _alive(holder: dict) -> bool:
+  if holder.get("host") == socket.gethostname():
+    try:
+      os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+      return False
+    except (PermissionError, ValueError, OverflowError):
+      pass   # a process of another user: it exists
+    return True
+  return time.time() - float(holder.get("heartbeat", 0.0)) < LEASE_S
+
+
+def _describe(holder: dict) -> str:
+  since = datetime.datetime.fromtimestamp(float(holder.get("since", 0.0))).strftime("%Y-%m-%d %H:%M:%S")
+  age = time.time() - float(holder.get("heartbeat", 0.0))
+  return (f"pid {holder.get('pid')} on {holder.get('host')}, since {since}, last heartbeat {age:.0f} s ago")
+
+
+class _Lock:
+  """The lock of one run directory, held by this process."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._since = time.time()
+    self._stop = threading.Event()
+    self._thread = None
+
+  def acquire(self) -> dict | None:
+    """Takes the lock; returns the stale holder it took over, if any."""
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    stale = None
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = _read(self.path)
+        if holder is None:
+          time.sleep(0.1)
+          continue
+        if _alive(holder):
+          raise ModassemError(f"{os.path.dirname(self.path)} is being written by another run ({_describe(holder)}): "
+                              f"wait for it to end, or stop it; a crashed run's lock ({self.path}) is taken over "
+                              f"once its process is gone, or {LEASE_S:.0f} s after its last heartbeat") from None
+        # Stale. Two runs taking over the same stale lock at once is a race this does not close; then the
+        # second one's O_EXCL below fails and it reads the first as the holder.
+        stale = holder
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(self.path)
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump(_record(self._since), f)
+      self._thread = threading.Thread(target=self._beat, daemon=True)
+      self._thread.start()
+      return stale
+    raise ModassemError(f"could not take the lock {self.path}: another run keeps taking it; check who writes "
+                        f"{os.path.dirname(self.path)}")
+
+  def _beat(self):
+    while not self._stop.wait(HEARTBEAT_S):
+      holder = _read(self.path)
+      if holder is None or holder.get("pid") != os.getpid() or holder.get("host") != socket.gethostname():
+        return   # taken over (this run was presumed dead): leave the new holder alone
+      tmp = f"{self.path}.{os.getpid()}.tmp"
+      with open(tmp, "w") as f:
+        json.dump(_record(self._since), f)
+      os.replace(tmp, self.path)
+
+  def release(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    holder = _read(self.path)
+    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.path)
+
+
+@contextlib.contextmanager
+def writer(workdir: str, say=print):
+  """Holds `workdir`'s lock for the block (process 0 for a multi-process run; every process fails together)."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = _Lock(workdir)
+    try:
+      stale = lock.acquire()
+      if stale is not None:
+        say(f"{workdir}: took over the lock of a run that is gone ({_describe(stale)})")
+    except ModassemError as e:
+      lock, error = None, e
+  if jax.process_count() > 1:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+      error = error or ModassemError(f"{workdir} is being written by another run (see process 0)")
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
