@@ -158,6 +158,20 @@ def save_modules(workdir: str, params: dict) -> None:
   ckptr.wait_until_finished()
 
 
+def _saved_shapes(ckptr, path: str):
+  """The shapes and dtypes of an Orbax item, from its metadata (no array is read)."""
+  meta = ckptr.metadata(path)
+  return getattr(meta.item_metadata, "tree", meta.item_metadata)
+
+
+def _on_this_host(tree):
+  """ShapeDtypeStructs of `tree`'s leaves; those without a placement go to this process's first device."""
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  placed = lambda a: isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None
+  return jax.tree_util.tree_map(
+      lambda a: a if placed(a) else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), tree)
+
+
 def module_intact(run_dir: str, k: int) -> bool:
   """Whether module k's item in `run_dir` is there and reads back whole (every array, not only its metadata)."""
   path = module_dir(run_dir, k)
@@ -165,10 +179,7 @@ def module_intact(run_dir: str, k: int) -> bool:
     return False
   ckptr = ocp.StandardCheckpointer()
   try:
-    meta = ckptr.metadata(path)
-    saved = getattr(meta.item_metadata, "tree", meta.item_metadata)
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    ckptr.restore(path, jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved))
+    ckptr.restore(path, _on_this_host(_saved_shapes(ckptr, path)))
   except Exception:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types for a damaged item)
     return False
   return True
@@ -221,8 +232,7 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
                         f"rerun its command to finish it")
   ckptr = ocp.StandardCheckpointer()
   try:
-    meta = ckptr.metadata(path)
-    saved = getattr(meta.item_metadata, "tree", meta.item_metadata)
+    saved = _saved_shapes(ckptr, path)
   except Exception as e:  # Orbax raises many types for a broken item.
     raise ModassemError(f"{what} {run_dir!r}: module_{k} is unreadable ({type(e).__name__}): "
                         f"rerun the run that made it") from None
@@ -230,10 +240,7 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
   _check_shapes(saved, abstract, f"{what} {run_dir!r} module_{k}")
   # Arrays land where the caller places them; with no placement given, on this
   # process's first device (whatever topology wrote them).
-  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
-      abstract)
+  abstract = _on_this_host(abstract)
   try:
     return ckptr.restore(path, abstract)
   except Exception as e:

@@ -46,6 +46,10 @@ def _read(path: str) -> dict | None:
     return None   # gone, or being rewritten: read again
 
 
+def _ours(holder: dict | None) -> bool:
+  return holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
 def _alive(holder: dict) -> bool:
   if holder.get("host") == socket.gethostname():
     try:
@@ -105,8 +109,7 @@ class _Lock:
 
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
-      holder = _read(self.path)
-      if holder is None or holder.get("pid") != os.getpid() or holder.get("host") != socket.gethostname():
+      if not _ours(_read(self.path)):
         return   # taken over (this run was presumed dead): leave the new holder alone
       tmp = f"{self.path}.{os.getpid()}.tmp"
       with open(tmp, "w") as f:
@@ -117,8 +120,7 @@ class _Lock:
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
-    holder = _read(self.path)
-    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+    if _ours(_read(self.path)):
       with contextlib.suppress(FileNotFoundError):
         os.remove(self.path)
 
