@@ -16,13 +16,27 @@ quote() {
   echo "${out[*]}"
 }
 
+# run CMD...: runs it; while it exits with EXIT_PREEMPTED (a modassem run stopped by SIGTERM or Ctrl-C after
+# saving a checkpoint), runs it again, which resumes the run (at most MAX_RERUNS times).
+EXIT_PREEMPTED=75
+MAX_RERUNS=${MAX_RERUNS:-20}
 run() {
   if [[ "$DRY_RUN" == 1 ]]; then
     echo "+ $(quote "$@")"
-  else
-    echo "+ $(quote "$@")" >&2
-    "$@"
+    return
   fi
+  local rc reruns=0
+  while true; do
+    echo "+ $(quote "$@")" >&2
+    rc=0
+    "$@" || rc=$?
+    if ((rc != EXIT_PREEMPTED || reruns >= MAX_RERUNS)); then
+      return "$rc"
+    fi
+    reruns=$((reruns + 1))
+    echo "$(basename "$0"): $1 was preempted (exit status $EXIT_PREEMPTED): running it again to resume" \
+      "($reruns/$MAX_RERUNS)" >&2
+  done
 }
 
 die() {

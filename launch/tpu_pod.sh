@@ -99,7 +99,8 @@ modassem_on() {
   shift 2
   local dist
   dist=$(dist_flag "$type")
-  on "$name" "cd ~/$REMOTE_DIR && export PATH=\"\$HOME/.local/bin:\$PATH\" && $(quote modassem "$@" $dist ${EXTRA[@]+"${EXTRA[@]}"})"
+  # until_done.sh: a worker whose run was preempted (exit status 75) runs it again, resuming it.
+  on "$name" "cd ~/$REMOTE_DIR && export PATH=\"\$HOME/.local/bin:\$PATH\" && $(quote launch/until_done.sh modassem "$@" $dist ${EXTRA[@]+"${EXTRA[@]}"})"
 }
 
 EXTRA=("$@")

@@ -12,8 +12,12 @@ the optimizer state of the runs they read.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -145,6 +149,69 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return restored["state"]
 
 
+@contextlib.contextmanager
+def _quietly_failing():
+  """Reading a damaged item: Orbax's pending reads fail one by one as garbage-collected coroutines and tasks, each
+  printing a traceback of its own (hundreds for one cut-short file). The caller reports the damage in one line."""
+  hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
+  level = asyncio_log.level
+  sys.unraisablehook = lambda unraisable: None
+  asyncio_log.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    gc.collect()   # the failed reads' coroutines go now, while their tracebacks are silenced
+    sys.unraisablehook = hook
+    asyncio_log.setLevel(level)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """Whether `ok` holds on every process (each reads its own shards, so one may find damage the others do not)."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def restore_newest_intact(workdir: str, mngr: ocp.CheckpointManager, abstract_state, say=print):
+  """(state, step) of the newest checkpoint that reads back whole, or (None, None) when there is none yet.
+
+  A damaged checkpoint newer than it (a data file cut short, its metadata or
+  a process folder gone: a machine lost mid-write by a filesystem that does not
+  rename atomically) is moved to `WORKDIR/damaged/`, never deleted, and said
+  so. Where every checkpoint is damaged, nothing is moved and the error says
+  what to do.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  damaged = []
+  for step in steps:
+    try:
+      with _quietly_failing():
+        state, error = restore_state(mngr, step, abstract_state), None
+    except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types)
+      state, error = None, e
+    if _all_processes_agree(error is None):
+      break
+    damaged.append((step, f"{type(error).__name__}" if error is not None else "damaged on another process"))
+  else:
+    if not steps:
+      return None, None
+    raise ModassemError(
+        f"every checkpoint in {state_dir(workdir)} (step(s) {', '.join(str(s) for s in steps)}) is damaged "
+        f"({damaged[0][1]}): move that folder away to start the run over, or restore it from a copy")
+  for bad, why in damaged:
+    if jax.process_index() == 0:
+      dest = move_aside(workdir, os.path.join(state_dir(workdir), str(bad)))
+      say(f"{workdir}: checkpoint {bad} is damaged ({why}): moved it to {dest}; using checkpoint {step}")
+  if damaged:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("modassem: damaged checkpoints moved aside")
+    mngr.reload()
+  return state, step
+
+
 def module_dir(run_dir: str, k: int) -> str:
   return os.path.join(os.path.abspath(run_dir), "modules", f"module_{k}")
 
@@ -179,7 +246,8 @@ def module_intact(run_dir: str, k: int) -> bool:
     return False
   ckptr = ocp.StandardCheckpointer()
   try:
-    ckptr.restore(path, _on_this_host(_saved_shapes(ckptr, path)))
+    with _quietly_failing():
+      ckptr.restore(path, _on_this_host(_saved_shapes(ckptr, path)))
   except Exception:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types for a damaged item)
     return False
   return True

@@ -90,22 +90,38 @@ def main(argv: list[str] | None = None) -> int:
   try:
     from modassem import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, auto=fv.distributed)
-    if verb == "train":
-      from modassem import train  # pylint: disable=g-import-not-at-top
-      train.train(fv.config, fv.workdir, allow_changed=fv.allow_changed)
-    elif verb == "eval":
-      from modassem import train  # pylint: disable=g-import-not-at-top
-      result = train.evaluate_run(fv.config, fv.workdir)
-      print(json.dumps(result, sort_keys=True))
-    elif verb == "pipeline":
-      from modassem import pipeline  # pylint: disable=g-import-not-at-top
-      spec, overrides = flags.config_spec(fv)
-      pipeline.run(spec, overrides, fv.workdir)
+    return _run(verb, fv)
   except ModassemError as e:
     return flags.fail(verb, str(e))
   except KeyboardInterrupt:
     return flags.fail(verb, "interrupted; rerun the same command to resume from the last checkpoint")
+
+
+def _run(verb: str, fv) -> int:
+  """A verb that trains or evaluates, with SIGTERM and SIGINT turned into a checkpoint and `EXIT_PREEMPTED`."""
+  from modassem import distributed, preempt  # pylint: disable=g-import-not-at-top
+  try:
+    with preempt.handling():
+      _verb(verb, fv)
+  except preempt.Preempted as e:
+    if distributed.is_main():
+      print(f"modassem {verb}: {e}", file=sys.stderr, flush=True)
+    return preempt.EXIT_PREEMPTED
   return 0
+
+
+def _verb(verb: str, fv) -> None:
+  if verb == "train":
+    from modassem import train  # pylint: disable=g-import-not-at-top
+    train.train(fv.config, fv.workdir, allow_changed=fv.allow_changed)
+  elif verb == "eval":
+    from modassem import train  # pylint: disable=g-import-not-at-top
+    result = train.evaluate_run(fv.config, fv.workdir)
+    print(json.dumps(result, sort_keys=True))
+  elif verb == "pipeline":
+    from modassem import pipeline  # pylint: disable=g-import-not-at-top
+    spec, overrides = flags.config_spec(fv)
+    pipeline.run(spec, overrides, fv.workdir)
 
 
 def entry() -> None:

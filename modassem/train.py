@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from modassem import checkpoints, cost, lock, prepare, sharding
+from modassem import checkpoints, cost, lock, preempt, prepare, sharding
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
@@ -59,14 +59,16 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
   except for fields that only change reporting (`checkpoints.FREE_FIELDS`)
   and the fields named in `allow_changed`. One run writes a directory at a
   time (`lock.py`): a second one stops with an error naming the first.
+  SIGTERM or SIGINT stops it after saving a checkpoint (`preempt.py`), with
+  `preempt.Preempted`.
   """
   s = prepare.setup(config, workdir)
   changed = checkpoints.check_config(workdir, config, tuple(allow_changed))
-  with lock.writer(workdir, say=say):
-    return _train(s, workdir, changed)
+  with lock.writer(workdir, say=say), preempt.handling() as stop:
+    return _train(s, workdir, changed, stop)
 
 
-def _train(s: Setup, workdir: str, changed: list[str]) -> dict:
+def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> dict:
   """`train` once the run's checks have passed and its directory is locked."""
   config = s.config
   done = checkpoints.read_json(os.path.join(workdir, checkpoints.RESULTS_FILE))
@@ -90,9 +92,8 @@ def _train(s: Setup, workdir: str, changed: list[str]) -> dict:
     say(f"{workdir}: continuing with changed {', '.join(changed)} (now in {checkpoints.CONFIG_FILE})")
   mngr = checkpoints.manager(workdir, config)
   writer = Writer(workdir, process_index=jax.process_index())
-  latest = mngr.latest_step()
+  state, latest = checkpoints.restore_newest_intact(workdir, mngr, abstract_state, say=say)
   if latest is not None:
-    state = checkpoints.restore_state(mngr, latest, abstract_state)
     say(f"{workdir}: resuming {s.plan.phase} from step {latest}/{s.total_steps}")
   else:
     state = init_fn(key)
@@ -103,7 +104,7 @@ def _train(s: Setup, workdir: str, changed: list[str]) -> dict:
     # measure of how compatible incubation made them.
     writer.write(0, "eval", {**evaluate(s, state.params), "wall_s": 0.0})
   try:
-    state, loop_wall = _loop(s, compiled, state, start, key, mngr, writer, wall_before)
+    state, loop_wall = _loop(s, compiled, state, start, key, mngr, writer, wall_before, stop)
     mngr.wait_until_finished()
     checkpoints.save_modules(workdir, prepare.saved_layout(config, state.params))
     result = evaluate(s, state.params)
@@ -151,7 +152,7 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
       f"damaged: exported them again from its final checkpoint{where}")
 
 
-def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):
+def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop):
   config = s.config
   eval_every = config.eval_every_steps or s.dataset.steps_per_epoch(config.batch_size)
   shard = sharding.batch_sharding(s.mesh)
@@ -201,6 +202,13 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before):
       if step % config.checkpoint_every_steps == 0 or step == s.total_steps:
         check(*pending)
         checkpoints.save_state(mngr, step, state, force=step == s.total_steps)
+      if step < s.total_steps and stop.requested(step):
+        check(*pending)
+        mngr.wait_until_finished()   # a save in flight completes first: never two at once, never half of one
+        if mngr.latest_step() != step:
+          checkpoints.save_state(mngr, step, state, force=True)
+          mngr.wait_until_finished()
+        raise preempt.Preempted(stop.signame, step, s.total_steps, checkpoints.state_dir(os.path.dirname(writer.path)))
   finally:
     progress.close()
   return state, time.perf_counter() - t0
@@ -214,9 +222,10 @@ def evaluate_run(config, workdir: str) -> dict:
   # A converted run has no checkpoints/ folder, and evaluating it must not make one.
   mngr = checkpoints.manager(workdir, config) if os.path.isdir(checkpoints.state_dir(workdir)) else None
   try:
-    latest = mngr.latest_step() if mngr is not None else None
+    state, latest = (checkpoints.restore_newest_intact(workdir, mngr, prepare.state_spec(s)[3], say=say)
+                     if mngr is not None else (None, None))
     if latest is not None:
-      params = checkpoints.restore_state(mngr, latest, prepare.state_spec(s)[3]).params
+      params = state.params
     elif all(os.path.isdir(checkpoints.module_dir(workdir, k)) for k in s.plan.trained):
       # No train state, but every trained module: a run imported with `modassem convert`
       # (an official checkpoint has no Orbax train state to restore).

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -372,22 +373,28 @@ def test_a_finished_run_with_missing_or_damaged_modules_exports_them_again(capsy
 def test_a_second_writer_on_a_live_run_directory_is_refused(capsys, tmp_path):
   work = str(tmp_path / "live")
   args = [f"--config={TINY}:meta", "--config.total_steps=1000", "--config.checkpoint_every_steps=500",
-          "--config.log_every_steps=250"]
+          "--config.log_every_steps=1"]
   first = subprocess.Popen([sys.executable, "-m", "modassem", "train", *args, f"--workdir={work}"], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   lock_file = os.path.join(work, "lock.json")
-  deadline = time.time() + 300
-  while not os.path.exists(lock_file) and first.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert first.poll() is None, first.communicate()[1][-3000:]
-  line = cli_error(capsys, "train", *args, f"--workdir={work}")
-  assert_names(line, f"{work} is being written by another run (pid {first.pid} on ", "last heartbeat",
-               "wait for it to end")
-  out, err = first.communicate(timeout=600)
-  assert first.returncode == 0, err[-3000:]
-  # The first run went on unharmed: one record per logged step, and its lock is gone.
+  try:
+    deadline = time.time() + 300
+    while not os.path.exists(lock_file) and first.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    line = cli_error(capsys, "train", *args, f"--workdir={work}")
+    assert_names(line, f"{work} is being written by another run (pid {first.pid} on ", "last heartbeat",
+                 "wait for it to end")
+    assert first.poll() is None, "the first run ended before the second one was refused"
+    first.send_signal(signal.SIGTERM)   # no need to train it to the end: it saves where it is and stops
+    out, err = first.communicate(timeout=600)
+  finally:
+    first.kill()
+  assert first.returncode == 75, err[-3000:]
+  # The first run went on unharmed: one record per logged step up to where it stopped, and its lock is gone.
+  stopped = int(err.split("stopped by SIGTERM at step ")[1].split("/")[0])
   with open(os.path.join(work, "metrics.jsonl")) as f:
-    assert [r["step"] for r in map(json.loads, f) if r["kind"] == "train"] == [250, 500, 750, 1000]
+    assert [r["step"] for r in map(json.loads, f) if r["kind"] == "train"] == list(range(1, stopped + 1))
   assert not os.path.exists(lock_file)
 
 

@@ -110,6 +110,42 @@ def test_local_default_is_one_run_per_module(sandbox):
   check_phases(dry_run(sandbox, "local.sh", "configs/vit_b.py", "runs/b"), "runs/b", "each")
 
 
+def _modassem_preempted_once(sandbox, when: str):
+  """The `modassem` stub, made to exit with status 75 (preempted) the first time its arguments contain `when`,
+  and 0 otherwise; each call is recorded."""
+  env, called, _ = sandbox
+  stub = os.path.join(env["PATH"].split(":")[0], "modassem")
+  flag_file = f"{called}.preempted"
+  with open(stub, "w") as f:
+    f.write(f"#!/bin/sh\necho \"$*\" >> '{called}'\n"
+            f"case \"$*\" in *{when}*) [ -e '{flag_file}' ] || {{ touch '{flag_file}'; exit 75; }};; esac\nexit 0\n")
+
+
+def test_local_runs_a_preempted_phase_again(sandbox):
+  base, called, cwd = sandbox
+  _modassem_preempted_once(sandbox, "--workdir=runs/b/inc1")
+  proc = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), "configs/vit_b.py", "runs/b"],
+                        env={**base, "DRY_RUN": "0"}, cwd=cwd, capture_output=True, text=True, timeout=30)
+  assert proc.returncode == 0, proc.stderr
+  workdirs = [flag(shlex.split(line), "workdir") for line in called.read_text().splitlines()]
+  assert workdirs == ["runs/b/meta", "runs/b/inc0", "runs/b/inc1", "runs/b/inc1", "runs/b/inc2", "runs/b/inc3",
+                      "runs/b/assemble", "runs/b/assemble"]
+  assert "modassem was preempted (exit status 75): running it again to resume (1/20)" in proc.stderr
+
+
+@pytest.mark.parametrize("statuses,calls,rc", [("75 75 0", 3, 0), ("2", 1, 2), ("75 75 75", 3, 75)])
+def test_until_done_reruns_only_preempted_commands(tmp_path, statuses, calls, rc):
+  """launch/until_done.sh (on TPU VM workers) against a command exiting with each status in turn."""
+  count = tmp_path / "count"
+  cmd = tmp_path / "cmd"
+  cmd.write_text(f"#!/bin/sh\necho x >> '{count}'\nset -- {statuses}\nshift $(($(wc -l < '{count}') - 1))\n"
+                 f"exit $1\n")
+  cmd.chmod(0o755)
+  proc = subprocess.run([os.path.join(LAUNCH, "until_done.sh"), str(cmd)], env={**os.environ, "MAX_RERUNS": "2"},
+                        capture_output=True, text=True, timeout=30)
+  assert (proc.returncode, len(count.read_text().split())) == (rc, calls), proc.stderr
+
+
 def test_bad_mode_is_refused(sandbox):
   base, _, cwd = sandbox
   proc = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), "configs/vit_b.py", "runs/b"],
@@ -166,8 +202,10 @@ def tpu_commands(cmds):
       assert "--worker=all" in c
       remote = flag(c, "command")
       last = remote.split(" && ")[-1]
-      if last.startswith("modassem "):
-        runs.append((name, shlex.split(last)))
+      if last.startswith("launch/until_done.sh modassem "):   # preempted runs are run again on the worker
+        runs.append((name, shlex.split(last)[1:]))
+      else:
+        assert "modassem " not in last, last
   return steps, runs
 
 

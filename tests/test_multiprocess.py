@@ -1,28 +1,31 @@
 """2 processes x 4 simulated devices on localhost (JAX's distributed runtime, CPU collectives) against the
-session's one-process runs of the same configs: the same losses, the same parameters, and a resume on the two
-processes. The first two-process runs are session jobs (see conftest.py): they start in the background at
-collection, the assembly after the session pipeline whose incubated modules it reads."""
+session's one-process runs of the same configs: the same losses, the same parameters; and one host of the job
+preempted (SIGTERM), the job's rerun resuming to the parameters of the uninterrupted job. The two-process runs are
+session jobs (see conftest.py): they start in the background at collection, the assembly after the session
+pipeline whose incubated modules it reads."""
 
 import json
 import os
-import shutil
 import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import processes
 from conftest import JOBS, PIPELINE, REPO, SCRATCH, TINY
 from modassem import checkpoints
 
 # The tiny preset's defaults: the configs of the session pipeline's runs (6 steps, a checkpoint every 3).
 META = [f"--config={TINY}:meta"]
 ASSEMBLE = [f"--config={TINY}:assemble", f"--config.modules={','.join([os.path.join(PIPELINE, 'incubate')] * 4)}"]
-WORK = {"meta": os.path.join(SCRATCH, "two", "meta"), "assemble": os.path.join(SCRATCH, "two", "assemble")}
+WORK = {name: os.path.join(SCRATCH, "two", name) for name in ("meta", "assemble", "preempt")}
 for _name, _args in (("meta", META), ("assemble", ASSEMBLE)):
   JOBS.add(f"two-process-{_name}", [sys.executable, os.path.join(REPO, "tests", "processes.py"), "2", "4",
                                     WORK[_name], *_args], module=__file__)
+# The same meta run, its last process sent SIGTERM after the first step, then run again. (A log line every step
+# tells the job when to send it; how often a run logs does not change what it trains.)
+JOBS.add("two-process-preempt", [sys.executable, os.path.join(REPO, "tests", "processes.py"), "--preempt", "2", "4",
+                                 WORK["preempt"], *META, "--config.log_every_steps=1"], module=__file__)
 
 
 def _job(name):
@@ -47,10 +50,9 @@ def _modules(workdir):
   return out
 
 
-def test_two_processes_match_one_and_resume(runs, tmp_path):
-  one, two = runs["meta"], str(tmp_path / "two")
+def test_two_processes_match_one(runs):
+  one, two = runs["meta"], WORK["meta"]
   outs = _job("meta")
-  shutil.copytree(WORK["meta"], two)
   # Process 0 reports; process 1 stays quiet.
   assert "meta done" in outs[0] and "meta done" not in outs[1]
   assert len(_losses(two)) == len(_losses(one)) == 3
@@ -58,17 +60,22 @@ def test_two_processes_match_one_and_resume(runs, tmp_path):
   for a, b in zip(_modules(two), _modules(one), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
-  # Back to the state of a run stopped after its step-3 checkpoint, then the same two-process command.
-  final = _modules(two)
-  for d in ("modules", "checkpoints/6"):
-    shutil.rmtree(os.path.join(two, d))
-  os.remove(os.path.join(two, "results.json"))
-  outs = processes.train(2, 4, two, META)
-  assert all(rc == 0 for rc, _, _ in outs), outs[0][2][-3000:] + outs[1][2][-3000:]
-  assert "resuming meta from step 3" in outs[0][1]
-  for a, b in zip(_modules(two), final, strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(_losses(two), _losses(one), rtol=2e-5)
+
+def test_a_preempted_host_stops_the_job_at_one_step_and_the_rerun_resumes_exactly():
+  job = json.loads(JOBS.result("two-process-preempt").strip().splitlines()[-1])
+  (rc0, out0, err0), (rc1, _, err1) = job["stopped"]
+  assert (rc0, rc1) == (75, 75), err0[-3000:] + err1[-3000:]
+  message = [line for line in err0.splitlines() if line.startswith("modassem train: ")]
+  assert len(message) == 1 and message[0].startswith("modassem train: stopped by SIGTERM at step "), err0[-3000:]
+  assert "modassem train: stopped" not in err1   # one message for the job, from process 0
+  step = int(message[0].split(" at step ")[1].split("/")[0])
+  assert 1 <= step < 6 and f"checkpoint saved in {WORK['preempt']}/checkpoints: rerun the same command" in message[0]
+  assert f"meta step {step}/6" in out0 and f"meta step {step + 1}/6" not in out0
+  (rc0, out0, err0), (rc1, _, err1) = job["rerun"]
+  assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
+  assert f"resuming meta from step {step}/6" in out0
+  for a, b in zip(_modules(WORK["preempt"]), _modules(WORK["meta"]), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_assembly_on_two_processes_matches_one(pipeline_dir):

@@ -1,6 +1,11 @@
-"""A run killed with SIGKILL resumes, from the same command, to the parameters of an uninterrupted run."""
+"""Runs stopped every way a real one is, then rerun with the same command, end at the parameters of a run never
+stopped, bit for bit: SIGTERM (preemption) and Ctrl-C save a checkpoint where they stop and exit with status 75;
+SIGKILL loses what came after the last checkpoint; a latest checkpoint cut short is moved aside and the one before
+it used. (Two processes preempted together: test_multiprocess.py.)"""
 
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,59 +15,196 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from conftest import REPO, TINY, tiny
 from modassem import checkpoints, cli, train
 
-# The tiny preset's epoch is 1437 // 32 = 44 steps. A kill after one of the first checkpoints (10, 20, 30, 40)
-# interrupts mid-epoch, and the resumed run then crosses the epoch boundary, where the data order reshuffles.
-STEPS, EVERY, EPOCH = 50, 10, 44
-ARGS = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}", "--config.log_every_steps=1",
-        "--config.keep_checkpoints=2"]
+# The tiny preset's epoch is 1437 // 32 = 44 steps: runs stopped before it and resumed cross the epoch boundary,
+# where the data order reshuffles. How often a run logs and checkpoints does not change what it trains, so every
+# run here matches the one reference.
+STEPS, EPOCH = 50, 44
+RUN = ["train", f"--config={TINY}:meta", f"--config.total_steps={STEPS}", "--config.log_every_steps=1",
+       "--config.keep_checkpoints=3"]
 
 
-def _module(run_dir, k):
-  tree = ocp.StandardCheckpointer().restore(checkpoints.module_dir(run_dir, k))
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The parameters of the run never stopped."""
+  ref = str(tmp_path_factory.mktemp("reference"))
+  train.train(tiny("meta", total_steps=STEPS, checkpoint_every_steps=10, log_every_steps=10), ref)
+  return _params(ref)
 
 
-def _kill_after_first_checkpoint(proc, ckpt_dir, timeout=300):
-  """SIGKILL as soon as `proc` has committed its first checkpoint: mid-run, mid-epoch."""
-  deadline = time.time() + timeout
-  try:
-    while time.time() < deadline and proc.poll() is None:
-      if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-        break
-      time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-  finally:
-    proc.wait()
-
-
-def test_kill_9_then_rerun_resumes_to_the_same_parameters(tmp_path, capsys):
-  work = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "modassem", "train", f"--config={TINY}:meta", f"--workdir={work}", *ARGS]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  killer = threading.Thread(target=_kill_after_first_checkpoint, args=(proc, os.path.join(work, "checkpoints")))
-  killer.start()
-  # The uninterrupted reference, here, while the other run starts and is killed.
-  ref = str(tmp_path / "ref")
-  try:
-    train.train(tiny("meta", total_steps=STEPS, checkpoint_every_steps=EVERY, log_every_steps=1), ref)
-  finally:
-    killer.join()
-  assert proc.returncode == -signal.SIGKILL
-  assert not os.path.exists(os.path.join(work, "results.json")), "the run ended before it could be killed"
-
-  # The same command again (here, in this process: its programs are compiled already).
-  capsys.readouterr()
-  assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={work}", *ARGS]) == 0
-  resumed = capsys.readouterr().out
-  start = int(resumed.split("resuming meta from step ")[1].split("/")[0])
-  assert 0 < start < EPOCH and start % EVERY == 0, resumed   # mid-epoch, with the boundary still ahead
+def _params(run_dir):
+  out = []
   for k in range(4):
-    for a, b in zip(_module(work, k), _module(ref, k), strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    tree = ocp.StandardCheckpointer().restore(checkpoints.module_dir(run_dir, k))
+    out += [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+  return out
 
-  assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={work}", *ARGS]) == 0
+
+def _assert_same(params, reference):
+  for a, b in zip(params, reference, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def _steps(work):
+  ckpt = checkpoints.state_dir(work)
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
+def _saving(work):
+  """Whether an asynchronous checkpoint save is under way (Orbax writes into a temporary folder, then renames it)."""
+  ckpt = checkpoints.state_dir(work)
+  return os.path.isdir(ckpt) and any("tmp" in d for d in os.listdir(ckpt))
+
+
+def _start(work, every, **popen):
+  return subprocess.Popen([sys.executable, "-m", "modassem", *RUN, f"--workdir={work}",
+                           f"--config.checkpoint_every_steps={every}"], cwd=REPO, text=True, **popen)
+
+
+def _stop_message(err, signame, work):
+  """The step of the one-line message a run stopped by `signame` ends with."""
+  lines = [line for line in err.splitlines() if line.startswith("modassem train: ")]
+  assert len(lines) == 1, err[-3000:]
+  head, tail = f"modassem train: stopped by {signame} at step ", f"/{STEPS}, checkpoint saved in "
+  assert lines[0].startswith(head) and tail in lines[0], lines[0]
+  step, where = lines[0][len(head):].split(tail)
+  assert where == f"{checkpoints.state_dir(work)}: rerun the same command to resume", lines[0]
+  return int(step)
+
+
+def _truncate_a_data_file(work, step):
+  data = os.path.join(checkpoints.state_dir(work), str(step), "state", "ocdbt.process_0", "d")
+  biggest = max(os.listdir(data), key=lambda f: os.path.getsize(os.path.join(data, f)))
+  with open(os.path.join(data, biggest), "r+b") as f:
+    f.truncate(os.path.getsize(os.path.join(data, biggest)) // 2)
+
+
+def test_sigterm_saves_where_it_stops_and_a_cut_short_checkpoint_is_set_aside(reference, tmp_path, capsys):
+  work = str(tmp_path / "run")
+  proc = _start(work, 10, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    while proc.poll() is None and not _steps(work):   # SIGTERM once the first checkpoint is committed
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 75, err[-3000:]
+  step = _stop_message(err, "SIGTERM", work)
+  assert _steps(work) == [10, step] and 10 < step < EPOCH, (step, _steps(work))
+  assert f"meta step {step}/{STEPS}" in out and f"meta step {step + 1}/{STEPS}" not in out
+
+  # Its latest checkpoint cut short (a copy each for eval and train): moved aside, and the one before used.
+  for verb in ("eval", "train"):
+    damaged = str(tmp_path / f"damaged-{verb}")
+    shutil.copytree(work, damaged)
+    _truncate_a_data_file(damaged, step)
+    capsys.readouterr()
+    assert cli.main([verb, *RUN[1:], f"--workdir={damaged}"]) == 0
+    said = capsys.readouterr().out
+    assert (f"{damaged}: checkpoint {step} is damaged" in said and
+            f"moved it to {damaged}/damaged/checkpoints/{step}; using checkpoint 10" in said), said
+    assert os.path.isdir(os.path.join(damaged, "damaged", "checkpoints", str(step)))
+    if verb == "eval":
+      assert checkpoints.read_json(os.path.join(damaged, "eval.json"))["step"] == 10
+    else:
+      assert "resuming meta from step 10/" in said
+      _assert_same(_params(damaged), reference)
+
+  # Every checkpoint cut short: a one-line error, and nothing moved.
+  hopeless = str(tmp_path / "hopeless")
+  shutil.copytree(work, hopeless)
+  for bad in (10, step):
+    _truncate_a_data_file(hopeless, bad)
+  capsys.readouterr()
+  assert cli.main([*RUN, f"--workdir={hopeless}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == (f"modassem train: error: every checkpoint in {checkpoints.state_dir(hopeless)} (step(s) {step}, 10) "
+                 f"is damaged (Exception): move that folder away to start the run over, or restore it from a copy")
+  assert _steps(hopeless) == [10, step] and not os.path.exists(os.path.join(hopeless, "damaged"))
+
+  # The preempted run itself: the same command resumes where it stopped.
+  assert cli.main([*RUN, f"--workdir={work}", "--config.checkpoint_every_steps=10"]) == 0
+  assert f"resuming meta from step {step}/" in capsys.readouterr().out
+  _assert_same(_params(work), reference)
+
+
+def _signal_during_a_save(work, signum, skip, delay, pid, running):
+  """Sends `signum` to `pid` `delay` s into the asynchronous save after the next `skip` ones (while `running()`)."""
+  seen, was = 0, False
+  while running():
+    now = _saving(work)
+    if now and not was:
+      if seen == skip:
+        time.sleep(delay)
+        os.kill(pid, signum)
+        return
+      seen += 1
+    was = now
+    time.sleep(0.0005)
+
+
+def test_ctrl_c_during_asynchronous_saves_stops_the_same_way_every_time(reference, tmp_path, capsys):
+  """5 times at seeded moments, in this process (a real SIGINT, to this process's own handlers)."""
+  work, rng, stops = str(tmp_path / "run"), random.Random(0), []
+  args = [*RUN, f"--workdir={work}", "--config.checkpoint_every_steps=4"]
+  for _ in range(5):
+    done = threading.Event()
+    sender = threading.Thread(target=_signal_during_a_save, args=(
+        work, signal.SIGINT, rng.randint(0, 1), rng.uniform(0, 0.01), os.getpid(), lambda: not done.is_set()))
+    sender.start()
+    try:
+      rc = cli.main(args)
+    finally:
+      done.set()
+      sender.join()
+    out, err = capsys.readouterr()
+    assert rc == 75, err[-3000:]
+    stops.append(_stop_message(err, "SIGINT", work))
+    assert "stopping after this step to save a checkpoint (Ctrl-C again to stop at once)" in out
+    assert _steps(work)[-1] == stops[-1]
+    if len(stops) > 1:
+      assert f"resuming meta from step {stops[-2]}/" in out
+  assert stops == sorted(stops) and stops[-1] < STEPS, stops
+  assert cli.main(args) == 0
+  _assert_same(_params(work), reference)
+
+
+def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_path, capsys):
+  """SIGKILL 5 times, each in the rerun of the run killed before it, once it has committed a checkpoint of its own:
+  a seeded number of steps later, or (the third time) a seeded moment into its next asynchronous save. The last
+  rerun (here, in this process) finishes."""
+  work, rng, every = str(tmp_path / "run"), random.Random(0), 4
+  for i in range(5):
+    start = (_steps(work) or [0])[-1]
+    proc = _start(work, every, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out, more = "", rng.randint(0, 4)
+    try:
+      for line in proc.stdout:
+        out += line
+        if (_steps(work) or [0])[-1] > start:
+          if i == 2:
+            _signal_during_a_save(work, signal.SIGKILL, 0, rng.uniform(0, 0.01), proc.pid,
+                                  lambda: proc.poll() is None)
+            break
+          if more == 0:
+            proc.send_signal(signal.SIGKILL)
+            break
+          more -= 1
+      out += proc.communicate(timeout=300)[0]
+    finally:
+      proc.kill()
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert (f"resuming meta from step {start}/" in out) == (start > 0)
+    assert not os.path.exists(os.path.join(work, "results.json")), "the run ended before it was killed"
+  assert 0 < _steps(work)[-1] < EPOCH
+  capsys.readouterr()
+  assert cli.main([*RUN, f"--workdir={work}", f"--config.checkpoint_every_steps={every}"]) == 0
+  assert "resuming meta from step" in capsys.readouterr().out
+  _assert_same(_params(work), reference)
+  assert cli.main([*RUN, f"--workdir={work}", f"--config.checkpoint_every_steps={every}"]) == 0
   assert "already finished" in capsys.readouterr().out
