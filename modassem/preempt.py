@@ -15,6 +15,9 @@ or their checkpoint would mix steps: JAX's distributed runtime already listens
 for SIGTERM on every process, tells the others, and agrees on a step
 (`multihost_utils.reached_preemption_sync_point`, called after every step);
 SIGINT is turned into SIGTERM to this process so it takes the same path.
+Where that service is turned off (`jax_enable_preemption_service`), a
+multi-process run leaves signals as they are: processes stopping at steps of
+their own would save a checkpoint of mixed steps.
 """
 
 from __future__ import annotations
@@ -43,16 +46,21 @@ def _sync_manager():
   return state.preemption_sync_manager if state.client is not None else None
 
 
+def _several_processes() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count() > 1
+
+
 class Stop:
   """Whether the loop should stop after the step it just ran; `signame` says why."""
 
   def __init__(self):
     self.signame = None
-    self._synced = _sync_manager() is not None
+    self.synced = _sync_manager() is not None
 
   def requested(self, step: int) -> bool:
     """Called after every step, by every process, with the same steps (the sync point counts calls)."""
-    if self._synced:
+    if self.synced:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       if multihost_utils.reached_preemption_sync_point(step):
         self.signame = self.signame or "SIGTERM"
@@ -67,7 +75,7 @@ class Stop:
       if not first:
         raise KeyboardInterrupt   # a second Ctrl-C: stop now, without the checkpoint
       print("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)", flush=True)
-      if self._synced:
+      if self.synced:
         # The distributed runtime's preemption notifier listens for SIGTERM: let it tell the other processes.
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -87,7 +95,11 @@ def handling():
     yield _active
     return
   stop = _active = Stop()
-  names = [signal.SIGINT] + ([] if stop._synced else [signal.SIGTERM])  # pylint: disable=protected-access
+  names = [signal.SIGINT] + ([] if stop.synced else [signal.SIGTERM])
+  if not stop.synced and _several_processes():
+    # Several processes but no preemption service (`jax_enable_preemption_service` off): they could not agree on
+    # a step, and a checkpoint of mixed steps is worse than none. Signals keep their usual effect.
+    names = []
   try:
     previous = {s: signal.signal(s, stop._on_signal) for s in names}  # pylint: disable=protected-access
   except ValueError:   # not the main thread (an embedding application): signals stay as they are
