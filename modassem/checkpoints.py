@@ -200,14 +200,10 @@ def restore_newest_intact(workdir: str, mngr: ocp.CheckpointManager, abstract_st
     raise ModassemError(
         f"every checkpoint in {state_dir(workdir)} (step(s) {', '.join(str(s) for s in steps)}) is damaged "
         f"({damaged[0][1]}): move that folder away to start the run over, or restore it from a copy")
-  for bad, why in damaged:
-    if jax.process_index() == 0:
-      dest = move_aside(workdir, os.path.join(state_dir(workdir), str(bad)))
-      say(f"{workdir}: checkpoint {bad} is damaged ({why}): moved it to {dest}; using checkpoint {step}")
   if damaged:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("modassem: damaged checkpoints moved aside")
+    moved = move_aside_together(workdir, [os.path.join(state_dir(workdir), str(bad)) for bad, _ in damaged])
+    for (bad, why), dest in zip(damaged, moved):
+      say(f"{workdir}: checkpoint {bad} is damaged ({why}): moved it to {dest}; using checkpoint {step}")
     mngr.reload()
   return state, step
 
@@ -263,6 +259,16 @@ def move_aside(workdir: str, path: str) -> str:
   os.makedirs(os.path.dirname(dest), exist_ok=True)
   os.replace(path, dest)
   return dest
+
+
+def move_aside_together(workdir: str, paths: list[str]) -> list[str]:
+  """Process 0 moves `paths` aside (`move_aside`) while the others wait for it; where they went (on process 0; no
+  other process moves anything, so elsewhere the list is empty)."""
+  moved = [move_aside(workdir, p) for p in paths] if jax.process_index() == 0 else []
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("modassem: damaged items moved aside")
+  return moved
 
 
 def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str) -> Any:

@@ -138,13 +138,8 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
   finally:
     if mngr is not None:
       mngr.close()
-  moved = []
-  if is_main():
-    moved = [checkpoints.move_aside(workdir, checkpoints.module_dir(workdir, k)) for k in damaged
-             if os.path.exists(checkpoints.module_dir(workdir, k))]
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("modassem: damaged modules moved aside")
+  moved = checkpoints.move_aside_together(workdir, [checkpoints.module_dir(workdir, k) for k in damaged
+                                                    if os.path.exists(checkpoints.module_dir(workdir, k))])
   params = prepare.saved_layout(s.config, state.params)
   checkpoints.save_modules(workdir, {f"module_{k}": params[f"module_{k}"] for k in damaged})
   where = f" (the damaged items are in {os.path.dirname(moved[0])})" if moved else ""
@@ -161,6 +156,7 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
       process_count=jax.process_count()), shard)
   progress = Progress(s.total_steps, start, config.batch_size, config.progress if is_main() else "off",
                       label=s.plan.phase, quiet=not is_main())
+  ckpt_dir = checkpoints.state_dir(os.path.dirname(writer.path))
   t0 = time.perf_counter()
   pending = None   # (step, metrics) of the previous step: read one step late to keep the device busy
 
@@ -173,7 +169,6 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
       for bad in [c for c in mngr.all_steps() if c >= step - 1]:
         mngr.delete(bad)
       good = mngr.latest_step()
-      ckpt_dir = checkpoints.state_dir(os.path.dirname(writer.path))
       kept = (f"the last good checkpoint is step {good} in {ckpt_dir}, where a rerun resumes"
               if good is not None else "no good checkpoint was saved yet, so a rerun starts over")
       raise ModassemError(f"loss is {loss} at step {step}: training stopped; {kept}; "
@@ -208,7 +203,7 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
         if mngr.latest_step() != step:
           checkpoints.save_state(mngr, step, state, force=True)
           mngr.wait_until_finished()
-        raise preempt.Preempted(stop.signame, step, s.total_steps, checkpoints.state_dir(os.path.dirname(writer.path)))
+        raise preempt.Preempted(stop.signame, step, s.total_steps, ckpt_dir)
   finally:
     progress.close()
   return state, time.perf_counter() - t0
