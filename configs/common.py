@@ -96,8 +96,8 @@ def get_config(preset: str, phase: str, *, num_modules: int = 4, assemble_drop_p
 def get_cifar_config(preset: str, phase: str) -> ml_collections.ConfigDict:
   """CIFAR-100 at 32 px with 4-px patches, the paper's CIFAR table.
 
-  CIFAR-100 comes from TFDS (`tfds build cifar100` once on a machine with
-  internet access), or from an image folder:
+  CIFAR-100 comes from TFDS (`tfds build cifar100 --file_format=array_record`
+  once on a machine with internet access), or from an image folder:
   `--config.data.name=folder --config.data.path=DIR`.
   """
   c = get_config(preset, phase)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from modassem import checkpoints, data as data_lib, phases, sharding, steps
+from modassem.distributed import say
 from modassem.errors import ModassemError
 from modassem.models.vit import REMAT_POLICIES, abstract_params, stack_blocks, unstack_blocks
 from modassem.optim import lr_schedule, make_optimizer
@@ -141,6 +142,9 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   if dataset.num_classes != config.model.num_classes:
     raise ModassemError(f"the dataset has {dataset.num_classes} classes, model.num_classes={config.model.num_classes}: "
                         f"set --config.model.num_classes={dataset.num_classes}")
+  if jax.process_count() > 1 and not dataset.source.random_access:
+    say(f"{dataset.name} is in TFRecord files, which are read in sequence: every process reads the whole train "
+        "stream; prepared with `tfds build --file_format=array_record`, each process reads only its share")
   total, warmup = schedule_lengths(config, dataset.steps_per_epoch(config.batch_size))
   model_of = functools.partial(phases.model_for, config)
   run = run_info(config, plan, total)

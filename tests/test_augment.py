@@ -183,6 +183,12 @@ def test_repeat_records_is_rasampler_order():
   assert list(dataset_lib.repeat_records(records, 10, 3).as_numpy_iterator()) \
       == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
   assert list(dataset_lib.repeat_records(records, 10, 1)) == list(records)
+  # The random-access sources' order: the same list, computed on ids.
+  order = np.arange(10)[::-1]
+  assert dataset_lib.repeat_ids(order, 10, 3).tolist() \
+      == [9, 9, 9, 8, 8, 8, 7, 7, 7, 6]
+  assert dataset_lib.repeat_ids(order, 10, 1) is order
+  assert dataset_lib.repeat_ids(order, 7, 2).tolist() == [9, 9, 8, 8, 7, 7, 6]
   # Dict records (the TFDS source) repeat field by field.
   dicts = tf().data.Dataset.from_tensor_slices({"a": [1, 2], "b": [3, 4]})
   out = list(dataset_lib.repeat_records(dicts, 2, 2).as_numpy_iterator())
@@ -193,10 +199,8 @@ def test_each_chosen_image_appears_three_times_per_epoch():
   ds = data_lib.build(_digits_config(), image_size=16)
   assert ds.repeats == 3 and ds.num_train == 1437
   for epoch in range(2):
-    order = np.array(list(ds.source.train_records(11, epoch)))
-    repeated = np.array(list(
-        dataset_lib.repeat_records(ds.source.train_records(11, epoch),
-                                   ds.num_train, ds.repeats)))
+    order = ds.source.train_order(11, epoch)
+    repeated = dataset_lib.repeat_ids(order, ds.num_train, ds.repeats)
     assert len(repeated) == ds.num_train  # Epoch length unchanged.
     ids, counts = np.unique(repeated, return_counts=True)
     assert set(counts) == {3}

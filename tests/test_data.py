@@ -100,7 +100,7 @@ def test_digits_split_is_fixed_stratified_and_disjoint(digits):
 
 def test_epoch_orders_are_seeded_permutations(digits):
   source = digits.source
-  orders = [np.array(list(source.train_records(seed, epoch)))
+  orders = [source.train_order(seed, epoch)
             for seed, epoch in ((0, 0), (0, 1), (1, 0), (0, 0))]
   for order in orders:
     np.testing.assert_array_equal(np.sort(order), source.train_ids)
@@ -340,28 +340,12 @@ def test_folder_source_on_cifar10_jpegs(tmp_path):
 TFDS_NAME = "modassem_tiny_images"
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  """A real TFDS dataset written locally; image value i*6 encodes id i."""
-  from modassem.data._tf import tfds  # pylint: disable=g-import-not-at-top
-  tfds_module = tfds()
-  features = tfds_module.features.FeaturesDict({
-      "image": tfds_module.features.Image(shape=(None, None, 3)),
-      "label": tfds_module.features.ClassLabel(num_classes=3),
-  })
-
-  def examples(ids):
-    for i in ids:
-      image = np.full((10 + i % 4, 12, 3), i * 6, np.uint8)
-      yield i, {"image": image, "label": i % 3}
-
-  data_dir = tmp_path_factory.mktemp("tfds")
-  tfds_module.dataset_builders.store_as_tfds_dataset(
-      name=TFDS_NAME, version="1.0.0", features=features,
-      split_datasets={"train": examples(range(30)),
-                      "test": examples(range(30, 30 + 7))},
-      data_dir=str(data_dir))
-  return str(data_dir)
+@pytest.fixture(scope="module", params=["tfrecord", "array_record"])
+def tfds_dir(request, tmp_path_factory):
+  """A real TFDS dataset written locally, streamed (TFRecord) or read by
+  index (ArrayRecord); image value i*6 encodes example i."""
+  from reads import write_tiny_tfds  # pylint: disable=g-import-not-at-top
+  return write_tiny_tfds(str(tmp_path_factory.mktemp("tfds") / request.param), request.param)
 
 
 def _ids(images):
@@ -374,6 +358,7 @@ def test_tfds_source_reads_prepared_dataset(tfds_dir):
                    augment="none")
   ds = data_lib.build(config, image_size=8)
   assert (ds.num_classes, ds.num_train, ds.num_eval) == (3, 30, 7)
+  assert ds.source.random_access == tfds_dir.endswith("array_record")
 
   full = _take(ds.train_batches(10, seed=2), 7)
   for epoch in range(2):

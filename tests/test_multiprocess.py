@@ -2,7 +2,8 @@
 session's one-process runs of the same configs: the same losses, the same parameters; and one host of the job
 preempted (SIGTERM), the job's rerun resuming to the parameters of the uninterrupted job. The two-process runs are
 session jobs (see conftest.py): they start in the background at collection, the assembly after the session
-pipeline whose incubated modules it reads."""
+pipeline whose incubated modules it reads. Input: the records each process of a 2 x 4 job reads from a TFDS
+dataset in ArrayRecord files, against the batches of one process."""
 
 import json
 import os
@@ -14,6 +15,14 @@ import orbax.checkpoint as ocp
 
 from conftest import JOBS, PIPELINE, REPO, SCRATCH, TINY
 from modassem import checkpoints
+
+# Each process of a 2 x 4 job takes steps 0-2 (one epoch of 30 records in batches of 10), step 2 alone (a resume
+# at step 2 of that epoch), and steps 2-4 (across the epoch boundary).
+READS = os.path.join(SCRATCH, "reads-tfds")
+SPANS = ("0:3", "2:1", "2:3")
+JOBS.add("two-process-reads", [sys.executable, os.path.join(REPO, "tests", "reads.py"), READS, "2", "4", *SPANS],
+         module=__file__)
+
 
 # The tiny preset's defaults: the configs of the session pipeline's runs (6 steps, a checkpoint every 3).
 META = [f"--config={TINY}:meta"]
@@ -85,3 +94,28 @@ def test_assembly_on_two_processes_matches_one(pipeline_dir):
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=2e-5)
   for a, b in zip(_modules(two), _modules(one), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_each_process_reads_only_its_share_of_the_records_and_a_resume_reads_nothing_before_it():
+  import reads  # pylint: disable=g-import-not-at-top
+  job = _job("reads")
+  assert [(p["process"], p["devices"]) for p in job] == [(0, 4), (1, 4)]
+  ds, counter = reads.counted_dataset(READS)
+  one = reads.take(ds, counter, 0, 5)   # one process, steps 0-4
+  assert sorted(one["read"][:30]) == list(range(30))
+  epoch = [job[p]["spans"]["0:3"] for p in (0, 1)]
+  # Disjoint halves of the epoch: every record read once in all, each by one process, and only for its batches.
+  halves = [sorted(e["read"]) for e in epoch]
+  assert len(halves[0]) == len(halves[1]) == 15 and sorted(halves[0] + halves[1]) == list(range(30))
+  # The global batches (process 0's slice, then process 1's) are the one-process batches, step for step.
+  for span, first in (("0:3", 0), ("2:3", 2)):
+    spans = [job[p]["spans"][span]["batches"] for p in (0, 1)]
+    assert [a + b for a, b in zip(*spans)] == one["batches"][first:first + 3]
+  # Record index -> example id, from the one-process run's epoch 0 (one index read per example).
+  example_of = dict(zip(one["read"][:30], sum(one["batches"][:3], [])))
+  for p in (0, 1):
+    assert sorted(example_of[i] for i in epoch[p]["read"]) == sorted(sum(epoch[p]["batches"], []))
+    # Resumed at step 2: exactly this process's examples of step 2, none of steps 0 and 1.
+    resumed = job[p]["spans"]["2:1"]
+    assert sorted(example_of[i] for i in resumed["read"]) == sorted(resumed["batches"][0])
+    assert not {example_of[i] for i in resumed["read"]} & set(sum(one["batches"][:2], []))

@@ -8,9 +8,14 @@ the example at position i of the epoch the augmentation seed
 step k builds epoch k // steps_per_epoch directly and skips records, never
 decoded images, up to the resume point.
 
-Multi-process: every process walks the same global order and keeps its
-contiguous slice [p * b, (p + 1) * b) of each global batch, so the global
-batch is the same for any process count.
+Multi-process: process p's share of each global batch is the contiguous
+slice [p * b, (p + 1) * b), so the global batch is the same for any process
+count. Random-access sources (digits, image folders, TFDS in ArrayRecord
+format) compute the epoch order as an array of record ids and hand each
+process only the ids of its slices, so a process reads and decodes its own
+examples and nothing else, and a resume reads nothing before its step.
+Streaming sources (TFDS in TFRecord format) cannot seek: every process reads
+the whole stream up to its last example and keeps its slices.
 
 Repeated augmentation (DeiT's RASampler, `repeats` > 1): the epoch's order
 keeps its first ceil(num_train / repeats) records, each repeated `repeats`
@@ -45,8 +50,23 @@ Batch = dict[str, np.ndarray]
 _AFTER_NORMALIZE_KEY = 1
 
 
+def repeat_ids(order: np.ndarray, num_train: int, repeats: int) -> np.ndarray:
+  """RASampler's epoch order: first ceil(n / r) ids, each r times, n kept."""
+  if repeats <= 1:
+    return order
+  return np.repeat(order[:math.ceil(num_train / repeats)], repeats)[:num_train]
+
+
+def slice_positions(batch_size: int, local: int, process_index: int,
+                    first_step: int, num_steps: int) -> np.ndarray:
+  """Positions in the epoch of process p's examples at steps [first, first + n)."""
+  steps = np.arange(first_step, first_step + num_steps, dtype=np.int64)
+  offsets = process_index * local + np.arange(local, dtype=np.int64)
+  return (steps[:, None] * batch_size + offsets[None, :]).reshape(-1)
+
+
 def repeat_records(records, num_train: int, repeats: int):
-  """RASampler's epoch order: first ceil(n / r) records, each r times, n kept."""
+  """`repeat_ids` for a stream of records (the streaming TFDS source)."""
   if repeats <= 1:
     return records
   t = tf()
@@ -167,15 +187,25 @@ class Dataset:
     }
 
   def _train_epoch(self, batch_size: int, local: int, process_index: int,
-                   seed: int, epoch: int, offset: int):
-    """This process's batches of one epoch, from position `offset` on."""
-    end = self.steps_per_epoch(batch_size) * batch_size
-    ds = repeat_records(self.source.train_records(seed, epoch),
-                        self.num_train, self.repeats).enumerate()
-    # Skipping happens on records (ids or encoded bytes): nothing skipped
-    # is decoded or augmented.
-    ds = ds.skip(offset).take(end - offset)
-    ds = ds.filter(_slice_filter(batch_size, local, process_index))
+                   seed: int, epoch: int, first_step: int):
+    """This process's batches of one epoch, from step `first_step` on."""
+    steps = self.steps_per_epoch(batch_size)
+    if self.source.random_access:
+      order = repeat_ids(self.source.train_order(seed, epoch), self.num_train,
+                         self.repeats)
+      positions = slice_positions(batch_size, local, process_index,
+                                  first_step, steps - first_step)
+      ds = tf().data.Dataset.from_tensor_slices(
+          (positions, order[positions].astype(np.int64)))
+      ds = self.source.fetch(ds)
+    else:
+      offset, end = first_step * batch_size, steps * batch_size
+      ds = repeat_records(self.source.train_records(seed, epoch),
+                          self.num_train, self.repeats).enumerate()
+      # A stream cannot seek: records before `offset` and other processes'
+      # records are read, but never decoded or augmented.
+      ds = ds.skip(offset).take(end - offset)
+      ds = ds.filter(_slice_filter(batch_size, local, process_index))
     ds = ds.map(lambda pos, r: self._train_example(seed, epoch, pos, r),
                 num_parallel_calls=self._parallel())
     ds = ds.batch(local, drop_remainder=True).prefetch(self.prefetch)
@@ -200,12 +230,12 @@ class Dataset:
     epoch, step_in_epoch = divmod(int(start_step), steps)
 
     def batches():
-      e, offset = epoch, step_in_epoch * batch_size
+      e, first = epoch, step_in_epoch
       while True:
         ds = self._train_epoch(batch_size, local, process_index, seed, e,
-                               offset)
+                               first)
         yield from ds.as_numpy_iterator()
-        e, offset = e + 1, 0
+        e, first = e + 1, 0
 
     return batches()
 
@@ -224,8 +254,16 @@ class Dataset:
     num_pad = num_batches * local - num_real
 
     t = tf()
-    ds = self.source.eval_records().enumerate()
-    ds = ds.filter(_slice_filter(batch_size, local, process_index))
+    if self.source.random_access:
+      positions = slice_positions(batch_size, local, process_index, 0,
+                                  num_batches)
+      positions = positions[positions < n]
+      ds = t.data.Dataset.from_tensor_slices(
+          (positions, self.source.eval_order()[positions].astype(np.int64)))
+      ds = self.source.fetch(ds)
+    else:
+      ds = self.source.eval_records().enumerate()
+      ds = ds.filter(_slice_filter(batch_size, local, process_index))
     ds = ds.map(self._eval_example, num_parallel_calls=self._parallel())
     size = self.image_size
     padding = t.data.Dataset.from_tensors({

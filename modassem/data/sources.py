@@ -1,9 +1,9 @@
 """Random-access image sources: the built-in digits set and image folders.
 
-A source says how many examples each split has and turns a stream of
-*records* (cheap handles: an example id here) into decoded uint8 images. The
-pipeline in `dataset.py` orders, skips and slices records before decoding, so
-skipped examples and other processes' examples are never decoded.
+A source says how many examples each split has, orders them by id, and
+turns ids into decoded uint8 images. The pipeline in `dataset.py` picks a
+process's ids before anything is read, so skipped examples and other
+processes' examples are never read or decoded.
 """
 
 import dataclasses
@@ -46,13 +46,21 @@ def subset_ids(ids: np.ndarray, labels: np.ndarray,
   return ids[np.sort(np.concatenate(keep))]
 
 
+def epoch_order(ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+  """`ids` permuted from (seed, epoch) alone."""
+  rng = np.random.default_rng([seed, epoch])
+  return ids[rng.permutation(len(ids))]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class IndexedSource:
   """Examples addressed by id; an epoch is an exact permutation of ids.
 
   `load(id)` is a TF function returning a uint8 [H, W, 3] image for an int64
   id; `labels[id]` is its class. `train_ids`/`eval_ids` select the splits.
+  The record `decode` receives is the id itself.
   """
+  random_access = True
   name: str
   num_classes: int
   labels: np.ndarray
@@ -77,15 +85,16 @@ class IndexedSource:
     with tf().init_scope():
       return tf().constant(self.labels, tf().int32)
 
-  def train_records(self, seed: int, epoch: int):
+  def train_order(self, seed: int, epoch: int) -> np.ndarray:
     """All train ids in the epoch's order: a permutation from (seed, epoch)."""
-    rng = np.random.default_rng([seed, epoch])
-    order = self.train_ids[rng.permutation(len(self.train_ids))]
-    return tf().data.Dataset.from_tensor_slices(order.astype(np.int64))
+    return epoch_order(self.train_ids, seed, epoch)
 
-  def eval_records(self):
-    return tf().data.Dataset.from_tensor_slices(
-        self.eval_ids.astype(np.int64))
+  def eval_order(self) -> np.ndarray:
+    return self.eval_ids
+
+  def fetch(self, ds):
+    """(position, id) -> (position, record): the id is the record here."""
+    return ds
 
   def decode(self, record):
     return self.load(record), tf().gather(self._labels_tensor, record)

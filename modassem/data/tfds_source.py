@@ -1,8 +1,15 @@
-"""TensorFlow Datasets source (imagenet2012, cifar100, ...), streaming.
+"""TensorFlow Datasets sources (imagenet2012, cifar100, ...).
 
-TFDS stores examples in record files that can only be read in sequence, so an
-epoch is not an exact permutation as for the random-access sources. What is
-deterministic, and what this source relies on:
+A dataset prepared in the ArrayRecord format (`tfds build --file_format=
+array_record`; `tfds convert_format`, with apache-beam installed, converts a
+copy already prepared) is read by
+index: an epoch is an exact permutation of record indices from
+(seed, epoch), like the other random-access sources, and each process reads
+only the records of its own examples (`TfdsIndexedSource`).
+
+A dataset in the TFRecord format (TFDS's default) can only be read in
+sequence, so an epoch is not an exact permutation (`TfdsSource`). What is
+deterministic, and what that source relies on:
 
 * With `shuffle_files=True` and a `ReadConfig.shuffle_seed`, TFDS shuffles
   the shard order from that seed and interleaves shards in a fixed order
@@ -27,7 +34,7 @@ import numpy as np
 
 from modassem.data._tf import tf
 from modassem.data._tf import tfds
-from modassem.data.sources import subset_ids
+from modassem.data.sources import epoch_order, subset_ids
 from modassem.errors import ModassemError
 
 # Records held by the shuffle buffer (still JPEG/PNG encoded: ~1 GB for
@@ -74,10 +81,12 @@ def _builder(data):
   if not data.get("download", False):
     raise ModassemError(
         f"TFDS dataset {name!r} is not prepared in {where}: run `tfds build "
-        f"{name} --data_dir=DIR` (imagenet2012 also needs "
+        f"{name} --data_dir=DIR --file_format=array_record` (imagenet2012 also needs "
         "--manual_dir=DIR_WITH_THE_IMAGENET_TARS) and pass "
         "--config.data.tfds_data_dir=DIR, or set --config.data.download=True")
   config = tfds().download.DownloadConfig(manual_dir=manual_dir or None)
+  # ArrayRecord: read by index, each process only its share (module doc).
+  builder = tfds().builder(name, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(download_config=config)
   return builder
 
@@ -100,6 +109,90 @@ def _num_examples(builder, split: str) -> int:
         "--config.data.eval_split") from e
 
 
+# Records fetched by one call into the ArrayRecord reader.
+FETCH_CHUNK = 32
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsIndexedSource:
+  """A TFDS dataset in ArrayRecord files, read by record index.
+
+  Ids: train record i is id i, eval record j is id `num_train_records` + j.
+  A record is the serialized example, read by `fetch` in chunks through
+  TFDS's ArrayRecord data sources and parsed in the tf.data pipeline.
+  """
+  name: str
+  features: object
+  image_key: str
+  label_key: str
+  num_classes: int
+  train_reader: object
+  eval_reader: object
+  train_ids: np.ndarray
+  eval_ids: np.ndarray
+  eval_centre_crop: bool = True
+  random_access = True
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_ids)
+
+  @property
+  def num_eval(self) -> int:
+    return len(self.eval_ids)
+
+  def train_order(self, seed: int, epoch: int) -> np.ndarray:
+    return epoch_order(self.train_ids, seed, epoch)
+
+  def eval_order(self) -> np.ndarray:
+    return self.eval_ids
+
+  def read(self, ids: np.ndarray) -> np.ndarray:
+    """Serialized examples of `ids` (one split per call, as `fetch` chunks)."""
+    first = len(self.train_reader)
+    ids = ids.tolist()
+    if ids and ids[0] >= first:
+      records = self.eval_reader.__getitems__([i - first for i in ids])
+    else:
+      records = self.train_reader.__getitems__(ids)
+    return np.array(records, dtype=object)
+
+  def fetch(self, ds):
+    """(position, id) -> (position, serialized example)."""
+    t = tf()
+    # A Python call per chunk, not per record; the split boundary never
+    # falls inside a chunk because train and eval pipelines are separate.
+    def chunk(positions, ids):
+      return positions, t.numpy_function(self.read, [ids], t.string,
+                                         stateful=False)
+    return ds.batch(FETCH_CHUNK).map(
+        chunk, num_parallel_calls=t.data.AUTOTUNE).unbatch()
+
+  def decode(self, record):
+    ex = self.features.deserialize_example(
+        record, decoders={self.image_key: tfds().decode.SkipDecoding()})
+    image = tf().io.decode_image(
+        ex[self.image_key], channels=3, expand_animations=False)
+    image = tf().ensure_shape(image, [None, None, 3])
+    return image, tf().cast(ex[self.label_key], tf().int32)
+
+  def labels(self, ids: np.ndarray) -> np.ndarray:
+    """Labels of `ids`, images left encoded (for train_fraction)."""
+    t = tf()
+    ds = self.fetch(t.data.Dataset.from_tensor_slices(
+        (ids.astype(np.int64), ids.astype(np.int64))))
+    ds = ds.map(lambda _, r: self.features.deserialize_example(
+        r, decoders={self.image_key: tfds().decode.SkipDecoding()}
+    )[self.label_key], num_parallel_calls=t.data.AUTOTUNE).batch(4096)
+    return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros(0)])
+
+
+def random_access(builder) -> bool:
+  """Whether the prepared copy can be read by index (ArrayRecord files)."""
+  formats = builder.info.available_file_formats()
+  return tfds().core.file_adapters.FileFormat.ARRAY_RECORD in formats
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TfdsSource:
   """Streams a prepared TFDS dataset; see the module doc for determinism."""
@@ -115,6 +208,7 @@ class TfdsSource:
   # Sorted tfds_ids of the kept train records, or None to keep all.
   keep_ids: np.ndarray | None = None
   eval_centre_crop: bool = True
+  random_access = False
 
   def _read(self, split, shuffle_seed=None, add_tfds_id=False):
     return self.builder.as_dataset(
@@ -170,8 +264,34 @@ def _kept_tfds_ids(source: TfdsSource, fraction: float, seed: int) -> np.ndarray
   return np.sort(ids[kept])
 
 
-def tfds_source(data, image_size: int) -> TfdsSource:
-  """Builds the source for a prepared TFDS dataset; never downloads unasked."""
+def _indexed(builder, name, image_key, label_key, train_split, eval_split,
+             data) -> TfdsIndexedSource:
+  def reader(split):
+    return builder.as_data_source(
+        split, file_format="array_record",
+        deserialize_method=tfds().decode.DeserializeMethod.RAW_BYTES)
+  train_reader, eval_reader = reader(train_split), reader(eval_split)
+  num_train = len(train_reader)
+  source = TfdsIndexedSource(
+      name=name, features=builder.info.features, image_key=image_key,
+      label_key=label_key,
+      num_classes=int(builder.info.features[label_key].num_classes),
+      train_reader=train_reader, eval_reader=eval_reader,
+      train_ids=np.arange(num_train),
+      eval_ids=num_train + np.arange(len(eval_reader)))
+  fraction = float(data.get("train_fraction", 1.0))
+  if fraction != 1.0:
+    keep = subset_ids(source.train_ids, source.labels(source.train_ids),
+                      fraction, int(data.get("subset_seed", 0)))
+    source = dataclasses.replace(source, train_ids=keep)
+  return source
+
+
+def tfds_source(data, image_size: int) -> TfdsSource | TfdsIndexedSource:
+  """Builds the source for a prepared TFDS dataset; never downloads unasked.
+
+  ArrayRecord copies are read by index; TFRecord copies are streamed.
+  """
   del image_size  # Images are resized per example by the pipeline.
   builder = _builder(data)
   image_key, label_key = _keys(builder)
@@ -184,19 +304,24 @@ def tfds_source(data, image_size: int) -> TfdsSource:
   eval_split = str(data.get("eval_split", "") or "")
   if not eval_split:
     eval_split = "validation" if "validation" in builder.info.splits else "test"
+  num_train = _num_examples(builder, train_split)
+  num_eval = _num_examples(builder, eval_split)
+  name = f"tfds:{builder.name}"
+  if random_access(builder):
+    return _indexed(builder, name, image_key, label_key, train_split,
+                    eval_split, data)
   source = TfdsSource(
-      name=f"tfds:{builder.name}",
+      name=name,
       builder=builder,
       image_key=image_key,
       label_key=label_key,
       num_classes=int(features[label_key].num_classes),
       train_split=train_split,
       eval_split=eval_split,
-      num_train=_num_examples(builder, train_split),
-      num_eval=_num_examples(builder, eval_split))
+      num_train=num_train,
+      num_eval=num_eval)
   fraction = float(data.get("train_fraction", 1.0))
   if fraction != 1.0:
     keep = _kept_tfds_ids(source, fraction, int(data.get("subset_seed", 0)))
     source = dataclasses.replace(source, keep_ids=keep, num_train=len(keep))
   return source
-
