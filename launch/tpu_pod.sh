@@ -10,9 +10,8 @@
 #   - gcloud installed and authenticated, a default project (or PROJECT=...), TPU quota for
 #     ACCELERATOR_TYPE in ZONE (and K more of SLICE_ACCELERATOR_TYPE for MODE=slices);
 #   - RUNS=gs://BUCKET/PATH in a bucket the TPU VMs' service account can write. modassem writes run
-#     directories with plain file I/O, so every worker mounts the bucket with Cloud Storage FUSE
-#     (gcsfuse, installed here) at MOUNT_ROOT/BUCKET and modassem gets that path: all workers and all
-#     slices see the same run directories;
+#     directories straight to the bucket (etils.epath and gcsfs for its files, Orbax and TensorStore for
+#     checkpoints), so all workers and all slices see the same run directories with nothing mounted;
 #   - multi-host TPU VMs (more than 8 cores/chips, e.g. v4-32) need jax.distributed.initialize() in every
 #     process: modassem calls it when given --distributed (modassem/distributed.py; JAX then finds the
 #     pod's workers from the TPU VM environment). This script adds --distributed to every modassem
@@ -24,7 +23,7 @@
 # Env (defaults): TPU_NAME=modassem ZONE=us-central2-b ACCELERATOR_TYPE=v4-32
 #   RUNTIME_VERSION=tpu-ubuntu2204-base CONFIG=configs/vit_b.py MODE=all K=4 PROJECT= (gcloud's default)
 #   SLICE_ACCELERATOR_TYPE=$ACCELERATOR_TYPE KEEP_SLICES=0 DELETE_TPU=0 (1: delete the TPU VM at the end)
-#   MOUNT_ROOT=/mnt/gcs DRY_RUN=1 prints every command (one per line, `+ ...`) and runs nothing.
+#   DRY_RUN=1 prints every command (one per line, `+ ...`) and runs nothing.
 # An ssh session that drops ends its run; rerunning the script resumes every unfinished run from its
 # latest checkpoint, skips finished ones and reuses existing TPU VMs.
 set -euo pipefail
@@ -43,16 +42,11 @@ MODE=${MODE:-all}
 K=${K:-4}
 KEEP_SLICES=${KEEP_SLICES:-0}
 DELETE_TPU=${DELETE_TPU:-0}
-MOUNT_ROOT=${MOUNT_ROOT:-/mnt/gcs}
 RUNS=${RUNS:?RUNS=gs://BUCKET/PATH: the bucket path that holds the run directories}
 
 [[ "$RUNS" == gs://?* ]] || die "RUNS=$RUNS: use a bucket path, gs://BUCKET/PATH (every worker must see it)"
 [[ "$MODE" == all || "$MODE" == slices ]] || die "MODE=$MODE: use MODE=all (one module=all run) or MODE=slices"
-BUCKET=${RUNS#gs://}
-BUCKET=${BUCKET%%/*}
-MNT="$MOUNT_ROOT/$BUCKET"
-WORK="$MNT${RUNS#gs://"$BUCKET"}"        # RUNS as the workers see it
-WORK=${WORK%/}
+WORK=${RUNS%/}
 REMOTE_DIR=$(basename "$REPO")            # scp --recurse REPO puts it at ~/REMOTE_DIR
 
 GFLAGS=(--zone="$ZONE")
@@ -81,15 +75,10 @@ create() {
     --scopes=https://www.googleapis.com/auth/cloud-platform
 }
 
-# setup NAME: copy the repo to every worker, install modassem for TPU, mount the bucket.
+# setup NAME: copy the repo to every worker and install modassem for TPU.
 setup() {
   tpu scp --recurse "$REPO" "$1:~/" --worker=all
   on "$1" "cd ~/$REMOTE_DIR && python3 -m pip install -e '.[tpu]'"
-  on "$1" "command -v gcsfuse >/dev/null || { curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg \
-| sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] \
-https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list \
->/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; } && sudo mkdir -p $MNT \
-&& sudo chown \$(id -u):\$(id -g) $MNT && { mountpoint -q $MNT || gcsfuse --implicit-dirs $BUCKET $MNT; }"
 }
 
 # modassem_on NAME TYPE ARGS...: `modassem ARGS...` on every worker of NAME, plus --distributed when

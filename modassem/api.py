@@ -6,12 +6,10 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
-from modassem import convert
+from modassem import convert, files
 from modassem.errors import ModassemError
 from modassem.models.vit import ViT
 
@@ -26,7 +24,7 @@ def load(path: str, *, preset: str | None = None, image_size: int | None = None)
   position embedding to another resolution, bicubically as the official code
   does for high-resolution fine-tuning. torch is needed for `.pth` files only.
   """
-  if os.path.isdir(path):
+  if files.path(path).is_dir():
     if preset is not None:
       raise ModassemError("preset applies to .pth files; a run directory has its own architecture")
     m = convert.model_from_run(path)

@@ -16,13 +16,13 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from modassem import files
 from modassem.errors import ModassemError
 from modassem.models.presets import ARCH_FIELDS
 
@@ -44,27 +44,9 @@ def arch_of(config) -> dict:
   return {f: config.model[f] for f in ARCH_FIELDS}
 
 
-def read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ModassemError(f"{path} is unreadable ({e}): restore it or start in a new --workdir") from None
-
-
-def write_json(path: str, obj: dict) -> None:
-  # Write-then-rename so a killed run never leaves a half-written file.
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def check_workdir(workdir: str, run: dict) -> dict | None:
   """The run already in `workdir`, if it is this run; an error if it is another."""
-  old = read_json(os.path.join(workdir, RUN_FILE))
+  old = files.read_json(files.path(workdir) / RUN_FILE)
   if old is None:
     return None
   for key, what in (("phase", "phase"), ("preset", "preset"), ("arch", "architecture"),
@@ -103,7 +85,7 @@ def check_config(workdir: str, config, allow_changed=()) -> list[str]:
   the field and both values, unless `allow_changed` names it; `FREE_FIELDS`
   may differ. Returns the fields that differ (free or allowed).
   """
-  old = read_json(os.path.join(workdir, CONFIG_FILE))
+  old = files.read_json(files.path(workdir) / CONFIG_FILE)
   new = _flat(config_record(config))
   unknown = [f for f in allow_changed if f not in new]
   if unknown:
@@ -125,8 +107,8 @@ def check_config(workdir: str, config, allow_changed=()) -> list[str]:
   return changed
 
 
-def state_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def state_dir(workdir) -> files.Path:
+  return files.path(workdir) / "checkpoints"
 
 
 def manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -201,15 +183,15 @@ def restore_newest_intact(workdir: str, mngr: ocp.CheckpointManager, abstract_st
         f"every checkpoint in {state_dir(workdir)} (step(s) {', '.join(str(s) for s in steps)}) is damaged "
         f"({damaged[0][1]}): move that folder away to start the run over, or restore it from a copy")
   if damaged:
-    moved = move_aside_together(workdir, [os.path.join(state_dir(workdir), str(bad)) for bad, _ in damaged])
+    moved = move_aside_together(workdir, [state_dir(workdir) / str(bad) for bad, _ in damaged])
     for (bad, why), dest in zip(damaged, moved):
       say(f"{workdir}: checkpoint {bad} is damaged ({why}): moved it to {dest}; using checkpoint {step}")
     mngr.reload()
   return state, step
 
 
-def module_dir(run_dir: str, k: int) -> str:
-  return os.path.join(os.path.abspath(run_dir), "modules", f"module_{k}")
+def module_dir(run_dir, k: int) -> files.Path:
+  return files.path(run_dir) / "modules" / f"module_{k}"
 
 
 def save_modules(workdir: str, params: dict) -> None:
@@ -221,7 +203,7 @@ def save_modules(workdir: str, params: dict) -> None:
   ckptr.wait_until_finished()
 
 
-def _saved_shapes(ckptr, path: str):
+def _saved_shapes(ckptr, path):
   """The shapes and dtypes of an Orbax item, from its metadata (no array is read)."""
   meta = ckptr.metadata(path)
   return getattr(meta.item_metadata, "tree", meta.item_metadata)
@@ -238,7 +220,7 @@ def _on_this_host(tree):
 def module_intact(run_dir: str, k: int) -> bool:
   """Whether module k's item in `run_dir` is there and reads back whole (every array, not only its metadata)."""
   path = module_dir(run_dir, k)
-  if not os.path.isdir(path):
+  if not path.is_dir():
     return False
   ckptr = ocp.StandardCheckpointer()
   try:
@@ -249,19 +231,19 @@ def module_intact(run_dir: str, k: int) -> bool:
   return True
 
 
-def move_aside(workdir: str, path: str) -> str:
+def move_aside(workdir, path) -> files.Path:
   """Moves `path` (inside `workdir`) to `workdir/damaged/...`, never over anything; returns where it went."""
-  rel = os.path.relpath(os.path.abspath(path), os.path.abspath(workdir))
-  dest, n = os.path.join(os.path.abspath(workdir), "damaged", rel), 1
-  while os.path.exists(dest):
+  rel = files.relative(path, workdir)
+  dest, n = files.path(workdir) / "damaged" / rel, 1
+  while dest.exists():
     n += 1
-    dest = os.path.join(os.path.abspath(workdir), "damaged", f"{rel}.{n}")
-  os.makedirs(os.path.dirname(dest), exist_ok=True)
-  os.replace(path, dest)
+    dest = files.path(workdir) / "damaged" / f"{rel}.{n}"
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  files.path(path).rename(dest)
   return dest
 
 
-def move_aside_together(workdir: str, paths: list[str]) -> list[str]:
+def move_aside_together(workdir, paths: list) -> list:
   """Process 0 moves `paths` aside (`move_aside`) while the others wait for it; where they went (on process 0; no
   other process moves anything, so elsewhere the list is empty)."""
   moved = [move_aside(workdir, p) for p in paths] if jax.process_index() == 0 else []
@@ -279,9 +261,9 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
   """
   if not run_dir:
     raise ModassemError(f"no {what} given: pass it on the command line")
-  if not os.path.isdir(run_dir):
+  if not files.path(run_dir).is_dir():
     raise ModassemError(f"{what} {run_dir!r} does not exist: pass the --workdir of a finished run")
-  run = read_json(os.path.join(run_dir, RUN_FILE))
+  run = files.read_json(files.path(run_dir) / RUN_FILE)
   if run is None:
     raise ModassemError(f"{what} {run_dir!r} has no {RUN_FILE}: it is not a modassem run directory")
   if run.get("arch") != expect["arch"]:
@@ -301,7 +283,7 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
     raise ModassemError(f"{what} {run_dir!r} (phase {run.get('phase')}) has {depth} block(s) in module {k}, "
                         f"this config needs {expect['depth']}: pass {kind}")
   path = module_dir(run_dir, k)
-  if not os.path.isdir(path):
+  if not path.is_dir():
     raise ModassemError(f"{what} {run_dir!r} has no trained module_{k}: it has not finished; "
                         f"rerun its command to finish it")
   ckptr = ocp.StandardCheckpointer()

@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 
@@ -260,7 +259,8 @@ def main(argv: list[str]) -> int:
     return flags.fail("plan", str(e))
   print(markdown(report), end="", flush=True)
   if fv.out:
-    os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)
-    with open(fv.out, "w") as f:
-      json.dump(report, f, indent=2)
+    from modassem import files  # pylint: disable=g-import-not-at-top
+    out = files.path(fv.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files.write_text(out, json.dumps(report, indent=2))   # phases in their order, not sorted
   return 0

@@ -1,9 +1,11 @@
 """One writer per run directory: a lock file with a heartbeat.
 
 `WORKDIR/lock.json` names the run writing the directory (host, process id,
-start time, last heartbeat). It is created with `O_CREAT | O_EXCL`, which is
-atomic on a local disk and on NFS, so of two runs started together one gets
-it and the other stops with a one-line error naming the holder. The holder
+start time, last heartbeat). It is created only if it does not exist
+(`files.create`: `O_CREAT | O_EXCL` on a local disk and on NFS, a write
+conditional on the object's absence on Cloud Storage), atomically in both, so
+of two runs started together one gets it and the other stops with a one-line
+error naming the holder. The holder
 refreshes its heartbeat every `HEARTBEAT_S` seconds and removes the file when
 it ends. A lock left by a crashed run does not block its rerun: it is stale
 when its holder is a process of this host that no longer exists, or when its
@@ -27,6 +29,7 @@ import time
 
 import jax
 
+from modassem import files
 from modassem.errors import ModassemError
 
 LOCK_FILE = "lock.json"
@@ -38,10 +41,9 @@ def _record(since: float) -> dict:
   return {"host": socket.gethostname(), "pid": os.getpid(), "since": since, "heartbeat": time.time()}
 
 
-def _read(path: str) -> dict | None:
+def _read(path) -> dict | None:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(files.read_text(path) or "null")
   except (OSError, json.JSONDecodeError):
     return None   # gone, or being rewritten: read again
 
@@ -71,62 +73,54 @@ def _describe(holder: dict) -> str:
 class _Lock:
   """The lock of one run directory, held by this process."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+  def __init__(self, workdir):
+    self.workdir = workdir
+    self.path = files.path(workdir) / LOCK_FILE
     self._since = time.time()
     self._stop = threading.Event()
     self._thread = None
 
   def acquire(self) -> dict | None:
     """Takes the lock; returns the stale holder it took over, if any."""
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
     stale = None
     for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not files.create(self.path, json.dumps(_record(self._since))):
         holder = _read(self.path)
         if holder is None:
           time.sleep(0.1)
           continue
         if _alive(holder):
-          raise ModassemError(f"{os.path.dirname(self.path)} is being written by another run ({_describe(holder)}): "
+          raise ModassemError(f"{self.workdir} is being written by another run ({_describe(holder)}): "
                               f"wait for it to end, or stop it; a crashed run's lock ({self.path}) is taken over "
                               f"once its process is gone, or {LEASE_S:.0f} s after its last heartbeat") from None
         # Stale. Two runs taking over the same stale lock at once is a race this does not close; then the
-        # second one's O_EXCL below fails and it reads the first as the holder.
+        # second one's exclusive create fails and it reads the first as the holder.
         stale = holder
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(self.path)
+        files.remove(self.path)
         continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(_record(self._since), f)
       self._thread = threading.Thread(target=self._beat, daemon=True)
       self._thread.start()
       return stale
     raise ModassemError(f"could not take the lock {self.path}: another run keeps taking it; check who writes "
-                        f"{os.path.dirname(self.path)}")
+                        f"{self.workdir}")
 
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
       if not _ours(_read(self.path)):
         return   # taken over (this run was presumed dead): leave the new holder alone
-      tmp = f"{self.path}.{os.getpid()}.tmp"
-      with open(tmp, "w") as f:
-        json.dump(_record(self._since), f)
-      os.replace(tmp, self.path)
+      files.write_text(self.path, json.dumps(_record(self._since)))
 
   def release(self):
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
     if _ours(_read(self.path)):
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(self.path)
+      files.remove(self.path)
 
 
 @contextlib.contextmanager
-def writer(workdir: str, say=print):
+def writer(workdir, say=print):
   """Holds `workdir`'s lock for the block (process 0 for a multi-process run; every process fails together)."""
   lock, error = None, None
   if jax.process_index() == 0:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import socket
 import sys
 import time
+
+from modassem import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -17,58 +21,129 @@ def _plain(v):
 
 
 class Writer:
-  """Appends one JSON object per logged step or eval; mirrors scalars to TensorBoard."""
+  """Appends one JSON object per logged step or eval to metrics.jsonl; mirrors scalars to TensorBoard (tb/).
 
-  def __init__(self, workdir: str, *, process_index: int = 0):
-    self.path = os.path.join(workdir, METRICS_FILE)
+  On a local disk every record is appended at once. A bucket has no append, so
+  there the file is rewritten whole, at most every `REMOTE_FLUSH_S` seconds,
+  at each checkpoint (`flush`) and at the end: a run stopped in between loses
+  only records past its last checkpoint, which its resume logs again.
+  """
+
+  REMOTE_FLUSH_S = 30.0
+
+  def __init__(self, workdir, *, process_index: int = 0):
+    self.path = files.path(workdir) / METRICS_FILE
     self.active = process_index == 0
-    self._tb_dir = os.path.join(workdir, "tb")
-    self._tb = None
+    self._remote = files.is_remote(self.path)
+    self._lines = None      # on a bucket: the whole file, written by `flush`
+    self._dirty = False
+    self._flushed_at = time.monotonic()
+    self._events = _Events(self.path.parent / "tb", self._remote) if self.active else None
 
   def resume(self, step: int) -> float:
     """Drops records past `step` (logged after the checkpoint a resumed run starts from).
 
     Returns the wall time the run had spent by then, so `wall_s` keeps counting.
     """
-    if not self.active or not os.path.exists(self.path):
+    if not self.active:
       return 0.0
     kept, wall = [], 0.0
-    with open(self.path) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError:
-          continue   # a line cut short by a kill
-        if rec.get("step", 0) <= step:
-          kept.append(line if line.endswith("\n") else line + "\n")
-          wall = max(wall, float(rec.get("wall_s", 0.0)))
-    with open(self.path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(self.path + ".tmp", self.path)
+    for line in (files.read_text(self.path) or "").splitlines():
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue   # a line cut short by a kill
+      if rec.get("step", 0) <= step:
+        kept.append(line + "\n")
+        wall = max(wall, float(rec.get("wall_s", 0.0)))
+    files.write_text(self.path, "".join(kept))
+    self._lines = kept
     return wall
 
   def write(self, step: int, kind: str, values: dict) -> None:
     if not self.active:
       return
-    rec = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(rec) + "\n")
-    self._write_tb(step, kind, values)
+    line = json.dumps({"step": int(step), "kind": kind, **{k: _plain(v) for k, v in values.items()}}) + "\n"
+    if self._remote:
+      if self._lines is None:
+        self._lines = (files.read_text(self.path) or "").splitlines(keepends=True)
+      self._lines.append(line)
+      self._dirty = True
+      if time.monotonic() - self._flushed_at >= self.REMOTE_FLUSH_S:
+        self.flush()
+    else:
+      with self.path.open("a") as f:
+        f.write(line)
+    self._events.scalars(step, {f"{kind}/{k}": float(v) for k, v in values.items()
+                                if k != "wall_s" and math.isfinite(float(v))})
 
-  def _write_tb(self, step, kind, values):
-    if self._tb is None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(self._tb_dir)
-    with self._tb.as_default(step=int(step)):
-      for k, v in values.items():
-        if k != "wall_s" and math.isfinite(float(v)):
-          self._tf.summary.scalar(f"{kind}/{k}", float(v))
-    self._tb.flush()
+  def flush(self) -> None:
+    """Makes every record written so far durable (on a bucket: rewrites the file)."""
+    if not self.active:
+      return
+    if self._dirty:
+      files.write_text(self.path, "".join(self._lines))
+      self._dirty = False
+    self._flushed_at = time.monotonic()
+    self._events.flush()
 
   def close(self):
-    if self._tb is not None:
-      self._tb.close()
+    self.flush()
+
+
+class _Events:
+  """TensorBoard scalars in event files, written through `files` (and so to a bucket as to a disk).
+
+  TensorBoard's own record framing and protos (the `tensorboard` package), not
+  tf.summary: TensorFlow's file system is not the one run directories use. On
+  a disk, one event file per run session, appended to; on a bucket, which has
+  no append, each flush writes the events since the last one as a new event
+  file, named to sort after the previous ones (TensorBoard reads a folder's
+  event files in name order).
+  """
+
+  def __init__(self, folder, remote: bool):
+    self.folder, self.remote = folder, remote
+    self._stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    self._pending, self._count, self._file = [], 0, None
+
+  @staticmethod
+  def _record(event) -> bytes:
+    """One event in TensorBoard's record framing (length, CRCs), by TensorBoard's own writer."""
+    from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
+    buf = io.BytesIO()
+    RecordWriter(buf).write(event.SerializeToString())
+    return buf.getvalue()
+
+  @staticmethod
+  def _event(**kwargs):
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    return event_pb2.Event(wall_time=time.time(), **kwargs)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if not values:
+      return
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+    self._pending.append(self._record(self._event(step=int(step), summary=summary)))
+    if not self.remote:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    header = self._record(self._event(file_version="brain.Event:2"))
+    if self.remote:
+      self._count += 1
+      (self.folder / f"{self._stem}.{self._count:06d}").write_bytes(header + b"".join(self._pending))
+    else:
+      if self._file is None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._file = self.folder / f"{self._stem}.modassem"
+        self._file.write_bytes(header)
+      with self._file.open("ab") as f:
+        f.write(b"".join(self._pending))
+    self._pending = []
 
 
 def _fmt_time(s: float) -> str:

@@ -8,10 +8,10 @@ command after an interruption picks up where it stopped.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
-from modassem import checkpoints, config as config_lib, cost, train
+from modassem import config as config_lib, cost, files, train
 from modassem.distributed import is_main, say
 from modassem.metrics import METRICS_FILE
 
@@ -21,7 +21,7 @@ METHOD = ("meta", "incubate", "assemble")
 def phase_configs(spec: str, overrides: dict, workdir: str) -> tuple[dict, dict]:
   """Each phase's config (with the user's overrides) and run directory; incubation and assembly wired to the runs before them."""
   path, _ = config_lib.split_spec(spec)
-  dirs = {p: os.path.join(workdir, p) for p in METHOD + ("e2e",)}
+  dirs = {p: files.join(workdir, p) for p in METHOD + ("e2e",)}
   configs = {}
   for phase in METHOD + ("e2e",):
     c = config_lib.load(f"{path}:{phase}", {k: v for k, v in overrides.items() if k != "phase"})
@@ -50,10 +50,9 @@ def run(spec: str, overrides: dict, workdir: str) -> dict:
 
   report = make_report(results, dirs)
   if is_main():
-    checkpoints.write_json(os.path.join(workdir, "report.json"), report)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-      f.write(report_markdown(report))
-    plot_curves(dirs, os.path.join(workdir, "curves.png"))
+    files.write_json(files.path(workdir) / "report.json", report)
+    files.write_text(files.path(workdir) / "report.md", report_markdown(report))
+    plot_curves(dirs, files.path(workdir) / "curves.png")
     print(report_markdown(report), flush=True)
   return report
 
@@ -102,14 +101,11 @@ def _first_eval(run_dir: str) -> dict:
 
 
 def _records(run_dir: str) -> list[dict]:
-  path = os.path.join(run_dir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = files.read_text(files.path(run_dir) / METRICS_FILE) or ""
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def plot_curves(dirs: dict, out: str) -> None:
+def plot_curves(dirs: dict, out) -> None:
   """Train loss and eval top-1 against cumulative training FLOPs: the method's phases chained, and e2e."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -133,5 +129,7 @@ def plot_curves(dirs: dict, out: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  files.path(out).write_bytes(png.getvalue())

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import time
 
 import jax
 
-from modassem import checkpoints, cost, lock, preempt, prepare, sharding
+from modassem import checkpoints, cost, files, lock, preempt, prepare, sharding
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
@@ -71,7 +70,8 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
 def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> dict:
   """`train` once the run's checks have passed and its directory is locked."""
   config = s.config
-  done = checkpoints.read_json(os.path.join(workdir, checkpoints.RESULTS_FILE))
+  wd = files.path(workdir)
+  done = files.read_json(wd / checkpoints.RESULTS_FILE)
   if done is not None and done.get("steps") == s.total_steps:
     damaged = [k for k in s.plan.trained if not checkpoints.module_intact(workdir, k)]
     if damaged:
@@ -84,10 +84,10 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   lowered, init_fn, abstract_state, key = prepare.lower_train_step(s)
   step_flops = cost.train_step_flops(s, lowered)
   compiled = lowered.compile()
-  os.makedirs(workdir, exist_ok=True)
+  wd.mkdir(parents=True, exist_ok=True)
   if is_main():
-    checkpoints.write_json(os.path.join(workdir, checkpoints.RUN_FILE), s.run)
-    checkpoints.write_json(os.path.join(workdir, checkpoints.CONFIG_FILE), checkpoints.config_record(config))
+    files.write_json(wd / checkpoints.RUN_FILE, s.run)
+    files.write_json(wd / checkpoints.CONFIG_FILE, checkpoints.config_record(config))
   if changed:
     say(f"{workdir}: continuing with changed {', '.join(changed)} (now in {checkpoints.CONFIG_FILE})")
   mngr = checkpoints.manager(workdir, config)
@@ -118,7 +118,7 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     writer.close()
   # results.json last: its presence marks the run finished.
   if is_main():
-    checkpoints.write_json(os.path.join(workdir, checkpoints.RESULTS_FILE), result)
+    files.write_json(wd / checkpoints.RESULTS_FILE, result)
   say(f"{workdir}: {s.plan.phase} done in {wall:.0f} s: top-1 {result['top1']:.2f} %, "
        f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}")
   return result
@@ -128,7 +128,7 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
   """A finished run whose modules are missing or damaged: exports them again from its final checkpoint (the
   damaged items are moved aside, not deleted)."""
   names = ", ".join(f"module_{k}" for k in damaged)
-  mngr = checkpoints.manager(workdir, s.config) if os.path.isdir(checkpoints.state_dir(workdir)) else None
+  mngr = checkpoints.manager(workdir, s.config) if checkpoints.state_dir(workdir).is_dir() else None
   try:
     if mngr is None or mngr.latest_step() != s.total_steps:
       raise ModassemError(f"{workdir}: the {s.plan.phase} run finished, but {names} in modules/ are missing or "
@@ -139,10 +139,10 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
     if mngr is not None:
       mngr.close()
   moved = checkpoints.move_aside_together(workdir, [checkpoints.module_dir(workdir, k) for k in damaged
-                                                    if os.path.exists(checkpoints.module_dir(workdir, k))])
+                                                    if checkpoints.module_dir(workdir, k).exists()])
   params = prepare.saved_layout(s.config, state.params)
   checkpoints.save_modules(workdir, {f"module_{k}": params[f"module_{k}"] for k in damaged})
-  where = f" (the damaged items are in {os.path.dirname(moved[0])})" if moved else ""
+  where = f" (the damaged items are in {moved[0].parent})" if moved else ""
   say(f"{workdir}: the {s.plan.phase} run finished at step {s.total_steps}, but {names} in modules/ were missing or "
       f"damaged: exported them again from its final checkpoint{where}")
 
@@ -156,7 +156,7 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
       process_count=jax.process_count()), shard)
   progress = Progress(s.total_steps, start, config.batch_size, config.progress if is_main() else "off",
                       label=s.plan.phase, quiet=not is_main())
-  ckpt_dir = checkpoints.state_dir(os.path.dirname(writer.path))
+  ckpt_dir = checkpoints.state_dir(writer.path.parent)
   t0 = time.perf_counter()
   pending = None   # (step, metrics) of the previous step: read one step late to keep the device busy
 
@@ -197,13 +197,14 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
       if step % config.checkpoint_every_steps == 0 or step == s.total_steps:
         check(*pending)
         checkpoints.save_state(mngr, step, state, force=step == s.total_steps)
+        writer.flush()   # the records up to a checkpoint are kept wherever a resume starts
       if step < s.total_steps and stop.requested(step):
         check(*pending)
         mngr.wait_until_finished()   # a save in flight completes first: never two at once, never half of one
         if mngr.latest_step() != step:
           checkpoints.save_state(mngr, step, state, force=True)
           mngr.wait_until_finished()
-        raise preempt.Preempted(stop.signame, step, s.total_steps, ckpt_dir)
+        raise preempt.Preempted(stop.signame, step, s.total_steps, str(ckpt_dir))
   finally:
     progress.close()
   return state, time.perf_counter() - t0
@@ -211,22 +212,23 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
 
 def evaluate_run(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint of the run in `workdir` (made with `config`)."""
-  if not os.path.isfile(os.path.join(workdir, checkpoints.RUN_FILE)):
+  wd = files.path(workdir)
+  if not (wd / checkpoints.RUN_FILE).exists():
     raise ModassemError(f"{workdir} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir of a run")
   s = prepare.setup(config, workdir, load_sources=False)
   # A converted run has no checkpoints/ folder, and evaluating it must not make one.
-  mngr = checkpoints.manager(workdir, config) if os.path.isdir(checkpoints.state_dir(workdir)) else None
+  mngr = checkpoints.manager(workdir, config) if checkpoints.state_dir(workdir).is_dir() else None
   try:
     state, latest = (checkpoints.restore_newest_intact(workdir, mngr, prepare.state_spec(s)[3], say=say)
                      if mngr is not None else (None, None))
     if latest is not None:
       params = state.params
-    elif all(os.path.isdir(checkpoints.module_dir(workdir, k)) for k in s.plan.trained):
+    elif all(checkpoints.module_dir(workdir, k).is_dir() for k in s.plan.trained):
       # No train state, but every trained module: a run imported with `modassem convert`
       # (an official checkpoint has no Orbax train state to restore).
       params = prepare.load_modules(config, s.plan, s.mesh, s.model_of, s.plan.trained, s.plan.depths,
                                     [workdir] * len(s.plan.trained), "run")
-      latest = (checkpoints.read_json(os.path.join(workdir, checkpoints.RUN_FILE)) or {}).get("total_steps", 0)
+      latest = (files.read_json(wd / checkpoints.RUN_FILE) or {}).get("total_steps", 0)
     else:
       raise ModassemError(f"{workdir} has no checkpoint yet: train the run first")
   finally:
@@ -235,5 +237,5 @@ def evaluate_run(config, workdir: str) -> dict:
   result = evaluate(s, params)
   result.update(phase=s.plan.phase, step=int(latest), workdir=workdir)
   if is_main():
-    checkpoints.write_json(os.path.join(workdir, "eval.json"), result)
+    files.write_json(wd / "eval.json", result)
   return result

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, TINY, tiny
-from modassem import checkpoints, cli, train
+from modassem import checkpoints, cli, files, train
 
 # The tiny preset's epoch is 1437 // 32 = 44 steps: runs stopped before it and resumed cross the epoch boundary,
 # where the data order reshuffles. How often a run logs and checkpoints does not change what it trains, so every
@@ -110,7 +110,7 @@ def test_sigterm_saves_where_it_stops_and_a_cut_short_checkpoint_is_set_aside(re
             f"moved it to {damaged}/damaged/checkpoints/{step}; using checkpoint 10" in said), said
     assert os.path.isdir(os.path.join(damaged, "damaged", "checkpoints", str(step)))
     if verb == "eval":
-      assert checkpoints.read_json(os.path.join(damaged, "eval.json"))["step"] == 10
+      assert files.read_json(os.path.join(damaged, "eval.json"))["step"] == 10
     else:
       assert "resuming meta from step 10/" in said
       _assert_same(_params(damaged), reference)

@@ -16,11 +16,12 @@ and `write_pth`, so `import modassem` never needs it.
 
 from __future__ import annotations
 
-import os
+import io
 import re
 
 import numpy as np
 
+from modassem import files
 from modassem.errors import ModassemError
 
 STEM = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias")   # module 0's own keys
@@ -206,11 +207,12 @@ def _torch():
 def read_pth(path: str) -> list[dict]:
   """`model_stages` of an official checkpoint, as NumPy float32 arrays, after checking the container."""
   torch = _torch()
-  if not os.path.isfile(path):
+  where = files.path(path)
+  if not where.exists() or where.is_dir():
     raise ModassemError(f"{path} does not exist: pass an official .pth checkpoint or a run directory")
   try:
     # weights_only: a pickle can run arbitrary code; a state dict needs nothing but tensors and containers.
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(io.BytesIO(where.read_bytes()), map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types: UnpicklingError, RuntimeError, EOFError, ...
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ModassemError(f"{path} is not a PyTorch checkpoint of tensors that torch.load(weights_only=True) "
@@ -246,9 +248,9 @@ def write_pth(path: str, stages: list[dict]) -> None:
   # Copies: restored arrays can be read-only, and torch tensors must own writable memory.
   as_torch = lambda d: {k: torch.from_numpy(np.array(v, np.float32)) for k, v in d.items()}
   obj = {"model": as_torch(global_state_dict(stages)), "model_stages": [as_torch(s) for s in stages]}
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = f"{path}.tmp"
-  torch.save(obj, tmp)
-  os.replace(tmp, path)
+  out = files.path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  buf = io.BytesIO()
+  torch.save(obj, buf)
+  files.write_bytes(out, buf.getvalue())
 

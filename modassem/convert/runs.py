@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from modassem import checkpoints
+from modassem import checkpoints, files
 from modassem.convert.arch import Model, at_image_size, describe, match_preset, run_depths
 from modassem.convert.official import infer_arch, module_to_stage, read_pth, stage_to_module, write_pth
 from modassem.errors import ModassemError
@@ -39,13 +39,13 @@ def model_to_stages(model: Model) -> list[dict]:
 # --- run directories --------------------------------------------------------
 
 def _read_run(run_dir: str) -> dict:
-  run = checkpoints.read_json(os.path.join(run_dir, checkpoints.RUN_FILE))
+  run = files.read_json(files.path(run_dir) / checkpoints.RUN_FILE)
   if run is None:
     raise ModassemError(f"{run_dir} has no {checkpoints.RUN_FILE}: pass a modassem run directory or an official "
                         f".pth file")
   missing = [k for k in ("phase", "arch", "depths", "trained") if k not in run]
   if missing:
-    raise ModassemError(f"{os.path.join(run_dir, checkpoints.RUN_FILE)} lacks {missing[0]!r}: "
+    raise ModassemError(f"{files.join(run_dir, checkpoints.RUN_FILE)} lacks {missing[0]!r}: "
                         f"not a modassem run directory")
   return run
 
@@ -77,7 +77,7 @@ def model_from_run(run_dir: str) -> Model:
     meta = (run.get("sources") or [""])[0]
     mods = _load_modules(run_dir, run, [i], depths, "run")
     others = [k for k in range(num) if k != i]
-    if os.path.isfile(meta):
+    if meta and not files.path(meta).is_dir() and files.path(meta).exists():
       # An imported incubated module: its source file is the whole hybrid, meta modules included.
       hybrid = model_from_pth(meta, run.get("preset") or None)
       mods.update({k: hybrid.modules[k] for k in others})
@@ -96,16 +96,16 @@ def jax_free(tree):
 
 def write_run(model: Model, run_dir: str, sources: list[str]) -> dict:
   """A run directory holding the model's trained modules, readable by every phase that reads runs."""
-  if os.path.exists(os.path.join(run_dir, checkpoints.RUN_FILE)):
+  if (files.path(run_dir) / checkpoints.RUN_FILE).exists():
     raise ModassemError(f"{run_dir} already holds a run: pass a new directory to --to")
   phase, trained = model.kind
   run = {"phase": phase, "preset": model.preset, "arch": {f: model.arch[f] for f in ARCH_FIELDS},
          "depths": run_depths(model.depths), "trained": trained, "total_steps": 0,
-         "sources": [os.path.abspath(s) for s in sources]}
-  os.makedirs(run_dir, exist_ok=True)
+         "sources": [os.fspath(files.path(s)) for s in sources]}
+  files.path(run_dir).mkdir(parents=True, exist_ok=True)
   checkpoints.save_modules(run_dir, {f"module_{k}": model.modules[k] for k in trained})
   # run.json last: a run directory with it is complete.
-  checkpoints.write_json(os.path.join(run_dir, checkpoints.RUN_FILE), run)
+  files.write_json(files.path(run_dir) / checkpoints.RUN_FILE, run)
   return run
 
 
@@ -123,15 +123,15 @@ def convert(src: str, dst: str, preset: str | None = None) -> str:
   """`.pth -> run directory` (import) or `run directory -> .pth` (export); returns the one-line summary."""
   if not src or not dst:
     raise ModassemError("pass --from=FILE.pth --to=RUNDIR (import) or --from=RUNDIR --to=FILE.pth (export)")
-  if os.path.isdir(src):
+  if files.path(src).is_dir():
     if preset is not None:
       raise ModassemError("--preset applies to importing a .pth file; an exported run keeps its own architecture")
-    if os.path.isdir(dst):
+    if files.path(dst).is_dir():
       raise ModassemError(f"{dst} is a directory: pass the .pth file to write with --to")
     model = model_from_run(src)
     write_pth(dst, model_to_stages(model))
     return f"{src}: {_summary(model)} -> {dst}"
-  if not os.path.exists(src):
+  if not files.path(src).exists():
     raise ModassemError(f"{src} does not exist: pass an official .pth checkpoint or a run directory")
   model = model_from_pth(src, preset)
   run = write_run(model, dst, [src])

@@ -1,0 +1,123 @@
+"""Every file modassem reads or writes in a run directory, on a local disk or in a bucket.
+
+Paths go through `etils.epath`, which Orbax uses too, so `--workdir=gs://bucket/runs/meta` and `runs/meta` work
+alike: run.json, config.json, metrics, results, reports, TensorBoard events, the lock and the checks on modules and
+checkpoints. A local path is made absolute once, here; a URL (`gs://...`, `s3://...`) is kept as it is.
+
+Object stores differ from a disk in three ways that matter to a run, handled here:
+- No rename of a whole folder in one step, but a single object is written whole or not at all: `write_text` writes
+  a local file to a temporary name and renames it (a killed run never leaves half a file), an object in place.
+- No append: `metrics.Writer` rewrites its file on a bucket (at most every few seconds and at each checkpoint).
+- Exclusive create: `create` is `O_CREAT | O_EXCL` on a disk and a write conditional on the object not existing
+  (`ifGenerationMatch=0`) on Cloud Storage; the run-directory lock rests on it.
+
+On `gs://`, epath is told to use gcsfs (fsspec) rather than TensorFlow's file system, in `modassem/__init__.py`:
+TensorFlow's Cloud Storage client has its endpoint compiled in, so it cannot be pointed at an emulator for tests,
+and with gcsfs a run directory is reached the same way whether TensorFlow is installed or not. Orbax writes the
+arrays themselves through TensorStore, in either case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from etils import epath
+
+from modassem.errors import ModassemError
+
+Path = epath.Path
+
+
+def is_remote(p) -> bool:
+  """Whether `p` is a URL (gs://, s3://, ...) rather than a local path."""
+  return "://" in os.fspath(p)
+
+
+def path(p) -> epath.Path:
+  """`p` as an epath.Path: a URL as given, a local path made absolute."""
+  if isinstance(p, epath.Path) and (is_remote(p) or os.path.isabs(os.fspath(p))):
+    return p
+  s = os.fspath(p)
+  return epath.Path(s if is_remote(s) else os.path.abspath(s))
+
+
+def join(base, *parts) -> str:
+  """`base/parts...` as a string, relative where `base` is (for names shown to the user)."""
+  return os.fspath(epath.Path(base).joinpath(*parts))
+
+
+def read_text(p) -> str | None:
+  """The file's text, or None when it does not exist."""
+  try:
+    return path(p).read_text()
+  except FileNotFoundError:
+    return None
+
+
+def write_bytes(p, data: bytes) -> None:
+  p = path(p)
+  if is_remote(p):
+    p.write_bytes(data)   # an object is written whole or not at all
+    return
+  # Write-then-rename so a killed run never leaves a half-written file.
+  tmp = p.parent / f"{p.name}.{os.getpid()}.tmp"
+  tmp.write_bytes(data)
+  tmp.replace(p)
+
+
+def write_text(p, text: str) -> None:
+  write_bytes(p, text.encode())
+
+
+def create(p, text: str) -> bool:
+  """Writes `text` to `p` only if `p` does not exist yet (atomically); whether it did."""
+  p = path(p)
+  try:
+    if is_remote(p):
+      # epath has no exclusive mode; fsspec's create mode is a write conditional on the object's absence
+      # (ifGenerationMatch=0 on Cloud Storage).
+      import fsspec  # pylint: disable=g-import-not-at-top
+      fs, where = fsspec.core.url_to_fs(os.fspath(p))
+      fs.pipe_file(where, text.encode(), mode="create")
+    else:
+      with open(p, "x") as f:
+        f.write(text)
+  except FileExistsError:
+    return False
+  return True
+
+
+def read_json(p) -> dict | None:
+  """The JSON object in `p`, or None when there is no such file; a one-line error when it is unreadable."""
+  try:
+    text = read_text(p)
+  except OSError as e:
+    raise ModassemError(f"{p} is unreadable ({e}): restore it or start in a new --workdir") from None
+  if text is None:
+    return None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ModassemError(f"{p} is unreadable ({e}): restore it or start in a new --workdir") from None
+
+
+def write_json(p, obj: Any) -> None:
+  write_text(p, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def remove(p) -> None:
+  """Removes the file `p` if it is there."""
+  try:
+    path(p).unlink()
+  except FileNotFoundError:
+    pass
+
+
+def relative(p, start) -> str:
+  """`p` relative to the folder `start` (both in one tree)."""
+  p, start = os.fspath(path(p)), os.fspath(path(start)).rstrip("/")
+  if not p.startswith(start + "/"):
+    raise ValueError(f"{p} is not inside {start}")
+  return p[len(start) + 1:]
