@@ -12,6 +12,7 @@ import io
 import json
 
 from modassem import config as config_lib, cost, files, train
+from modassem.checkpoints import RESULTS_FILE
 from modassem.distributed import is_main, say
 from modassem.metrics import METRICS_FILE
 
@@ -43,7 +44,9 @@ def run(spec: str, overrides: dict, workdir: str) -> dict:
 
   budget = sum(results[p]["train_flops"] for p in METHOD)
   e2e = configs["e2e"]
-  per_step = cost.step_flops(e2e)
+  # A finished e2e run recorded its step's FLOPs (the same cost analysis); a rerun need not lower the step again.
+  done = files.read_json(files.path(dirs["e2e"]) / RESULTS_FILE) or {}
+  per_step = done.get("step_flops") or cost.step_flops(e2e)
   e2e.total_steps = max(int(round(budget / per_step)), 1)
   say(f"== e2e -> {dirs['e2e']}: {e2e.total_steps} steps = {budget:.3g} FLOPs, the method's budget")
   results["e2e"] = train.train(e2e, dirs["e2e"])

@@ -106,13 +106,9 @@ def _fraction(data) -> float:
 
 def digits(data, image_size: int) -> IndexedSource:
   """scikit-learn's 8x8 digits (ships with sklearn), upscaled in memory."""
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-
-  bunch = sk_datasets.load_digits()
-  labels = bunch.target.astype(np.int32)
+  labels, images = _digits_arrays(image_size)
   train_ids, eval_ids = digits_split(labels)
   train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data), int(data.get("subset_seed", 0)))
-  images = _upscale_digits(bunch.images, image_size)
 
   # Captured once: the images stay in host memory as one tensor.
   images_tensor = tf().constant(images)
@@ -123,6 +119,18 @@ def digits(data, image_size: int) -> IndexedSource:
   return IndexedSource(
       name="digits", num_classes=10, labels=labels, train_ids=train_ids,
       eval_ids=eval_ids, load=load, eval_centre_crop=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _digits_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, uint8 images at `image_size`), read-only; kept for the next build in this process (the phases of a
+  pipeline, the runs of a test session), since upscaling the set takes most of a second."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  bunch = sk_datasets.load_digits()
+  labels = bunch.target.astype(np.int32)
+  images = _upscale_digits(bunch.images, image_size)
+  labels.flags.writeable = images.flags.writeable = False
+  return labels, images
 
 
 def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
