@@ -56,6 +56,11 @@ def get_config(preset: str, phase: str, *, num_modules: int = 4, assemble_drop_p
   c.module = "all"
   c.meta = ""
   c.modules = ""
+  # m2mKD: an incubation run learns from a trained teacher's module i in slot i of the same meta model as well
+  # as from the labels. `teacher` is a finished run directory (assembled, e2e or imported) cut into the same K
+  # modules; "" is plain incubation. Loss: (1 - alpha) * CE + alpha * tau^2 * KL(teacher || student) / (B * classes).
+  c.teacher = ""
+  c.distill = ml_collections.ConfigDict(dict(alpha=0.5, tau=1.0))
 
   c.batch_size = 2048          # global, summed over devices and accumulation
   c.accum_steps = 1

@@ -40,6 +40,11 @@ FREE_FIELDS = frozenset({
 })
 
 
+# Config fields added after runs could already be started: a config.json without one was written by a run that
+# had this value (so resuming it with the value is no change).
+ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0}
+
+
 def arch_of(config) -> dict:
   return {f: config.model[f] for f in ARCH_FIELDS}
 
@@ -93,7 +98,7 @@ def check_config(workdir: str, config, allow_changed=()) -> list[str]:
                         f"--config.FIELD, e.g. --allow_changed=optim.lr")
   if old is None:
     return []
-  old, missing = _flat(old), object()
+  old, missing = {**ADDED_FIELDS, **_flat(old)}, object()
   changed = sorted(f for f in set(old) | set(new) if old.get(f, missing) != new.get(f, missing))
   refused = [f for f in changed if f not in FREE_FIELDS and f not in allow_changed]
   if refused:

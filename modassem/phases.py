@@ -31,6 +31,9 @@ class Plan:
   depths: tuple[int, ...]        # depths of the modules being trained
   trained: tuple[int, ...]       # indices of the trained modules
   incubate: bool                 # True: each trained module runs inside the frozen meta model
+  # m2mKD: the depths of the teacher's modules (its module i runs in slot i of the meta model beside the student's
+  # module i, frozen, and the student learns from that hybrid's logits too); None without a teacher.
+  teacher_depths: tuple[int, ...] | None = None
 
   @property
   def num_modules(self) -> int:
@@ -43,6 +46,10 @@ class Plan:
   def hybrid_depths(self, i: int) -> tuple[int, ...]:
     """Depths of the model that incubates module i: target in slot i, meta elsewhere."""
     return tuple(self.depths[i] if k == i else 1 for k in range(self.num_modules))
+
+  def teacher_hybrid_depths(self, i: int) -> tuple[int, ...]:
+    """Depths of the teacher hybrid of slot i: the teacher's module i, meta elsewhere."""
+    return tuple(self.teacher_depths[i] if k == i else 1 for k in range(self.num_modules))
 
   @property
   def groups(self) -> dict[str, tuple[int, ...]]:
@@ -76,6 +83,9 @@ def make_plan(config) -> Plan:
     raise ModassemError(f"model.depths={depths} adds up to {sum(depths)} but preset {config.preset} has depth {m.depth}: "
                         f"give {k} positive depths that sum to {m.depth}")
   phase = config.phase
+  if config.get("teacher", "") and phase != "incubate":
+    raise ModassemError(f"config.teacher is set, but a teacher only applies to incubation (this is a {phase} run): "
+                        f"drop --config.teacher, or run the incubate phase")
   if phase == "meta":
     return Plan("meta", (1,) * k, tuple(range(k)), incubate=False)
   if phase in ("assemble", "e2e"):
@@ -119,6 +129,11 @@ def init_trained(plan: Plan, model: ViT, key) -> dict:
   return stack_blocks(trained) if model.scan else trained
 
 
+def teacher_name(k: int) -> str:
+  """The teacher's module k among the frozen modules the step receives."""
+  return f"teacher_{k}"
+
+
 def frozen_slots(plan: Plan) -> list[int]:
   """The meta modules an incubation run reads: slot k is needed while some other slot is trained."""
   if not plan.incubate:
@@ -126,23 +141,27 @@ def frozen_slots(plan: Plan) -> list[int]:
   return [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
 
 
-def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, train: bool, key):
-  """Logits of every group: {group: [B, classes]}.
+def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, train: bool, key, teacher=False):
+  """Logits of every group: {group: [B, classes]}; with `teacher`, also the teacher hybrids' logits, under
+  `teacher/{group}`.
 
   Joint plans run the trained model. Incubation runs the meta modules before
   the highest trained slot once (and outside any gradient: nothing before
   module i is trained, so no backward pass should go there), then for each
   trained module i its target module and the frozen meta modules after it.
-  Per-module keys make `module=all` reproduce the single-module runs.
+  Per-module keys make `module=all` reproduce the single-module runs. The
+  teacher hybrid of slot i takes the same meta prefix activations, runs the
+  teacher's module i and the meta modules after it deterministically (as
+  evaluated), outside any gradient.
   """
   if not plan.incubate:
     model = model_of(plan.depths)
     rngs = {"dropout": key} if train else {}
     return {"model": model.apply({"params": trained}, images, train=train, rngs=rngs)}
 
-  def run(model, k, params, x, k_key):
-    rngs = {"dropout": jax.random.fold_in(k_key, k)} if train else {}
-    return model.module(k).apply({"params": params}, x, train=train, rngs=rngs)
+  def run(model, k, params, x, k_key, in_train=train):
+    rngs = {"dropout": jax.random.fold_in(k_key, k)} if in_train else {}
+    return model.module(k).apply({"params": params}, x, train=in_train, rngs=rngs)
 
   prefix_key, _ = jax.random.split(key)
   # The meta modules before slot i are shared by every hybrid that incubates a
@@ -163,4 +182,10 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
     for k in range(i + 1, plan.num_modules):
       x = run(model, k, frozen[module_name(k)], x, module_key)
     logits[module_name(i)] = x
+    if teacher:
+      t_model = model_of(plan.teacher_hybrid_depths(i))
+      t = run(t_model, i, frozen[teacher_name(i)], prefixes[sum(plan.hybrid_depths(i))][i], module_key, False)
+      for k in range(i + 1, plan.num_modules):
+        t = run(t_model, k, frozen[module_name(k)], t, module_key, False)
+      logits[f"teacher/{module_name(i)}"] = jax.lax.stop_gradient(t)
   return logits

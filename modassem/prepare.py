@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from modassem import checkpoints, data as data_lib, phases, sharding, steps
+from modassem import checkpoints, data as data_lib, files, phases, sharding, steps
 from modassem.distributed import say
 from modassem.errors import ModassemError
 from modassem.models.vit import REMAT_POLICIES, abstract_params, stack_blocks, unstack_blocks
@@ -69,6 +69,12 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
     raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
   if plan.phase == "incubate" and not config.meta:
     raise ModassemError("incubation needs the meta run: pass --config.meta=WORKDIR_OF_THE_META_RUN")
+  if config.get("teacher", ""):
+    alpha, tau = config.distill.alpha, config.distill.tau
+    if not 0.0 <= alpha <= 1.0:
+      raise ModassemError(f"distill.alpha={alpha} is out of range: use a weight in [0, 1] (0.5 by default)")
+    if not tau > 0.0:
+      raise ModassemError(f"distill.tau={tau} must be positive (1.0 by default)")
   if plan.phase == "assemble" and load_sources:
     listed = [s for s in str(config.modules).split(",") if s]
     if len(listed) != plan.num_modules:
@@ -85,9 +91,30 @@ def module_sources(config, plan: Plan) -> list[str]:
 
 
 def run_info(config, plan: Plan, total_steps: int) -> dict:
-  return {"phase": plan.phase, "preset": config.preset, "arch": checkpoints.arch_of(config),
+  info = {"phase": plan.phase, "preset": config.preset, "arch": checkpoints.arch_of(config),
           "depths": list(plan.depths), "trained": list(plan.trained), "total_steps": total_steps,
           "sources": module_sources(config, plan), "scan": phases.scans(config)}
+  if plan.teacher_depths is not None:
+    info["teacher"] = {"run": str(config.teacher), "depths": list(plan.teacher_depths)}
+  return info
+
+
+def teacher_depths(config, plan: Plan) -> tuple[int, ...]:
+  """The module depths of the teacher run `config.teacher`, checked against this model's cut."""
+  where = str(config.teacher)
+  if where.endswith(".pth"):
+    raise ModassemError(f"teacher {where!r} is an official checkpoint: import it first (modassem convert "
+                        f"--from={where} --to=DIR) and pass --config.teacher=DIR")
+  run = files.read_json(files.path(where) / checkpoints.RUN_FILE)
+  if run is None:
+    raise ModassemError(f"teacher {where!r} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir "
+                        f"of a finished assembly, e2e or imported run")
+  depths = tuple(int(d) for d in run.get("depths", []))
+  if len(depths) != plan.num_modules:
+    raise ModassemError(f"teacher {where!r} is cut into {len(depths)} modules {list(depths)}, this model into "
+                        f"{plan.num_modules} {list(plan.depths)}: pass a teacher with model.num_modules="
+                        f"{plan.num_modules}")
+  return depths
 
 
 def _with_shardings(abstract, shardings):
@@ -137,6 +164,8 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
   check_config(config, plan, mesh.size, load_sources=load_sources)
+  if plan.phase == "incubate" and config.get("teacher", ""):
+    plan = dataclasses.replace(plan, teacher_depths=teacher_depths(config, plan))
   sharding.check_mode(config.sharding)
   dataset = data_lib.build(config.data, config.model.image_size)
   if dataset.num_classes != config.model.num_classes:
@@ -156,6 +185,11 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
     needed = phases.frozen_slots(plan)
     frozen = load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
                           "meta run")
+    if plan.teacher_depths is not None:
+      # The teacher's modules are frozen like the meta modules: an input of the step, never differentiated.
+      teacher = load_modules(config, plan, mesh, model_of, plan.trained, plan.teacher_depths,
+                             [config.teacher] * len(plan.trained), "teacher")
+      frozen.update({phases.teacher_name(k): teacher[module_name(k)] for k in plan.trained})
   elif plan.phase == "assemble" and load_sources:
     dirs = module_sources(config, plan)
     sources = load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths, dirs,

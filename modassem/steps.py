@@ -38,12 +38,31 @@ def init_state(plan: Plan, tx: optax.GradientTransformation, params) -> TrainSta
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
-def _losses(plan, model_of, params, frozen, images, targets, key):
-  logits = phases.forward(plan, model_of, params, frozen, images, train=True, key=key)
-  losses = {g: optax.softmax_cross_entropy(l, targets).mean() for g, l in logits.items()}
+def distill_loss(student, teacher, targets, *, alpha: float, tau: float):
+  """m2mKD's loss, (total, cross-entropy, KL term): `(1 - alpha) * CE(student, targets) + alpha * tau^2 *
+  KL(softmax(teacher / tau) || softmax(student / tau))`, the KL summed over the batch and the classes and divided
+  by their number of elements (DeiT's soft distillation, which m2mKD keeps)."""
+  ce = optax.softmax_cross_entropy(student, targets).mean()
+  log_p_teacher = jax.nn.log_softmax(teacher / tau, axis=-1)
+  log_p_student = jax.nn.log_softmax(student / tau, axis=-1)
+  kl = (jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student)).sum() / student.size * tau ** 2
+  return (1.0 - alpha) * ce + alpha * kl, ce, kl
+
+
+def _losses(plan, model_of, distill, params, frozen, images, targets, key):
+  """(sum of the groups' losses, ({group: loss}, {name: term} of the distillation terms))."""
+  distilled = plan.teacher_depths is not None
+  logits = phases.forward(plan, model_of, params, frozen, images, train=True, key=key, teacher=distilled)
+  losses, terms = {}, {}
+  for g in plan.groups:
+    if distilled:
+      losses[g], terms[f"ce/{g}"], terms[f"kl/{g}"] = distill_loss(
+          logits[g], logits[f"teacher/{g}"], targets, alpha=distill.alpha, tau=distill.tau)
+    else:
+      losses[g] = optax.softmax_cross_entropy(logits[g], targets).mean()
   # Groups are independent (disjoint parameters), so the gradient of the sum
   # is each group's own gradient.
-  return sum(losses.values()), losses
+  return sum(losses.values()), (losses, terms)
 
 
 def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan,
@@ -53,11 +72,11 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
   targets = smooth_labels(batch["label"], config.model.num_classes, config.label_smoothing)
   images, targets = mix(mix_key, batch["image"], targets, mixup=config.mixup, cutmix=config.cutmix,
                         switch_prob=config.mixup_switch_prob, prob=config.mixup_prob)
-  grad_fn = jax.value_and_grad(functools.partial(_losses, plan, model_of), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_losses, plan, model_of, config.get("distill")), has_aux=True)
 
   accum = config.accum_steps
   if accum == 1:
-    (_, losses), grads = grad_fn(state.params, frozen, images, targets, drop_key)
+    (_, (losses, terms)), grads = grad_fn(state.params, frozen, images, targets, drop_key)
   else:
     # Micro-batches in a scan: one compiled body, activations of one
     # micro-batch alive at a time.
@@ -68,9 +87,10 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
       (_, l), g = grad_fn(state.params, frozen, imgs, tgts, jax.random.fold_in(drop_key, i))
       return jax.tree_util.tree_map(jnp.add, carry, (l, g)), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, ({g: jnp.zeros(()) for g in plan.groups}, state.params))
-    (losses, grads), _ = jax.lax.scan(body, zeros, (micro(images), micro(targets), jnp.arange(accum)))
-    losses, grads = jax.tree_util.tree_map(lambda x: x / accum, (losses, grads))
+    terms0 = {f"{t}/{g}": jnp.zeros(()) for g in plan.groups for t in ("ce", "kl")} if plan.teacher_depths else {}
+    zeros = (({g: jnp.zeros(()) for g in plan.groups}, terms0), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    ((losses, terms), grads), _ = jax.lax.scan(body, zeros, (micro(images), micro(targets), jnp.arange(accum)))
+    losses, terms, grads = jax.tree_util.tree_map(lambda x: x / accum, (losses, terms, grads))
 
   params, opt_state, metrics = dict(state.params), {}, {}
   for g, ks in plan.groups.items():
@@ -83,6 +103,7 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
       metrics[f"grad_norm/{g}"] = optax.tree.norm(gr)
     else:
       metrics["grad_norm"] = optax.tree.norm(gr)
+  metrics.update(terms)
   metrics["loss"] = sum(losses.values()) / len(losses)
   metrics["lr"] = schedule(state.step)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,119 @@
+"""m2mKD: incubation against a trained teacher's modules, in the same frozen meta model.
+
+The loss against a NumPy computation of its formula; a run with a teacher (the session pipeline's assembled model)
+that trains the student module alone, leaves the teacher and the meta model as they were, logs both terms, and
+ends elsewhere than plain incubation; `module=all` with a teacher against single-module runs; bad teachers."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import stepping
+from conftest import TINY, tiny
+from modassem import checkpoints, files, steps, train
+from test_errors import assert_names, train_error
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("alpha, tau", [(0.5, 1.0), (0.3, 2.0), (1.0, 0.5), (0.0, 3.0)])
+def test_the_loss_is_the_formula(alpha, tau):
+  rng = np.random.default_rng(0)
+  student, teacher = rng.normal(size=(2, 6, 5)).astype(np.float32) * 3
+  targets = rng.dirichlet(np.ones(5), size=6).astype(np.float32)   # mixed, smoothed targets
+  ce = -(targets * _log_softmax(student)).sum(-1).mean()
+  log_pt, log_ps = _log_softmax(teacher / tau), _log_softmax(student / tau)
+  kl = (np.exp(log_pt) * (log_pt - log_ps)).sum() / student.size * tau ** 2
+  total, got_ce, got_kl = steps.distill_loss(student, teacher, targets, alpha=alpha, tau=tau)
+  np.testing.assert_allclose([got_ce, got_kl], [ce, kl], rtol=2e-6)
+  np.testing.assert_allclose(total, (1 - alpha) * ce + alpha * kl, rtol=2e-6)
+
+
+def _arrays(path):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(path))]
+
+
+def _modules(run_dir):
+  return {k: _arrays(checkpoints.module_dir(run_dir, k)) for k in range(4)
+          if checkpoints.module_dir(run_dir, k).exists()}
+
+
+@pytest.fixture(scope="module")
+def teacher(pipeline_dir):
+  return os.path.join(pipeline_dir, "assemble")
+
+
+def test_an_incubation_learns_from_the_teacher_and_touches_nothing_else(runs, teacher, tmp_path):
+  work = str(tmp_path / "m2mkd")
+  before = {d: _modules(d) for d in (teacher, runs["meta"])}
+  config = tiny("incubate", meta=runs["meta"], module="1", teacher=teacher, log_every_steps=1,
+                **{"distill.alpha": 0.4, "distill.tau": 2.0})
+  train.train(config, work)
+  # The teacher's and the meta model's modules are as they were; the run saved the student alone.
+  for d, mods in before.items():
+    after = _modules(d)
+    for k in mods:
+      for a, b in zip(after[k], mods[k], strict=True):
+        np.testing.assert_array_equal(a, b)
+  assert sorted(_modules(work)) == [1]
+  # The train state holds the student and its optimizer state, nothing of the teacher or the meta model.
+  state = ocp.StandardCheckpointer().metadata(checkpoints.state_dir(work) / "6" / "state").item_metadata.tree
+  assert set(state["params"]) == {"module_1"} and set(state["opt_state"]) == {"module_1"}
+  run = files.read_json(os.path.join(work, "run.json"))
+  assert run["teacher"] == {"run": teacher, "depths": [2, 2, 2, 2]} and run["trained"] == [1]
+  # Both terms are logged, and the loss is their mix.
+  with open(os.path.join(work, "metrics.jsonl")) as f:
+    records = [r for r in map(json.loads, f) if r["kind"] == "train"]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  for r in records:
+    np.testing.assert_allclose(r["loss"], 0.6 * r["ce/module_1"] + 0.4 * r["kl/module_1"], rtol=1e-5)
+    assert r["kl/module_1"] > 0
+  # The teacher changed what the student learnt.
+  plain = _modules(runs["inc_1"])[1]
+  assert any(not np.array_equal(a, b) for a, b in zip(_modules(work)[1], plain, strict=True))
+
+
+def test_all_modules_with_a_teacher_train_as_their_own_runs_would(runs, teacher):
+  common = {"meta": runs["meta"], "teacher": teacher}
+  _, together, _ = stepping.run_steps(tiny("incubate", module="all", **common), 3)
+  for k in (0, 3):
+    _, alone, _ = stepping.run_steps(tiny("incubate", module=str(k), **common), 3)
+    got, want = stepping.leaves(together.params[f"module_{k}"]), stepping.leaves(alone.params[f"module_{k}"])
+    assert got.keys() == want.keys()
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=f"module_{k}{name}")
+
+
+def _fake_run(folder, **changes):
+  """A run directory whose run.json is the tiny pipeline's assembly's with `changes` (no modules needed: the checks
+  read run.json first)."""
+  os.makedirs(folder)
+  run = {"phase": "assemble", "preset": "tiny", "arch": checkpoints.arch_of(tiny("assemble")),
+         "depths": [2, 2, 2, 2], "trained": [0, 1, 2, 3], "total_steps": 6}
+  run.update(changes)
+  files.write_json(os.path.join(folder, "run.json"), run)
+  return folder
+
+
+def test_a_teacher_that_does_not_fit_is_a_one_line_error(capsys, tmp_path, runs):
+  inc = [f"--config.meta={runs['meta']}", "--config.module=1"]
+  three = _fake_run(str(tmp_path / "three"), depths=[3, 3, 2])
+  line = train_error(capsys, tmp_path, f"{TINY}:incubate", *inc, f"--config.teacher={three}", sources=[runs["meta"]])
+  assert_names(line, f"teacher {three!r} is cut into 3 modules [3, 3, 2], this model into 4", "num_modules=4")
+  wide = _fake_run(str(tmp_path / "wide"), arch={**checkpoints.arch_of(tiny("assemble")), "width": 64})
+  line = train_error(capsys, tmp_path, f"{TINY}:incubate", *inc, f"--config.teacher={wide}")
+  assert_names(line, f"teacher {wide!r}", "another architecture", "width 64 vs 16")
+  line = train_error(capsys, tmp_path, f"{TINY}:incubate", *inc, f"--config.teacher={tmp_path}")
+  assert_names(line, "is not a run directory (no run.json)")
+  line = train_error(capsys, tmp_path, f"{TINY}:meta", f"--config.teacher={three}")
+  assert_names(line, "a teacher only applies to incubation (this is a meta run)")
+  line = train_error(capsys, tmp_path, f"{TINY}:incubate", *inc, f"--config.teacher={three}",
+                     "--config.distill.alpha=1.5")
+  assert_names(line, "distill.alpha=1.5 is out of range")
