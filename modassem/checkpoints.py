@@ -300,7 +300,7 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
     raise ModassemError(f"{what} {run_dir!r}: module_{k} is unreadable ({type(e).__name__}): "
                         f"rerun the run that made it") from None
   # Shapes first, from metadata: a mismatch is named by parameter, before any array is read.
-  _check_shapes(saved, abstract, f"{what} {run_dir!r} module_{k}")
+  check_shapes(saved, abstract, f"{what} {run_dir!r} module_{k}")
   # Arrays land where the caller places them; with no placement given, on this
   # process's first device (whatever topology wrote them).
   abstract = _on_this_host(abstract)
@@ -311,7 +311,7 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
                         f"rerun the run that made it") from None
 
 
-def _check_shapes(tree, abstract, where: str) -> None:
+def check_shapes(tree, abstract, where: str) -> None:
   got = jax.tree_util.tree_flatten_with_path(tree)[0]
   want = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
   if len(got) != len(want):

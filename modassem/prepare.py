@@ -99,22 +99,46 @@ def run_info(config, plan: Plan, total_steps: int) -> dict:
   return info
 
 
-def teacher_depths(config, plan: Plan) -> tuple[int, ...]:
-  """The module depths of the teacher run `config.teacher`, checked against this model's cut."""
-  where = str(config.teacher)
-  if where.endswith(".pth"):
-    raise ModassemError(f"teacher {where!r} is an official checkpoint: import it first (modassem convert "
-                        f"--from={where} --to=DIR) and pass --config.teacher=DIR")
-  run = files.read_json(files.path(where) / checkpoints.RUN_FILE)
-  if run is None:
-    raise ModassemError(f"teacher {where!r} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir "
-                        f"of a finished assembly, e2e or imported run")
-  depths = tuple(int(d) for d in run.get("depths", []))
+def _teacher_cut(where: str, depths, plan: Plan) -> tuple[int, ...]:
+  depths = tuple(int(d) for d in depths)
   if len(depths) != plan.num_modules:
     raise ModassemError(f"teacher {where!r} is cut into {len(depths)} modules {list(depths)}, this model into "
                         f"{plan.num_modules} {list(plan.depths)}: pass a teacher with model.num_modules="
                         f"{plan.num_modules}")
   return depths
+
+
+def load_teacher(config, plan: Plan, mesh, model_of) -> tuple[tuple[int, ...], dict]:
+  """(module depths, {teacher_k: module k placed on the mesh} for the trained slots) of `config.teacher`: a
+  finished run directory, or an official `.pth` imported on the fly with the checks of `modassem convert`."""
+  where = str(config.teacher)
+  if not where.endswith(".pth"):
+    run = files.read_json(files.path(where) / checkpoints.RUN_FILE)
+    if run is None:
+      raise ModassemError(f"teacher {where!r} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir "
+                          f"of a finished assembly, e2e or imported run, or an official .pth")
+    depths = _teacher_cut(where, run.get("depths", []), plan)
+    modules = load_modules(config, plan, mesh, model_of, plan.trained, depths, [where] * len(plan.trained), "teacher")
+  else:
+    from modassem import convert  # pylint: disable=g-import-not-at-top  (torch, only for a .pth teacher)
+    model = convert.model_from_pth(where, config.preset)
+    depths = _teacher_cut(where, model.depths, plan)
+    ours = checkpoints.arch_of(config)
+    differ = {f: (model.arch.get(f), v) for f, v in ours.items() if model.arch.get(f) != v}
+    if differ:
+      detail = ", ".join(f"{f} {a} vs {b}" for f, (a, b) in differ.items())
+      raise ModassemError(f"teacher {where!r} has another architecture than this config ({detail}): pass a "
+                          f"checkpoint of preset {config.preset}")
+    abstract = abstract_params(model_of(depths, scan=False))
+    modules = {}
+    for k in plan.trained:
+      target = placed(abstract[module_name(k)], mesh, config)
+      checkpoints.check_shapes(model.modules[k], target, f"teacher {where!r} module {k}")
+      modules[module_name(k)] = jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding),
+                                                       model.modules[k], target)
+    modules = _in_model_layout(config, mesh, modules)
+  # The teacher's modules are frozen like the meta modules: inputs of the step, never differentiated.
+  return depths, {phases.teacher_name(k): modules[module_name(k)] for k in plan.trained}
 
 
 def _with_shardings(abstract, shardings):
@@ -138,10 +162,15 @@ def load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, wh
               "depth": depths[k]}
     out[module_name(k)] = checkpoints.load_module(run_dir, k, expect=expect, what=what,
                                                   abstract=placed(abstract[module_name(k)], mesh, config))
-  if phases.scans(config):
-    target = sharding.tree_shardings(jax.eval_shape(stack_blocks, out), mesh, config.sharding)
-    out = jax.jit(stack_blocks, out_shardings=target)(out)
-  return out
+  return _in_model_layout(config, mesh, out)
+
+
+def _in_model_layout(config, mesh, modules: dict) -> dict:
+  """Per-block modules as the model holds them: stacked where it scans."""
+  if not phases.scans(config):
+    return modules
+  target = sharding.tree_shardings(jax.eval_shape(stack_blocks, modules), mesh, config.sharding)
+  return jax.jit(stack_blocks, out_shardings=target)(modules)
 
 
 def saved_layout(config, params) -> dict:
@@ -164,8 +193,11 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
   check_config(config, plan, mesh.size, load_sources=load_sources)
+  model_of = functools.partial(phases.model_for, config)
+  teacher = {}
   if plan.phase == "incubate" and config.get("teacher", ""):
-    plan = dataclasses.replace(plan, teacher_depths=teacher_depths(config, plan))
+    depths, teacher = load_teacher(config, plan, mesh, model_of)
+    plan = dataclasses.replace(plan, teacher_depths=depths)
   sharding.check_mode(config.sharding)
   dataset = data_lib.build(config.data, config.model.image_size)
   if dataset.num_classes != config.model.num_classes:
@@ -175,7 +207,6 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
     say(f"{dataset.name} is in TFRecord files, which are read in sequence: every process reads the whole train "
         "stream; prepared with `tfds build --file_format=array_record`, each process reads only its share")
   total, warmup = schedule_lengths(config, dataset.steps_per_epoch(config.batch_size))
-  model_of = functools.partial(phases.model_for, config)
   run = run_info(config, plan, total)
   if workdir is not None:
     checkpoints.check_workdir(workdir, run)
@@ -185,11 +216,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
     needed = phases.frozen_slots(plan)
     frozen = load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
                           "meta run")
-    if plan.teacher_depths is not None:
-      # The teacher's modules are frozen like the meta modules: an input of the step, never differentiated.
-      teacher = load_modules(config, plan, mesh, model_of, plan.trained, plan.teacher_depths,
-                             [config.teacher] * len(plan.trained), "teacher")
-      frozen.update({phases.teacher_name(k): teacher[module_name(k)] for k in plan.trained})
+    frozen.update(teacher)
   elif plan.phase == "assemble" and load_sources:
     dirs = module_sources(config, plan)
     sources = load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths, dirs,

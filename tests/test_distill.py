@@ -117,3 +117,32 @@ def test_a_teacher_that_does_not_fit_is_a_one_line_error(capsys, tmp_path, runs)
   line = train_error(capsys, tmp_path, f"{TINY}:incubate", *inc, f"--config.teacher={three}",
                      "--config.distill.alpha=1.5")
   assert_names(line, "distill.alpha=1.5 is out of range")
+
+
+def test_an_official_pth_teacher_is_imported_on_the_fly(runs, tmp_path):
+  """The same teacher as an official-layout .pth file (written by a PyTorch ViT of the official key layout) and as
+  the run `modassem convert` makes of it: the same student after the same steps."""
+  from test_convert import TorchViT, save_official  # pylint: disable=g-import-not-at-top  (torch)
+  from modassem import cli  # pylint: disable=g-import-not-at-top
+  pth = save_official(tmp_path / "teacher.pth", TorchViT(8).eval(), (2, 2, 2, 2))
+  imported = str(tmp_path / "teacher_run")
+  assert cli.main(["convert", f"--from={pth}", f"--to={imported}"]) == 0
+  students = []
+  for teacher in (pth, imported):
+    _, state, history = stepping.run_steps(tiny("incubate", meta=runs["meta"], module="2", teacher=teacher), 2)
+    assert float(history[-1]["kl/module_2"]) > 0
+    students.append(stepping.leaves(state.params))
+  assert students[0].keys() == students[1].keys()
+  for name in students[0]:
+    np.testing.assert_array_equal(students[0][name], students[1][name])
+
+
+def test_a_student_deeper_than_its_teacher_trains_and_assembles(runs, tmp_path):
+  """The meta run as the teacher: one block per module, the students two."""
+  inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
+  train.train(tiny("incubate", meta=runs["meta"], module="all", teacher=runs["meta"], total_steps=2), inc)
+  assert files.read_json(os.path.join(inc, "run.json"))["teacher"]["depths"] == [1, 1, 1, 1]
+  result = train.train(tiny("assemble", modules=",".join([inc] * 4), total_steps=2), asm)
+  assert np.isfinite(result["loss"])
+  assembled = ocp.StandardCheckpointer().metadata(checkpoints.module_dir(asm, 1)).item_metadata.tree
+  assert sorted(assembled) == ["blocks_0", "blocks_1"]
