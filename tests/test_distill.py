@@ -146,3 +146,20 @@ def test_a_student_deeper_than_its_teacher_trains_and_assembles(runs, tmp_path):
   assert np.isfinite(result["loss"])
   assembled = ocp.StandardCheckpointer().metadata(checkpoints.module_dir(asm, 1)).item_metadata.tree
   assert sorted(assembled) == ["blocks_0", "blocks_1"]
+
+
+def test_the_pipeline_gives_the_teacher_to_the_incubation_alone_and_reports_it(pipeline_dir, teacher, tmp_path):
+  from modassem import pipeline  # pylint: disable=g-import-not-at-top
+  configs, _ = pipeline.phase_configs(TINY, {"teacher": teacher, "distill.alpha": 0.3}, str(tmp_path))
+  assert (configs["incubate"].teacher, configs["incubate"].distill.alpha) == (teacher, 0.3)
+  for phase in ("meta", "assemble", "e2e"):
+    assert (configs[phase].teacher, configs[phase].distill.alpha) == ("", 0.5)
+  dirs = {p: os.path.join(pipeline_dir, p) for p in ("meta", "incubate", "assemble", "e2e")}
+  results = {p: files.read_json(os.path.join(d, "results.json")) for p, d in dirs.items()}
+  report = pipeline.make_report(results, dirs, teacher=teacher)
+  own = files.read_json(os.path.join(teacher, "results.json"))
+  assert report["teacher"] == {"source": teacher, "top1": own["top1"], "top5": own["top5"],
+                               "train_flops": own["train_flops"]}
+  assert f"Incubated against the teacher {teacher} (m2mKD): {own['top1']:.2f} % top-1" in \
+      pipeline.report_markdown(report)
+  assert "teacher" not in pipeline.make_report(results, dirs)
