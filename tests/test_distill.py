@@ -2,7 +2,8 @@
 
 The loss against a NumPy computation of its formula; a run with a teacher (the session pipeline's assembled model)
 that trains the student module alone, leaves the teacher and the meta model as they were, logs both terms, and
-ends elsewhere than plain incubation; `module=all` with a teacher against single-module runs; bad teachers."""
+ends elsewhere than plain incubation; an official .pth teacher; students deeper than their teacher, `module=all`
+against single-module runs, and their assembly; the pipeline's report; bad teachers."""
 
 import json
 import os
@@ -80,17 +81,6 @@ def test_an_incubation_learns_from_the_teacher_and_touches_nothing_else(runs, te
   assert any(not np.array_equal(a, b) for a, b in zip(_modules(work)[1], plain, strict=True))
 
 
-def test_all_modules_with_a_teacher_train_as_their_own_runs_would(runs, teacher):
-  common = {"meta": runs["meta"], "teacher": teacher}
-  _, together, _ = stepping.run_steps(tiny("incubate", module="all", **common), 3)
-  for k in (0, 3):
-    _, alone, _ = stepping.run_steps(tiny("incubate", module=str(k), **common), 3)
-    got, want = stepping.leaves(together.params[f"module_{k}"]), stepping.leaves(alone.params[f"module_{k}"])
-    assert got.keys() == want.keys()
-    for name in want:
-      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=f"module_{k}{name}")
-
-
 def _fake_run(folder, **changes):
   """A run directory whose run.json is the tiny pipeline's assembly's with `changes` (no modules needed: the checks
   read run.json first)."""
@@ -137,11 +127,20 @@ def test_an_official_pth_teacher_is_imported_on_the_fly(runs, tmp_path):
     np.testing.assert_array_equal(students[0][name], students[1][name])
 
 
-def test_a_student_deeper_than_its_teacher_trains_and_assembles(runs, tmp_path):
-  """The meta run as the teacher: one block per module, the students two."""
+def test_students_deeper_than_their_teacher_train_together_as_alone_and_assemble(runs, tmp_path):
+  """The meta run as the teacher (one block per module; the students have two): `module=all` ends where the
+  single-module runs end (slots 0 and 3 here: no meta prefix, and the longest one), and the students assemble."""
   inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
-  train.train(tiny("incubate", meta=runs["meta"], module="all", teacher=runs["meta"], total_steps=2), inc)
+  common = {"meta": runs["meta"], "teacher": runs["meta"], "total_steps": 3}
+  train.train(tiny("incubate", module="all", **common), inc)
   assert files.read_json(os.path.join(inc, "run.json"))["teacher"]["depths"] == [1, 1, 1, 1]
+  for k in (0, 3):
+    _, alone, _ = stepping.run_steps(tiny("incubate", module=str(k), **common), 3)
+    want = stepping.leaves(alone.params[f"module_{k}"])
+    got = stepping.leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(inc, k)))
+    assert got.keys() == want.keys()
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=f"module_{k}{name}")
   result = train.train(tiny("assemble", modules=",".join([inc] * 4), total_steps=2), asm)
   assert np.isfinite(result["loss"])
   assembled = ocp.StandardCheckpointer().metadata(checkpoints.module_dir(asm, 1)).item_metadata.tree
