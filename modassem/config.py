@@ -38,6 +38,13 @@ def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+def phase_overrides(overrides: dict, phase: str) -> dict:
+  """The overrides of a several-phase command (pipeline, plan) that apply to `phase`: not `phase` itself, and a
+  teacher (m2mKD) and its loss's settings for the incubation alone."""
+  return {k: v for k, v in overrides.items()
+          if k != "phase" and (phase == "incubate" or not (k == "teacher" or k.startswith("distill.")))}
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
   """Sets existing fields only: a locked ConfigDict refuses new keys, so a typo is an error, not a new field."""
   config.lock()

@@ -29,7 +29,7 @@ import time
 
 import jax
 
-from modassem import config as config_lib, flags, phases, prepare, sharding
+from modassem import checkpoints, config as config_lib, files, flags, phases, prepare, sharding
 from modassem.errors import ModassemError
 from modassem.models.vit import abstract_params, unstack_blocks
 
@@ -139,7 +139,7 @@ def phase_names(num_modules: int) -> list[str]:
 def phase_config(path: str, name: str, overrides: dict):
   """The config of phase `name` (incubateI: module I alone, as each of the K runs trains)."""
   phase = "incubate" if name.startswith("incubate") else name
-  config = config_lib.load(f"{path}:{phase}", {k: v for k, v in overrides.items() if k != "phase"})
+  config = config_lib.load(f"{path}:{phase}", config_lib.phase_overrides(overrides, phase))
   if phase == "incubate":
     config.module = name[len("incubate"):]
     # The trainer's checks want the meta run an incubation builds on; a plan reads none.
@@ -148,12 +148,25 @@ def phase_config(path: str, name: str, overrides: dict):
 
 
 def frozen_abstract(config, plan, mesh, model_of) -> dict:
-  """The frozen meta modules as shapes with shardings: the lowered step is the same as with real ones."""
+  """The frozen meta modules (and a teacher's) as shapes with shardings: the lowered step is the same as with real
+  ones."""
   slots = phases.frozen_slots(plan)
-  if not slots:
-    return {}
   abstract = abstract_params(model_of(plan.meta_depths))
-  return {phases.module_name(k): prepare.placed(abstract[phases.module_name(k)], mesh, config) for k in slots}
+  out = {phases.module_name(k): prepare.placed(abstract[phases.module_name(k)], mesh, config) for k in slots}
+  if plan.teacher_depths is not None:
+    teacher = abstract_params(model_of(plan.teacher_depths))
+    out.update({phases.teacher_name(k): prepare.placed(teacher[phases.module_name(k)], mesh, config)
+                for k in plan.trained})
+  return out
+
+
+def teacher_cut(config, plan) -> tuple[int, ...]:
+  """The module depths of `config.teacher` for a plan: its run's, where it can be read; otherwise (a .pth, or a
+  teacher not trained yet) the target's own cut, a teacher of the same size."""
+  where = str(config.teacher)
+  run = None if where.endswith(".pth") else files.read_json(files.path(where) / checkpoints.RUN_FILE)
+  depths = tuple((run or {}).get("depths", ())) or tuple(plan.depths)
+  return prepare.check_teacher_cut(where, depths, plan)
 
 
 def phase_step_flops(config, total_steps: int, warmup_steps: int) -> float:
@@ -161,6 +174,9 @@ def phase_step_flops(config, total_steps: int, warmup_steps: int) -> float:
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
   prepare.check_config(config, plan, mesh.size, load_sources=False)
+  if plan.phase == "incubate" and config.get("teacher", ""):
+    # m2mKD: the teacher hybrid's forward pass is part of every incubation step.
+    plan = dataclasses.replace(plan, teacher_depths=teacher_cut(config, plan))
   sharding.check_mode(config.sharding)
   model_of = functools.partial(phases.model_for, config)
   frozen = frozen_abstract(config, plan, mesh, model_of)

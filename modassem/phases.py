@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from modassem.errors import ModassemError
-from modassem.models.vit import ViT, stack_blocks
+from modassem.models.vit import Stitch, ViT, stack_blocks
 
 Params = Mapping[str, Any]
 
@@ -34,6 +34,18 @@ class Plan:
   # m2mKD: the depths of the teacher's modules (its module i runs in slot i of the meta model beside the student's
   # module i, frozen, and the student learns from that hybrid's logits too); None without a teacher.
   teacher_depths: tuple[int, ...] | None = None
+  # Incubation in a meta model of another width than the target's: the meta run's (width, heads, mlp_ratio). Each
+  # incubated module then gets stitch layers (`Stitch`) at its entry and exit, trained with it, dropped at assembly.
+  meta_arch: tuple[tuple[str, Any], ...] | None = None
+
+  @property
+  def stitched(self) -> bool:
+    return self.meta_arch is not None
+
+  def param_names(self, group: str) -> list[str]:
+    """The trained parameter subtrees of `group`: its modules, and their stitches."""
+    ks = self.groups[group]
+    return [module_name(k) for k in ks] + ([stitch_name(k) for k in ks] if self.stitched else [])
 
   @property
   def num_modules(self) -> int:
@@ -107,10 +119,13 @@ def scans(config) -> bool:
   return bool(config.model.get("scan", False))
 
 
-def model_for(config, depths, *, dtype=None, scan=None) -> ViT:
+def model_for(config, depths, *, dtype=None, scan=None, **arch) -> ViT:
+  """The ViT of `config` with module depths `depths`; `arch` overrides width, heads or mlp_ratio (a meta model of
+  another width)."""
   m = config.model
-  return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, width=m.width, heads=m.heads,
-             mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps, num_classes=m.num_classes,
+  shape = {"width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio, **arch}
+  return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps,
+             num_classes=m.num_classes, **shape,
              drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype), remat=m.get("remat", "none"),
              attention=m.get("attention", "auto"), scan=scans(config) if scan is None else bool(scan))
 
@@ -126,7 +141,27 @@ def init_trained(plan: Plan, model: ViT, key) -> dict:
   image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   params = model.clone(scan=False).init(key, image)["params"]
   trained = {module_name(i): params[module_name(i)] for i in plan.trained}
-  return stack_blocks(trained) if model.scan else trained
+  trained = stack_blocks(trained) if model.scan else trained
+  if plan.stitched:
+    tokens = (model.image_size // model.patch) ** 2 + 1
+    meta_width = dict(plan.meta_arch)["width"]
+    for i in plan.trained:
+      k_in, k_out = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 0x5717C4), i))
+      trained[stitch_name(i)] = {
+          end: _stitch(model, width).init(k, jnp.zeros((1, tokens, other), jnp.float32))["params"]
+          for end, width, other, k, needed in (("entry", model.width, meta_width, k_in, i > 0),
+                                               ("exit", meta_width, model.width, k_out, i < plan.num_modules - 1))
+          if needed}
+  return trained
+
+
+def _stitch(model: ViT, width: int) -> Stitch:
+  return Stitch(width, ln_eps=model.ln_eps, dtype=model.dtype)
+
+
+def stitch_name(k: int) -> str:
+  """The stitch layers of incubated module k among the trained parameters: {"entry": ..., "exit": ...}."""
+  return f"stitch_{k}"
 
 
 def teacher_name(k: int) -> str:
@@ -159,9 +194,17 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
     rngs = {"dropout": key} if train else {}
     return {"model": model.apply({"params": trained}, images, train=train, rngs=rngs)}
 
-  def run(model, k, params, x, k_key, in_train=train):
+  meta = dict(plan.meta_arch or ())
+
+  def run(model, k, params, x, k_key, in_train=train, arch=meta):
+    """Module k of `model` (by default a meta module, at the meta model's width)."""
     rngs = {"dropout": jax.random.fold_in(k_key, k)} if in_train else {}
-    return model.module(k).apply({"params": params}, x, train=in_train, rngs=rngs)
+    return model.module(k, **arch).apply({"params": params}, x, train=in_train, rngs=rngs)
+
+  def stitch(i, end, width, x):
+    if not plan.stitched or end not in trained[stitch_name(i)]:
+      return x
+    return _stitch(model_of(plan.depths), width).apply({"params": trained[stitch_name(i)][end]}, x)
 
   prefix_key, _ = jax.random.split(key)
   # The meta modules before slot i are shared by every hybrid that incubates a
@@ -178,7 +221,9 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
   for i in plan.trained:
     model = model_of(plan.hybrid_depths(i))
     module_key = jax.random.fold_in(key, 1 + i)
-    x = run(model, i, trained[module_name(i)], prefixes[sum(plan.hybrid_depths(i))][i], module_key)
+    x = stitch(i, "entry", model.width, prefixes[sum(plan.hybrid_depths(i))][i])
+    x = run(model, i, trained[module_name(i)], x, module_key, arch={})
+    x = stitch(i, "exit", meta.get("width"), x)
     for k in range(i + 1, plan.num_modules):
       x = run(model, k, frozen[module_name(k)], x, module_key)
     logits[module_name(i)] = x

@@ -25,10 +25,7 @@ def phase_configs(spec: str, overrides: dict, workdir: str) -> tuple[dict, dict]
   dirs = {p: files.join(workdir, p) for p in METHOD + ("e2e",)}
   configs = {}
   for phase in METHOD + ("e2e",):
-    # A teacher (m2mKD) and its loss's settings belong to the incubation alone.
-    mine = {k: v for k, v in overrides.items()
-            if k != "phase" and (phase == "incubate" or not (k == "teacher" or k.startswith("distill.")))}
-    c = config_lib.load(f"{path}:{phase}", mine)
+    c = config_lib.load(f"{path}:{phase}", config_lib.phase_overrides(overrides, phase))
     if phase == "incubate":
       c.module = "all"
       c.meta = dirs["meta"]

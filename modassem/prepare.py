@@ -96,10 +96,28 @@ def run_info(config, plan: Plan, total_steps: int) -> dict:
           "sources": module_sources(config, plan), "scan": phases.scans(config)}
   if plan.teacher_depths is not None:
     info["teacher"] = {"run": str(config.teacher), "depths": list(plan.teacher_depths)}
+  if plan.stitched:
+    info["stitches"] = {"meta": dict(plan.meta_arch), "note": "stitch layers join each incubated module to the "
+                        "meta model of another width; they are in this run's checkpoints, not in modules/, and "
+                        "assembly does without them"}
   return info
 
 
-def _teacher_cut(where: str, depths, plan: Plan) -> tuple[int, ...]:
+# What a meta model may differ in from the target it incubates: stitch layers bridge the width.
+STITCHED_FIELDS = ("width", "heads", "mlp_ratio")
+
+
+def meta_arch(config):
+  """The meta run's (width, heads, mlp_ratio) where its width differs from this model's (an incubation with stitch
+  layers), else None. Anything else that differs is an error when the meta modules are loaded."""
+  run = files.read_json(files.path(config.meta) / checkpoints.RUN_FILE) or {}
+  arch = run.get("arch") or {}
+  if "width" not in arch or arch["width"] == config.model.width:
+    return None
+  return tuple((f, arch[f]) for f in STITCHED_FIELDS if f in arch)
+
+
+def check_teacher_cut(where: str, depths, plan: Plan) -> tuple[int, ...]:
   depths = tuple(int(d) for d in depths)
   if len(depths) != plan.num_modules:
     raise ModassemError(f"teacher {where!r} is cut into {len(depths)} modules {list(depths)}, this model into "
@@ -112,24 +130,26 @@ def load_teacher(config, plan: Plan, mesh, model_of) -> tuple[tuple[int, ...], d
   """(module depths, {teacher_k: module k placed on the mesh} for the trained slots) of `config.teacher`: a
   finished run directory, or an official `.pth` imported on the fly with the checks of `modassem convert`."""
   where = str(config.teacher)
+  meta = dict(plan.meta_arch or ())   # the teacher's modules sit in the meta model as they are: its width
   if not where.endswith(".pth"):
     run = files.read_json(files.path(where) / checkpoints.RUN_FILE)
     if run is None:
       raise ModassemError(f"teacher {where!r} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir "
                           f"of a finished assembly, e2e or imported run, or an official .pth")
-    depths = _teacher_cut(where, run.get("depths", []), plan)
-    modules = load_modules(config, plan, mesh, model_of, plan.trained, depths, [where] * len(plan.trained), "teacher")
+    depths = check_teacher_cut(where, run.get("depths", []), plan)
+    modules = load_modules(config, plan, mesh, model_of, plan.trained, depths, [where] * len(plan.trained), "teacher",
+                           arch=meta)
   else:
     from modassem import convert  # pylint: disable=g-import-not-at-top  (torch, only for a .pth teacher)
     model = convert.model_from_pth(where, config.preset)
-    depths = _teacher_cut(where, model.depths, plan)
-    ours = checkpoints.arch_of(config)
+    depths = check_teacher_cut(where, model.depths, plan)
+    ours = {**checkpoints.arch_of(config), **meta}
     differ = {f: (model.arch.get(f), v) for f, v in ours.items() if model.arch.get(f) != v}
     if differ:
       detail = ", ".join(f"{f} {a} vs {b}" for f, (a, b) in differ.items())
       raise ModassemError(f"teacher {where!r} has another architecture than this config ({detail}): pass a "
                           f"checkpoint of preset {config.preset}")
-    abstract = abstract_params(model_of(depths, scan=False))
+    abstract = abstract_params(model_of(depths, scan=False, **meta))
     modules = {}
     for k in plan.trained:
       target = placed(abstract[module_name(k)], mesh, config)
@@ -150,16 +170,18 @@ def placed(tree, mesh, config):
   return _with_shardings(tree, sharding.tree_shardings(tree, mesh, config.sharding))
 
 
-def load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, what) -> dict:
-  """Modules `slots` from `run_dirs` (one per slot), checked and placed on the mesh.
+def load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, what, arch=None) -> dict:
+  """Modules `slots` from `run_dirs` (one per slot), checked and placed on the mesh; `arch` overrides the width,
+  heads or MLP ratio they must have (a meta model of another width than the target).
 
   Saved modules are in the per-block layout; a scanned model gets them stacked.
   """
-  abstract = abstract_params(model_of(depths, scan=False))
+  arch = dict(arch or {})
+  abstract = abstract_params(model_of(depths, scan=False, **arch))
   out = {}
   for k, run_dir in zip(slots, run_dirs):
-    expect = {"arch": checkpoints.arch_of(config), "preset": config.preset, "num_modules": plan.num_modules,
-              "depth": depths[k]}
+    expect = {"arch": {**checkpoints.arch_of(config), **arch}, "preset": config.preset,
+              "num_modules": plan.num_modules, "depth": depths[k]}
     out[module_name(k)] = checkpoints.load_module(run_dir, k, expect=expect, what=what,
                                                   abstract=placed(abstract[module_name(k)], mesh, config))
   return _in_model_layout(config, mesh, out)
@@ -174,7 +196,9 @@ def _in_model_layout(config, mesh, modules: dict) -> dict:
 
 
 def saved_layout(config, params) -> dict:
-  """`params` in the per-block layout that module checkpoints and conversion use."""
+  """The modules of `params` in the per-block layout that module checkpoints and conversion use (stitch layers are
+  not modules: they stay in the run's checkpoints, and assembly does without them)."""
+  params = {n: p for n, p in params.items() if n.startswith("module_")}
   # Jitted, so that on several hosts every process slices its own shards of the global arrays.
   return jax.jit(unstack_blocks)(params) if phases.scans(config) else params
 
@@ -195,6 +219,11 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   check_config(config, plan, mesh.size, load_sources=load_sources)
   model_of = functools.partial(phases.model_for, config)
   teacher = {}
+  if plan.phase == "incubate":
+    plan = dataclasses.replace(plan, meta_arch=meta_arch(config))
+    if plan.stitched:
+      say(f"the meta run {config.meta} has width {dict(plan.meta_arch)['width']}, this model {config.model.width}: "
+          f"each incubated module gets stitch layers at its entry and exit (assembly drops them)")
   if plan.phase == "incubate" and config.get("teacher", ""):
     depths, teacher = load_teacher(config, plan, mesh, model_of)
     plan = dataclasses.replace(plan, teacher_depths=depths)
@@ -215,7 +244,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   if plan.phase == "incubate":
     needed = phases.frozen_slots(plan)
     frozen = load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
-                          "meta run")
+                          "meta run", arch=plan.meta_arch)
     frozen.update(teacher)
   elif plan.phase == "assemble" and load_sources:
     dirs = module_sources(config, plan)

@@ -19,7 +19,7 @@ import optax
 
 from modassem import phases
 from modassem.mixup import mix, smooth_labels
-from modassem.phases import Plan, module_name
+from modassem.phases import Plan
 
 
 @flax.struct.dataclass
@@ -34,7 +34,7 @@ def group_params(tree, names):
 
 
 def init_state(plan: Plan, tx: optax.GradientTransformation, params) -> TrainState:
-  opt_state = {g: tx.init(group_params(params, [module_name(k) for k in ks])) for g, ks in plan.groups.items()}
+  opt_state = {g: tx.init(group_params(params, plan.param_names(g))) for g in plan.groups}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
@@ -93,8 +93,8 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
     losses, terms, grads = jax.tree_util.tree_map(lambda x: x / accum, (losses, terms, grads))
 
   params, opt_state, metrics = dict(state.params), {}, {}
-  for g, ks in plan.groups.items():
-    names = [module_name(k) for k in ks]
+  for g in plan.groups:
+    names = plan.param_names(g)
     p, gr = group_params(state.params, names), group_params(grads, names)
     updates, opt_state[g] = tx.update(gr, state.opt_state[g], p)
     params.update(optax.apply_updates(p, updates))

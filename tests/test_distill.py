@@ -162,3 +162,45 @@ def test_the_pipeline_gives_the_teacher_to_the_incubation_alone_and_reports_it(p
   assert f"Incubated against the teacher {teacher} (m2mKD): {own['top1']:.2f} % top-1" in \
       pipeline.report_markdown(report)
   assert "teacher" not in pipeline.make_report(results, dirs)
+
+
+def test_a_plan_prices_the_teacher_forward_pass(runs):
+  from modassem import cost  # pylint: disable=g-import-not-at-top
+  assert cost.phase_config(TINY, "meta", {"teacher": "t"}).teacher == ""
+  assert cost.phase_config(TINY, "incubate1", {"teacher": "t"}).teacher == "t"
+
+  def flops(**overrides):
+    return cost.phase_step_flops(cost.phase_config(TINY, "incubate0", overrides), 6, 2)
+
+  plain = flops()
+  same_size = flops(teacher="a teacher not trained yet")          # priced with the target's own cut
+  shallow = flops(teacher=runs["meta"])                           # its run says: one block per module
+  # The teacher hybrid adds one forward pass to a step of fewer than three (the frozen meta modules after the
+  # student get no weight gradients): about half as much again.
+  assert 1.3 < same_size / plain < 1.7, same_size / plain
+  assert plain < shallow < same_size
+
+
+def test_students_wider_than_the_meta_model_train_with_stitches_that_assembly_drops(runs, teacher, tmp_path):
+  """Students of width 32 in the width-16 meta model, against a width-16 teacher: stitch layers at each student
+  module's entry and exit (none before the stem, none after the head), trained with it and kept out of modules/;
+  the students assemble into a width-32 model with no stitch in it."""
+  inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
+  wide = {"model.width": 32, "model.heads": 4}
+  train.train(tiny("incubate", meta=runs["meta"], module="all", teacher=teacher, total_steps=2, **wide), inc)
+  run = files.read_json(os.path.join(inc, "run.json"))
+  assert run["stitches"]["meta"] == {"width": 16, "heads": 2, "mlp_ratio": 4.0}
+  state = ocp.StandardCheckpointer().metadata(checkpoints.state_dir(inc) / "2" / "state").item_metadata.tree
+  params = state["params"]
+  assert sorted(params) == [f"{kind}_{k}" for kind in ("module", "stitch") for k in range(4)]
+  assert sorted(params["stitch_0"]) == ["exit"] and sorted(params["stitch_3"]) == ["entry"]
+  assert sorted(params["stitch_1"]) == ["entry", "exit"]
+  assert params["stitch_1"]["entry"]["proj"]["kernel"].shape == (16, 32)
+  assert params["stitch_1"]["exit"]["proj"]["kernel"].shape == (32, 16)
+  assert set(state["opt_state"]) == {f"module_{k}" for k in range(4)}
+  assert sorted(p.name for p in (files.path(inc) / "modules").iterdir()) == [f"module_{k}" for k in range(4)]
+  result = train.train(tiny("assemble", modules=",".join([inc] * 4), total_steps=2, **wide), asm)
+  assert np.isfinite(result["loss"])
+  assembled = stepping.leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(asm, 1)))
+  assert not any("stitch" in name for name in assembled)
+  assert assembled["['blocks_0']['attn']['qkv']['kernel']"].shape == (32, 96)

@@ -311,6 +311,19 @@ class ViT(nn.Module):
     return x
 
 
+class Stitch(nn.Module):
+  """LayerNorm and a linear map to `width`: joins a module to a meta model of another width (m2mKD's stitch
+  layers), at the module's entry (meta width -> module width) or exit (module width -> meta width)."""
+  width: int
+  ln_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
+    return nn.Dense(self.width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(x)
+
+
 def abstract_params(model: ViT) -> dict:
   """`model`'s parameters as ShapeDtypeStructs: their shapes, with nothing allocated."""
   image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
