@@ -121,7 +121,7 @@ def _verb(verb: str, fv) -> None:
   elif verb == "pipeline":
     from modassem import pipeline  # pylint: disable=g-import-not-at-top
     spec, overrides = flags.config_spec(fv)
-    pipeline.run(spec, overrides, fv.workdir)
+    pipeline.run(spec, overrides, fv.workdir, compare_plain=fv.compare_plain)
 
 
 def entry() -> None:

@@ -60,6 +60,8 @@ def run_flags(argv: list[str], parse: bool = True):
                     "coordinator itself", flag_values=fv)
   flags.DEFINE_list("allow_changed", [], "train: config fields a resume may change from the run's config.json, "
                     "e.g. optim.lr,total_steps", flag_values=fv)
+  flags.DEFINE_bool("compare_plain", False, "pipeline with --config.teacher: also incubate without the teacher and "
+                    "assemble that, reported side by side", flag_values=fv)
   if not parse:
     return fv
   fv(["modassem"] + argv)

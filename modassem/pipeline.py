@@ -14,13 +14,18 @@ import json
 from modassem import config as config_lib, cost, files, train
 from modassem.checkpoints import RESULTS_FILE
 from modassem.distributed import is_main, say
+from modassem.errors import ModassemError
 from modassem.metrics import METRICS_FILE
 
 METHOD = ("meta", "incubate", "assemble")
 
 
-def phase_configs(spec: str, overrides: dict, workdir: str) -> tuple[dict, dict]:
-  """Each phase's config (with the user's overrides) and run directory; incubation and assembly wired to the runs before them."""
+PLAIN = ("incubate_plain", "assemble_plain")
+
+
+def phase_configs(spec: str, overrides: dict, workdir: str, compare_plain: bool = False) -> tuple[dict, dict]:
+  """Each phase's config (with the user's overrides) and run directory; incubation and assembly wired to the runs
+  before them. `compare_plain` (with a teacher) adds an incubation without the teacher and its assembly."""
   path, _ = config_lib.split_spec(spec)
   dirs = {p: files.join(workdir, p) for p in METHOD + ("e2e",)}
   configs = {}
@@ -32,13 +37,22 @@ def phase_configs(spec: str, overrides: dict, workdir: str) -> tuple[dict, dict]
     if phase == "assemble":
       c.modules = ",".join([dirs["incubate"]] * c.model.num_modules)
     configs[phase] = c
+  if compare_plain:
+    if not configs["incubate"].teacher:
+      raise ModassemError("--compare_plain compares incubation with a teacher (m2mKD) and without: pass "
+                          "--config.teacher=SOURCE too")
+    dirs.update({p: files.join(workdir, p) for p in PLAIN})
+    configs["incubate_plain"] = configs["incubate"].copy_and_resolve_references()
+    configs["incubate_plain"].teacher = ""
+    configs["assemble_plain"] = configs["assemble"].copy_and_resolve_references()
+    configs["assemble_plain"].modules = ",".join([dirs["incubate_plain"]] * configs["assemble"].model.num_modules)
   return configs, dirs
 
 
-def run(spec: str, overrides: dict, workdir: str) -> dict:
-  configs, dirs = phase_configs(spec, overrides, workdir)
+def run(spec: str, overrides: dict, workdir: str, compare_plain: bool = False) -> dict:
+  configs, dirs = phase_configs(spec, overrides, workdir, compare_plain)
   results = {}
-  for phase in METHOD:
+  for phase in METHOD + (PLAIN if compare_plain else ()):
     say(f"== {phase} -> {dirs[phase]}")
     results[phase] = train.train(configs[phase], dirs[phase])
 
@@ -87,6 +101,14 @@ def make_report(results: dict, dirs: dict, teacher: str | None = None) -> dict:
     # The teacher's forward passes are in the incubation's step FLOPs (XLA counts them), so in the method's
     # budget; its own training is reported here, apart.
     report["teacher"] = _teacher_summary(teacher)
+  if all(p in results for p in PLAIN):
+    plain = results["assemble_plain"]
+    report["plain"] = {
+        "top1": plain["top1"], "top5": plain["top5"],
+        "top1_before_fine_tuning": _first_eval(dirs["assemble_plain"]).get("top1"),
+        "train_flops": sum(results[p]["train_flops"] for p in ("meta",) + PLAIN),
+        "incubated_modules": {k: v for k, v in results["incubate_plain"].items() if k.startswith("module_")},
+    }
   return report
 
 
@@ -112,6 +134,15 @@ def report_markdown(r: dict) -> str:
            else "its own accuracy not recorded (an official checkpoint)")
     lines.append(f"Incubated against the teacher {t['source']} (m2mKD): {own}. Its forward passes during "
                  f"incubation are in the method's FLOPs; its own training is not.")
+  p = r.get("plain")
+  if p:
+    a, asm = r["assembled"], r["phases"]["assemble"]
+    show = lambda v: "-" if v is None else f"{v:.2f}"
+    lines += ["", "| incubation | assembled top-1 % before fine-tuning | after | train FLOPs (all phases) |",
+              "|---|---|---|---|",
+              f"| with the teacher (m2mKD) | {show(asm.get('top1_before_fine_tuning'))} | {a['top1']:.2f} | "
+              f"{a['train_flops']:.3g} |",
+              f"| plain | {show(p['top1_before_fine_tuning'])} | {p['top1']:.2f} | {p['train_flops']:.3g} |"]
   lines.append("")
   return "\n".join(lines)
 

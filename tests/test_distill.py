@@ -204,3 +204,29 @@ def test_students_wider_than_the_meta_model_train_with_stitches_that_assembly_dr
   assembled = stepping.leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(asm, 1)))
   assert not any("stitch" in name for name in assembled)
   assert assembled["['blocks_0']['attn']['qkv']['kernel']"].shape == (32, 96)
+
+
+def test_compare_plain_adds_plain_incubation_and_its_assembly_to_the_report(pipeline_dir, teacher, tmp_path,
+                                                                           capsys):
+  from modassem import cli, pipeline  # pylint: disable=g-import-not-at-top
+  configs, dirs = pipeline.phase_configs(TINY, {"teacher": teacher}, str(tmp_path), compare_plain=True)
+  assert configs["incubate"].teacher == teacher and configs["incubate_plain"].teacher == ""
+  assert configs["assemble_plain"].modules == ",".join([dirs["incubate_plain"]] * 4)
+  assert configs["assemble"].modules == ",".join([dirs["incubate"]] * 4)
+  # The report, from the session pipeline's runs standing in for both incubations and assemblies.
+  runs = {p: os.path.join(pipeline_dir, p) for p in ("meta", "incubate", "assemble", "e2e")}
+  runs.update(incubate_plain=runs["incubate"], assemble_plain=runs["assemble"])
+  results = {p: files.read_json(os.path.join(d, "results.json")) for p, d in runs.items()}
+  report = pipeline.make_report(results, runs, teacher=teacher)
+  assembled = results["assemble"]
+  assert report["plain"]["top1"] == assembled["top1"]
+  assert report["plain"]["top1_before_fine_tuning"] == report["phases"]["assemble"]["top1_before_fine_tuning"]
+  assert report["plain"]["train_flops"] == pytest.approx(report["assembled"]["train_flops"])
+  text = pipeline.report_markdown(report)
+  assert f"| plain | {report['plain']['top1_before_fine_tuning']:.2f} | {assembled['top1']:.2f} |" in text
+  assert "| with the teacher (m2mKD) |" in text
+  # Without a teacher there is nothing to compare: a one-line error before anything runs.
+  capsys.readouterr()
+  assert cli.main(["pipeline", f"--config={TINY}", f"--workdir={tmp_path / 'p'}", "--compare_plain"]) == 2
+  assert "--compare_plain compares incubation with a teacher" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "p")
