@@ -61,6 +61,9 @@ def get_config(preset: str, phase: str, *, num_modules: int = 4, assemble_drop_p
   # modules; "" is plain incubation. Loss: (1 - alpha) * CE + alpha * tau^2 * KL(teacher || student) / (B * classes).
   c.teacher = ""
   c.distill = ml_collections.ConfigDict(dict(alpha=0.5, tau=1.0))
+  # Incubation in a meta run of another width (m2mKD's stitch layers join each module to it); off, a meta run of
+  # another width is an error, as it usually is a mistake.
+  c.stitch = False
 
   c.batch_size = 2048          # global, summed over devices and accumulation
   c.accum_steps = 1

@@ -42,7 +42,7 @@ FREE_FIELDS = frozenset({
 
 # Config fields added after runs could already be started: a config.json without one was written by a run that
 # had this value (so resuming it with the value is no change).
-ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0}
+ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0, "stitch": False}
 
 
 def arch_of(config) -> dict:
@@ -276,8 +276,11 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
   if run.get("arch") != expect["arch"]:
     diff = {f: (run.get("arch", {}).get(f), v) for f, v in expect["arch"].items() if run.get("arch", {}).get(f) != v}
     detail = ", ".join(f"{f} {a} vs {b}" for f, (a, b) in diff.items())
+    stitchable = what == "meta run" and "width" in diff
     raise ModassemError(f"{what} {run_dir!r} (preset {run.get('preset')}) has another architecture than this config "
-                        f"({detail}): pass a run made with the same preset and model settings")
+                        f"({detail}): pass a run made with the same preset and model settings"
+                        + (", or set --config.stitch=True to join modules of another width to its meta model with "
+                           "stitch layers" if stitchable else ""))
   if len(run.get("depths", [])) != expect["num_modules"]:
     raise ModassemError(f"{what} {run_dir!r} has {len(run.get('depths', []))} modules, this config "
                         f"{expect['num_modules']}: use a run with model.num_modules={expect['num_modules']}")

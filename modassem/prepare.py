@@ -108,8 +108,10 @@ STITCHED_FIELDS = ("width", "heads", "mlp_ratio")
 
 
 def meta_arch(config):
-  """The meta run's (width, heads, mlp_ratio) where its width differs from this model's (an incubation with stitch
-  layers), else None. Anything else that differs is an error when the meta modules are loaded."""
+  """With `config.stitch`, the meta run's (width, heads, mlp_ratio) where its width differs from this model's (an
+  incubation with stitch layers), else None. Anything else that differs is an error when the meta modules load."""
+  if not config.get("stitch", False):
+    return None
   run = files.read_json(files.path(config.meta) / checkpoints.RUN_FILE) or {}
   arch = run.get("arch") or {}
   if "width" not in arch or arch["width"] == config.model.width:

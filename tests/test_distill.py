@@ -181,13 +181,19 @@ def test_a_plan_prices_the_teacher_forward_pass(runs):
   assert plain < shallow < same_size
 
 
-def test_students_wider_than_the_meta_model_train_with_stitches_that_assembly_drops(runs, teacher, tmp_path):
-  """Students of width 32 in the width-16 meta model, against a width-16 teacher: stitch layers at each student
+def test_students_wider_than_the_meta_model_train_with_stitches_that_assembly_drops(runs, teacher, tmp_path,
+                                                                                   capsys):
+  """Asked for (a meta run of another width is otherwise an error), students of width 32 in the width-16 meta
+  model, against a width-16 teacher: stitch layers at each student
   module's entry and exit (none before the stem, none after the head), trained with it and kept out of modules/;
   the students assemble into a width-32 model with no stitch in it."""
   inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
   wide = {"model.width": 32, "model.heads": 4}
-  train.train(tiny("incubate", meta=runs["meta"], module="all", teacher=teacher, total_steps=2, **wide), inc)
+  line = train_error(capsys, tmp_path, f"{TINY}:incubate", f"--config.meta={runs['meta']}", "--config.model.width=32",
+                     "--config.model.heads=4")
+  assert_names(line, "width 16 vs 32", "or set --config.stitch=True")
+  train.train(tiny("incubate", meta=runs["meta"], module="all", teacher=teacher, total_steps=2, stitch=True, **wide),
+              inc)
   run = files.read_json(os.path.join(inc, "run.json"))
   assert run["stitches"]["meta"] == {"width": 16, "heads": 2, "mlp_ratio": 4.0}
   state = ocp.StandardCheckpointer().metadata(checkpoints.state_dir(inc) / "2" / "state").item_metadata.tree
