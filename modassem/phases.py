@@ -184,10 +184,11 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
   the highest trained slot once (and outside any gradient: nothing before
   module i is trained, so no backward pass should go there), then for each
   trained module i its target module and the frozen meta modules after it.
-  Per-module keys make `module=all` reproduce the single-module runs. The
-  teacher hybrid of slot i takes the same meta prefix activations, runs the
-  teacher's module i and the meta modules after it deterministically (as
-  evaluated), outside any gradient.
+  Per-module keys make `module=all` reproduce the single-module runs. In a
+  meta model of another width, module i's input and output pass through its
+  stitch layers. The teacher hybrid of slot i takes the same meta prefix
+  activations, runs the teacher's module i and the meta modules after it
+  deterministically (as evaluated), outside any gradient.
   """
   if not plan.incubate:
     model = model_of(plan.depths)

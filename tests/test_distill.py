@@ -2,8 +2,9 @@
 
 The loss against a NumPy computation of its formula; a run with a teacher (the session pipeline's assembled model)
 that trains the student module alone, leaves the teacher and the meta model as they were, logs both terms, and
-ends elsewhere than plain incubation; an official .pth teacher; students deeper than their teacher, `module=all`
-against single-module runs, and their assembly; the pipeline's report; bad teachers."""
+ends elsewhere than plain incubation; an official .pth teacher; students deeper than their teacher and wider than
+the meta model (stitch layers), `module=all` against single-module runs, and their assembly; the pipeline's report
+and `modassem plan`; bad teachers."""
 
 import json
 import os
@@ -127,26 +128,6 @@ def test_an_official_pth_teacher_is_imported_on_the_fly(runs, tmp_path):
     np.testing.assert_array_equal(students[0][name], students[1][name])
 
 
-def test_students_deeper_than_their_teacher_train_together_as_alone_and_assemble(runs, tmp_path):
-  """The meta run as the teacher (one block per module; the students have two): `module=all` ends where the
-  single-module runs end (slots 0 and 3 here: no meta prefix, and the longest one), and the students assemble."""
-  inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
-  common = {"meta": runs["meta"], "teacher": runs["meta"], "total_steps": 3}
-  train.train(tiny("incubate", module="all", **common), inc)
-  assert files.read_json(os.path.join(inc, "run.json"))["teacher"]["depths"] == [1, 1, 1, 1]
-  for k in (0, 3):
-    _, alone, _ = stepping.run_steps(tiny("incubate", module=str(k), **common), 3)
-    want = stepping.leaves(alone.params[f"module_{k}"])
-    got = stepping.leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(inc, k)))
-    assert got.keys() == want.keys()
-    for name in want:
-      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=f"module_{k}{name}")
-  result = train.train(tiny("assemble", modules=",".join([inc] * 4), total_steps=2), asm)
-  assert np.isfinite(result["loss"])
-  assembled = ocp.StandardCheckpointer().metadata(checkpoints.module_dir(asm, 1)).item_metadata.tree
-  assert sorted(assembled) == ["blocks_0", "blocks_1"]
-
-
 def test_the_pipeline_gives_the_teacher_to_the_incubation_alone_and_reports_it(pipeline_dir, teacher, tmp_path):
   from modassem import pipeline  # pylint: disable=g-import-not-at-top
   configs, _ = pipeline.phase_configs(TINY, {"teacher": teacher, "distill.alpha": 0.3}, str(tmp_path))
@@ -181,22 +162,24 @@ def test_a_plan_prices_the_teacher_forward_pass(runs):
   assert plain < shallow < same_size
 
 
-def test_students_wider_than_the_meta_model_train_with_stitches_that_assembly_drops(runs, teacher, tmp_path,
-                                                                                   capsys):
-  """Asked for (a meta run of another width is otherwise an error), students of width 32 in the width-16 meta
-  model, against a width-16 teacher: stitch layers at each student
-  module's entry and exit (none before the stem, none after the head), trained with it and kept out of modules/;
+def test_students_deeper_than_their_teacher_and_wider_than_the_meta_model(runs, tmp_path, capsys):
+  """The meta run (width 16, one block per module) as meta model and teacher; students of width 32 with two blocks
+  per module. A meta run of another width is an error unless stitching is asked for; then each student module gets
+  stitch layers at its entry and exit (none before the stem, none after the head), trained with it and kept out of
+  modules/. `module=all` ends where single-module runs end (slots 0 and 3: no meta prefix, and the longest one), and
   the students assemble into a width-32 model with no stitch in it."""
-  inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
   wide = {"model.width": 32, "model.heads": 4}
   line = train_error(capsys, tmp_path, f"{TINY}:incubate", f"--config.meta={runs['meta']}", "--config.model.width=32",
                      "--config.model.heads=4")
   assert_names(line, "width 16 vs 32", "or set --config.stitch=True")
-  train.train(tiny("incubate", meta=runs["meta"], module="all", teacher=teacher, total_steps=2, stitch=True, **wide),
-              inc)
+
+  inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
+  common = {"meta": runs["meta"], "teacher": runs["meta"], "total_steps": 3, "stitch": True, **wide}
+  train.train(tiny("incubate", module="all", **common), inc)
   run = files.read_json(os.path.join(inc, "run.json"))
+  assert run["teacher"]["depths"] == [1, 1, 1, 1]
   assert run["stitches"]["meta"] == {"width": 16, "heads": 2, "mlp_ratio": 4.0}
-  state = ocp.StandardCheckpointer().metadata(checkpoints.state_dir(inc) / "2" / "state").item_metadata.tree
+  state = ocp.StandardCheckpointer().metadata(checkpoints.state_dir(inc) / "3" / "state").item_metadata.tree
   params = state["params"]
   assert sorted(params) == [f"{kind}_{k}" for kind in ("module", "stitch") for k in range(4)]
   assert sorted(params["stitch_0"]) == ["exit"] and sorted(params["stitch_3"]) == ["entry"]
@@ -205,10 +188,21 @@ def test_students_wider_than_the_meta_model_train_with_stitches_that_assembly_dr
   assert params["stitch_1"]["exit"]["proj"]["kernel"].shape == (32, 16)
   assert set(state["opt_state"]) == {f"module_{k}" for k in range(4)}
   assert sorted(p.name for p in (files.path(inc) / "modules").iterdir()) == [f"module_{k}" for k in range(4)]
+
+  saved = ocp.StandardCheckpointer().restore(checkpoints.state_dir(inc) / "3" / "state")["params"]
+  for k in (0, 3):
+    _, alone, _ = stepping.run_steps(tiny("incubate", module=str(k), **common), 3)
+    for name in (f"module_{k}", f"stitch_{k}"):
+      got, want = stepping.leaves(saved[name]), stepping.leaves(alone.params[name])
+      assert got.keys() == want.keys()
+      for leaf in want:
+        np.testing.assert_allclose(got[leaf], want[leaf], rtol=1e-5, atol=1e-6, err_msg=f"{name}{leaf}")
+
   result = train.train(tiny("assemble", modules=",".join([inc] * 4), total_steps=2, **wide), asm)
   assert np.isfinite(result["loss"])
   assembled = stepping.leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(asm, 1)))
   assert not any("stitch" in name for name in assembled)
+  assert {name.split("]")[0] for name in assembled} == {"['blocks_0'", "['blocks_1'"}
   assert assembled["['blocks_0']['attn']['qkv']['kernel']"].shape == (32, 96)
 
 
