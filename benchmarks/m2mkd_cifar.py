@@ -1,0 +1,149 @@
+"""m2mKD against plain incubation on real photographs (CIFAR-10 JPEGs), with the e2e baseline at equal FLOPs.
+
+    python benchmarks/m2mkd_cifar.py --out=benchmarks/results/m2mkd_cifar10 [--seeds=0,1,2] [--smoke]
+
+1. A teacher: the target model trained end to end (`modassem train ...:e2e`, seed 0).
+2. For each seed, one `modassem pipeline --compare_plain --config.teacher=TEACHER`: the meta model, incubation
+   against the teacher (m2mKD) and plain incubation from the same meta model with the same steps and seed, both
+   assembled, and the e2e baseline given the m2mKD method's FLOPs.
+3. `OUT/results.json` and `OUT/results.md`: per seed and as mean and spread, the assembled top-1 before and after
+   fine-tuning for both incubations, e2e's, the teacher's, FLOPs and wall times, and the commands that made them.
+
+Every step is a modassem command in its own run directory under OUT/runs, so rerunning this resumes where it stopped
+(finished runs are skipped). The data is the class-balanced `--fraction` of CIFAR-10's train split (image-folder
+layout, `data.train_fraction`) and the whole test split, extracted from ../shared/data/cifar10-jpeg.tar.gz (not part
+of the project; users get CIFAR through TFDS or an image folder of their own: pass `--data=DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR_TAR = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
+CONFIG = os.path.join(REPO, "configs", "deit_t32_cifar.py")
+
+
+def model_flags(a) -> list[str]:
+  """A deep, narrow ViT on 32-px CIFAR-10 images (4-px patches), cut into 4 modules."""
+  per = a.depth // 4
+  return [f"--config.model.width={a.width}", f"--config.model.heads={a.heads}", f"--config.model.depth={a.depth}",
+          f"--config.model.depths=({per},{per},{per},{per})", "--config.model.num_classes=10",
+          "--config.model.dtype=float32", f"--config.batch_size={a.batch}", f"--config.eval_batch_size={a.batch * 4}",
+          "--config.data.name=folder", f"--config.data.path={a.data_dir}", "--config.data.tfds_name=",
+          f"--config.data.train_fraction={a.fraction}", "--config.progress=off"]
+
+
+def phase_steps(a) -> list[str]:
+  """Steps of every phase of the pipeline (e2e: as many as the m2mKD method's FLOPs buy)."""
+  return [f"--config.total_steps={a.steps}", f"--config.warmup_steps={max(1, a.steps // 10)}",
+          f"--config.log_every_steps={max(1, a.steps // 20)}", f"--config.checkpoint_every_steps={max(1, a.steps // 4)}",
+          f"--config.eval_every_steps={max(1, a.steps // 2)}"]
+
+
+def run(argv: list[str], log: str) -> float:
+  """`python -m modassem ARGV`, its output appended to `log`; returns the wall time. Stops on failure."""
+  print("+ modassem " + " ".join(shlex.quote(x) for x in argv), flush=True)
+  start = time.time()
+  with open(log, "a") as f:
+    f.write("+ modassem " + " ".join(shlex.quote(x) for x in argv) + "\n")
+    f.flush()
+    rc = subprocess.run([sys.executable, "-m", "modassem", *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+  if rc != 0:
+    sys.exit(f"modassem {argv[0]} failed (exit {rc}); see {log}, then rerun this script to resume")
+  return time.time() - start
+
+
+def extract(a) -> None:
+  if os.path.isdir(os.path.join(a.data_dir, "train")):
+    return
+  if not os.path.isfile(CIFAR_TAR):
+    sys.exit(f"{CIFAR_TAR} is missing: pass --data=DIR with train/<class>/* and test/<class>/* images")
+  os.makedirs(a.data_dir, exist_ok=True)
+  with tarfile.open(CIFAR_TAR) as tar:
+    tar.extractall(a.data_dir, filter="data")
+
+
+def summary(values: list) -> dict:
+  values = [v for v in values if v is not None]
+  return {"mean": statistics.fmean(values) if values else None,
+          "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "m2mkd_cifar10"))
+  p.add_argument("--data", default="", help="an image folder (train/, test/); default: the CIFAR-10 JPEGs, extracted")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--fraction", type=float, default=0.1, help="class-balanced share of the train split")
+  p.add_argument("--width", type=int, default=64)
+  p.add_argument("--heads", type=int, default=2)
+  p.add_argument("--depth", type=int, default=16)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--steps", type=int, default=600, help="steps of each phase (e2e: the method's FLOPs)")
+  p.add_argument("--teacher_steps", type=int, default=1800)
+  p.add_argument("--smoke", action="store_true", help="a few steps of everything, to check the script runs")
+  a = p.parse_args()
+  if a.smoke:
+    a.steps, a.teacher_steps, a.fraction, a.depth, a.width, a.seeds = 4, 4, 0.01, 8, 32, "0"
+  os.makedirs(a.out, exist_ok=True)
+  a.data_dir = a.data or os.path.join(a.out, "cifar10")
+  extract(a)
+  log = os.path.join(a.out, "log.txt")
+  runs = os.path.join(a.out, "runs")
+  model = model_flags(a)
+
+  teacher = os.path.join(runs, "teacher")
+  teacher_cmd = ["train", f"--config={CONFIG}:e2e", *model, f"--config.total_steps={a.teacher_steps}",
+                 f"--config.warmup_steps={max(1, a.teacher_steps // 10)}", "--config.seed=0",
+                 f"--config.checkpoint_every_steps={max(1, a.teacher_steps // 4)}",
+                 f"--config.log_every_steps={max(1, a.teacher_steps // 20)}", f"--workdir={teacher}"]
+  teacher_wall = run(teacher_cmd, log)
+  commands = {"teacher": "modassem " + " ".join(teacher_cmd)}
+
+  per_seed = {}
+  for seed in [int(s) for s in a.seeds.split(",") if s]:
+    work = os.path.join(runs, f"seed{seed}")
+    cmd = ["pipeline", f"--config={CONFIG}", *model, *phase_steps(a), f"--config.seed={seed}",
+           f"--config.teacher={teacher}", "--compare_plain", f"--workdir={work}"]
+    wall = run(cmd, log)
+    commands[f"seed{seed}"] = "modassem " + " ".join(cmd)
+    with open(os.path.join(work, "report.json")) as f:
+      r = json.load(f)
+    per_seed[seed] = {
+        "m2mkd": {"before": r["phases"]["assemble"]["top1_before_fine_tuning"], "after": r["assembled"]["top1"],
+                  "train_flops": r["assembled"]["train_flops"], "wall_s": r["assembled"]["wall_s"]},
+        "plain": {"before": r["plain"]["top1_before_fine_tuning"], "after": r["plain"]["top1"],
+                  "train_flops": r["plain"]["train_flops"]},
+        "e2e": {"top1": r["e2e"]["top1"], "train_flops": r["e2e"]["train_flops"], "wall_s": r["e2e"]["wall_s"]},
+        "teacher_top1": r["teacher"]["top1"], "pipeline_wall_s": wall,
+    }
+
+  agg = {k: summary([s[k.split(".")[0]][k.split(".")[1]] for s in per_seed.values()])
+         for k in ("m2mkd.before", "m2mkd.after", "plain.before", "plain.after", "e2e.top1")}
+  result = {"setup": {k: v for k, v in vars(a).items()}, "commands": commands, "teacher_wall_s": teacher_wall,
+            "per_seed": per_seed, "summary": agg}
+  with open(os.path.join(a.out, "results.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  fmt = lambda s: "-" if s["mean"] is None else (f"{s['mean']:.2f}" + (f" ± {s['std']:.2f}" if s["std"] else ""))
+  lines = [f"m2mKD vs plain incubation, CIFAR-10 ({a.fraction:g} of train, class-balanced), ViT width {a.width}, "
+           f"depth {a.depth} (4 modules), {len(per_seed)} seed(s); top-1 % on the test split", "",
+           "| model | before fine-tuning | after |", "|---|---|---|",
+           f"| assembled, m2mKD incubation | {fmt(agg['m2mkd.before'])} | {fmt(agg['m2mkd.after'])} |",
+           f"| assembled, plain incubation | {fmt(agg['plain.before'])} | {fmt(agg['plain.after'])} |",
+           f"| e2e at the m2mKD method's FLOPs | | {fmt(agg['e2e.top1'])} |", ""]
+  with open(os.path.join(a.out, "results.md"), "w") as f:
+    f.write("\n".join(lines))
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
