@@ -7,7 +7,7 @@ checkpoints. A local path is made absolute once, here; a URL (`gs://...`, `s3://
 Object stores differ from a disk in three ways that matter to a run, handled here:
 - No rename of a whole folder in one step, but a single object is written whole or not at all: `write_text` writes
   a local file to a temporary name and renames it (a killed run never leaves half a file), an object in place.
-- No append: `metrics.Writer` rewrites its file on a bucket (at most every few seconds and at each checkpoint).
+- No append: `metrics.Writer` rewrites its file on a bucket (at most every 30 s, at each checkpoint and at the end).
 - Exclusive create: `create` is `O_CREAT | O_EXCL` on a disk and a write conditional on the object not existing
   (`ifGenerationMatch=0`) on Cloud Storage; the run-directory lock rests on it.
 
