@@ -49,6 +49,11 @@ def arch_of(config) -> dict:
   return {f: config.model[f] for f in ARCH_FIELDS}
 
 
+def arch_difference(theirs: dict, ours: dict) -> str:
+  """The fields of `ours` that `theirs` has otherwise, as "field theirs vs ours, ..." ("" where none)."""
+  return ", ".join(f"{f} {theirs.get(f)} vs {v}" for f, v in ours.items() if theirs.get(f) != v)
+
+
 def check_workdir(workdir: str, run: dict) -> dict | None:
   """The run already in `workdir`, if it is this run; an error if it is another."""
   old = files.read_json(files.path(workdir) / RUN_FILE)
@@ -274,9 +279,8 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
   if run is None:
     raise ModassemError(f"{what} {run_dir!r} has no {RUN_FILE}: it is not a modassem run directory")
   if run.get("arch") != expect["arch"]:
-    diff = {f: (run.get("arch", {}).get(f), v) for f, v in expect["arch"].items() if run.get("arch", {}).get(f) != v}
-    detail = ", ".join(f"{f} {a} vs {b}" for f, (a, b) in diff.items())
-    stitchable = what == "meta run" and "width" in diff
+    detail = arch_difference(run.get("arch", {}), expect["arch"])
+    stitchable = what == "meta run" and run.get("arch", {}).get("width") != expect["arch"]["width"]
     raise ModassemError(f"{what} {run_dir!r} (preset {run.get('preset')}) has another architecture than this config "
                         f"({detail}): pass a run made with the same preset and model settings"
                         + (", or set --config.stitch=True to join modules of another width to its meta model with "

@@ -275,7 +275,6 @@ def main(argv: list[str]) -> int:
     return flags.fail("plan", str(e))
   print(markdown(report), end="", flush=True)
   if fv.out:
-    from modassem import files  # pylint: disable=g-import-not-at-top
     out = files.path(fv.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     files.write_text(out, json.dumps(report, indent=2))   # phases in their order, not sorted

@@ -145,10 +145,8 @@ def load_teacher(config, plan: Plan, mesh, model_of) -> tuple[tuple[int, ...], d
     from modassem import convert  # pylint: disable=g-import-not-at-top  (torch, only for a .pth teacher)
     model = convert.model_from_pth(where, config.preset)
     depths = check_teacher_cut(where, model.depths, plan)
-    ours = {**checkpoints.arch_of(config), **meta}
-    differ = {f: (model.arch.get(f), v) for f, v in ours.items() if model.arch.get(f) != v}
-    if differ:
-      detail = ", ".join(f"{f} {a} vs {b}" for f, (a, b) in differ.items())
+    detail = checkpoints.arch_difference(model.arch, {**checkpoints.arch_of(config), **meta})
+    if detail:
       raise ModassemError(f"teacher {where!r} has another architecture than this config ({detail}): pass a "
                           f"checkpoint of preset {config.preset}")
     abstract = abstract_params(model_of(depths, scan=False, **meta))
@@ -226,9 +224,9 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
     if plan.stitched:
       say(f"the meta run {config.meta} has width {dict(plan.meta_arch)['width']}, this model {config.model.width}: "
           f"each incubated module gets stitch layers at its entry and exit (assembly drops them)")
-  if plan.phase == "incubate" and config.get("teacher", ""):
-    depths, teacher = load_teacher(config, plan, mesh, model_of)
-    plan = dataclasses.replace(plan, teacher_depths=depths)
+    if config.get("teacher", ""):
+      depths, teacher = load_teacher(config, plan, mesh, model_of)
+      plan = dataclasses.replace(plan, teacher_depths=depths)
   sharding.check_mode(config.sharding)
   dataset = data_lib.build(config.data, config.model.image_size)
   if dataset.num_classes != config.model.num_classes:

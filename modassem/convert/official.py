@@ -208,7 +208,7 @@ def read_pth(path: str) -> list[dict]:
   """`model_stages` of an official checkpoint, as NumPy float32 arrays, after checking the container."""
   torch = _torch()
   where = files.path(path)
-  if not where.exists() or where.is_dir():
+  if not where.is_file():
     raise ModassemError(f"{path} does not exist: pass an official .pth checkpoint or a run directory")
   try:
     # weights_only: a pickle can run arbitrary code; a state dict needs nothing but tensors and containers.

@@ -77,7 +77,7 @@ def model_from_run(run_dir: str) -> Model:
     meta = (run.get("sources") or [""])[0]
     mods = _load_modules(run_dir, run, [i], depths, "run")
     others = [k for k in range(num) if k != i]
-    if meta and not files.path(meta).is_dir() and files.path(meta).exists():
+    if meta and files.path(meta).is_file():
       # An imported incubated module: its source file is the whole hybrid, meta modules included.
       hybrid = model_from_pth(meta, run.get("preset") or None)
       mods.update({k: hybrid.modules[k] for k in others})

@@ -52,23 +52,10 @@ def epoch_order(ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
   return ids[rng.permutation(len(ids))]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class IndexedSource:
-  """Examples addressed by id; an epoch is an exact permutation of ids.
-
-  `load(id)` is a TF function returning a uint8 [H, W, 3] image for an int64
-  id; `labels[id]` is its class. `train_ids`/`eval_ids` select the splits.
-  The record `decode` receives is the id itself.
-  """
+class IdSplits:
+  """What every random-access source shares: splits as arrays of example ids (`train_ids`, `eval_ids`), and an
+  epoch as a permutation of the train ids. The pipeline reads the ids a process needs through `fetch`."""
   random_access = True
-  name: str
-  num_classes: int
-  labels: np.ndarray
-  train_ids: np.ndarray
-  eval_ids: np.ndarray
-  load: Callable[..., "tf.Tensor"]
-  # Digits are stored at the model resolution already: eval is a resize.
-  eval_centre_crop: bool = True
 
   @property
   def num_train(self) -> int:
@@ -78,19 +65,37 @@ class IndexedSource:
   def num_eval(self) -> int:
     return len(self.eval_ids)
 
-  @functools.cached_property
-  def _labels_tensor(self):
-    # First used while tf.data traces a map function: create it eagerly so
-    # later epochs (new traces) can capture the same tensor.
-    with tf().init_scope():
-      return tf().constant(self.labels, tf().int32)
-
   def train_order(self, seed: int, epoch: int) -> np.ndarray:
     """All train ids in the epoch's order: a permutation from (seed, epoch)."""
     return epoch_order(self.train_ids, seed, epoch)
 
   def eval_order(self) -> np.ndarray:
     return self.eval_ids
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IndexedSource(IdSplits):
+  """Examples addressed by id; an epoch is an exact permutation of ids.
+
+  `load(id)` is a TF function returning a uint8 [H, W, 3] image for an int64
+  id; `labels[id]` is its class. `train_ids`/`eval_ids` select the splits.
+  The record `decode` receives is the id itself.
+  """
+  name: str
+  num_classes: int
+  labels: np.ndarray
+  train_ids: np.ndarray
+  eval_ids: np.ndarray
+  load: Callable[..., "tf.Tensor"]
+  # Digits are stored at the model resolution already: eval is a resize.
+  eval_centre_crop: bool = True
+
+  @functools.cached_property
+  def _labels_tensor(self):
+    # First used while tf.data traces a map function: create it eagerly so
+    # later epochs (new traces) can capture the same tensor.
+    with tf().init_scope():
+      return tf().constant(self.labels, tf().int32)
 
   def fetch(self, ds):
     """(position, id) -> (position, record): the id is the record here."""

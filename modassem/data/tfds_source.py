@@ -34,7 +34,7 @@ import numpy as np
 
 from modassem.data._tf import tf
 from modassem.data._tf import tfds
-from modassem.data.sources import epoch_order, subset_ids
+from modassem.data.sources import IdSplits, subset_ids
 from modassem.errors import ModassemError
 
 # Records held by the shuffle buffer (still JPEG/PNG encoded: ~1 GB for
@@ -114,7 +114,7 @@ FETCH_CHUNK = 32
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TfdsIndexedSource:
+class TfdsIndexedSource(IdSplits):
   """A TFDS dataset in ArrayRecord files, read by record index.
 
   Ids: train record i is id i, eval record j is id `num_train_records` + j.
@@ -131,21 +131,6 @@ class TfdsIndexedSource:
   train_ids: np.ndarray
   eval_ids: np.ndarray
   eval_centre_crop: bool = True
-  random_access = True
-
-  @property
-  def num_train(self) -> int:
-    return len(self.train_ids)
-
-  @property
-  def num_eval(self) -> int:
-    return len(self.eval_ids)
-
-  def train_order(self, seed: int, epoch: int) -> np.ndarray:
-    return epoch_order(self.train_ids, seed, epoch)
-
-  def eval_order(self) -> np.ndarray:
-    return self.eval_ids
 
   def read(self, ids: np.ndarray) -> np.ndarray:
     """Serialized examples of `ids` (one split per call, as `fetch` chunks)."""
