@@ -54,6 +54,14 @@ def arch_difference(theirs: dict, ours: dict) -> str:
   return ", ".join(f"{f} {theirs.get(f)} vs {v}" for f, v in ours.items() if theirs.get(f) != v)
 
 
+def check_not_a_file(workdir: str) -> None:
+  """A run directory must be a directory (or not exist yet)."""
+  wd = files.path(workdir)
+  if wd.exists() and not wd.is_dir():
+    raise ModassemError(f"--workdir={workdir} is a file, not a directory: pass a new directory for this run, or "
+                        "the run directory to resume or evaluate")
+
+
 def check_workdir(workdir: str, run: dict) -> dict | None:
   """The run already in `workdir`, if it is this run; an error if it is another."""
   old = files.read_json(files.path(workdir) / RUN_FILE)

@@ -250,7 +250,7 @@ def cost_report(spec: str, overrides: dict | None = None, num_train: int | None 
 def _flags(argv: list[str], parse: bool = True):
   """`--config` with typed overrides, `--num_train` and `--out` (`parse=False`: defined only, for `--help`)."""
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-  fv = flags.config_flag_values(argv, "configs/vit_h.py")
+  fv = flags.config_flag_values(argv, "configs/vit_h.py", phased=False)
   absl_flags.DEFINE_integer("num_train", None, "train examples per epoch (default: the dataset's known size)",
                             lower_bound=1, flag_values=fv)
   absl_flags.DEFINE_string("out", None, "also write the numbers to this JSON file", flag_values=fv)

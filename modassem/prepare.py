@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -46,7 +47,44 @@ class Setup:
     return jax.jit(functools.partial(steps.eval_step, plan=self.plan, model_of=self.model_of))
 
 
+# Numeric fields a user can set to a value no run can use: (field, lowest, highest, lowest allowed itself?).
+# Checked before anything is built, so `--config.optim.lr=nan` stops at once, not at the first NaN loss.
+_RANGES = (
+    ("optim.lr", 0.0, math.inf, False), ("optim.lr_base_batch", 0.0, math.inf, False),
+    ("optim.warmup_lr", 0.0, math.inf, True), ("optim.min_lr", 0.0, math.inf, True),
+    ("optim.weight_decay", 0.0, math.inf, True), ("optim.clip_norm", 0.0, math.inf, True),
+    ("optim.b1", 0.0, 1.0, True), ("optim.b2", 0.0, 1.0, True), ("optim.eps", 0.0, math.inf, False),
+    ("batch_size", 1, math.inf, True), ("eval_batch_size", 1, math.inf, True), ("accum_steps", 1, math.inf, True),
+    ("total_steps", 0, math.inf, True), ("warmup_steps", -1, math.inf, True), ("epochs", 0.0, math.inf, False),
+    ("warmup_epochs", 0.0, math.inf, True), ("log_every_steps", 1, math.inf, True),
+    ("checkpoint_every_steps", 1, math.inf, True), ("eval_every_steps", 0, math.inf, True),
+    ("keep_checkpoints", 1, math.inf, True), ("label_smoothing", 0.0, 1.0, True), ("mixup", 0.0, math.inf, True),
+    ("cutmix", 0.0, math.inf, True), ("mixup_prob", 0.0, 1.0, True), ("mixup_switch_prob", 0.0, 1.0, True),
+    ("model.width", 1, math.inf, True), ("model.heads", 1, math.inf, True), ("model.depth", 1, math.inf, True),
+    ("model.patch", 1, math.inf, True), ("model.image_size", 1, math.inf, True),
+    ("model.num_classes", 1, math.inf, True), ("model.mlp_ratio", 0.0, math.inf, False),
+    ("model.drop_path", 0.0, 1.0, True), ("model.dropout", 0.0, 1.0, True), ("model.ln_eps", 0.0, math.inf, False),
+)
+
+
+def check_numbers(config) -> None:
+  """Each field of `_RANGES` is a finite number in its range (an int where the default is one)."""
+  for field, low, high, closed in _RANGES:
+    node = config
+    for part in field.split("."):
+      node = node.get(part) if node is not None and hasattr(node, "get") else None
+    if node is None:
+      continue
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+      raise ModassemError(f"{field}={node!r} is not a finite number: pass one, e.g. --config.{field}=VALUE")
+    above = node >= low if closed else node > low
+    if not (above and node <= high):
+      bound = f"{'>=' if closed else '>'} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+      raise ModassemError(f"{field}={node!r} is out of range: it must be {bound}")
+
+
 def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = True) -> None:
+  check_numbers(config)
   m = config.model
   if m.image_size % m.patch:
     raise ModassemError(f"model.image_size={m.image_size} is not divisible by model.patch={m.patch}: "
@@ -143,9 +181,11 @@ def load_teacher(config, plan: Plan, mesh, model_of) -> tuple[tuple[int, ...], d
                            arch=meta)
   else:
     from modassem import convert  # pylint: disable=g-import-not-at-top  (torch, only for a .pth teacher)
-    model = convert.model_from_pth(where, config.preset)
+    expected = {**checkpoints.arch_of(config), **meta}
+    # Heads and eps leave no trace in the weights: the teacher's are this model's (its shapes are checked below).
+    model = convert.model_from_pth(where, heads=expected["heads"], ln_eps=expected["ln_eps"])
     depths = check_teacher_cut(where, model.depths, plan)
-    detail = checkpoints.arch_difference(model.arch, {**checkpoints.arch_of(config), **meta})
+    detail = checkpoints.arch_difference(model.arch, expected)
     if detail:
       raise ModassemError(f"teacher {where!r} has another architecture than this config ({detail}): pass a "
                           f"checkpoint of preset {config.preset}")
@@ -214,6 +254,9 @@ def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
 def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   """Checks `config` and reads what the run builds on; `load_sources=False` skips assembly's module
   sources (evaluating a run restores its own parameters)."""
+  check_numbers(config)
+  if workdir is not None:
+    checkpoints.check_not_a_file(workdir)
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
   check_config(config, plan, mesh.size, load_sources=load_sources)

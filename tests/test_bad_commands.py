@@ -1,0 +1,131 @@
+"""Every verb, given a bad command line: exit status 2, one line `modassem VERB: error: ...`, no traceback, and the
+run directories as they were. One table, run in-process; each case stops before anything is compiled."""
+
+import os
+
+import pytest
+
+from conftest import REPO, TINY
+from modassem import cli
+from test_errors import tree_state
+
+DEMO = os.path.join(REPO, "configs", "demo.py")
+
+
+@pytest.fixture
+def bad(tmp_path):
+  """Config files that fail in each way a hand-written one can, and paths that are not what they claim to be."""
+  paths = {"missing": tmp_path / "nope.py", "empty": tmp_path / "empty.py", "broken": tmp_path / "broken.py",
+           "raises": tmp_path / "raises.py", "text": tmp_path / "notes.txt", "dir": tmp_path / "a_folder",
+           "returns": tmp_path / "returns.py", "imports": tmp_path / "imports.py", "file": tmp_path / "a_file",
+           "run": tmp_path / "run", "pth": tmp_path / "missing.pth"}
+  paths["empty"].write_text("")
+  paths["broken"].write_text("def get_config(:\n")
+  paths["raises"].write_text("def get_config(phase='meta'):\n  return 1 / 0\n")
+  paths["returns"].write_text("def get_config(phase='meta'):\n  return {'batch_size': 8}\n")
+  paths["imports"].write_text("import no_such_module\n")
+  paths["text"].write_text("batch_size = 8\n")
+  paths["dir"].mkdir()
+  paths["file"].write_text("not a run directory\n")
+  return {k: str(v) for k, v in paths.items()}
+
+
+# (verbs, argument template, what the line must name). `{run}` is a fresh run directory, `{X}` a path of `bad`.
+CONFIG_CASES = [
+    (["--config={missing}:meta"], "does not exist"),
+    (["--config={empty}:meta"], "has no get_config()"),
+    (["--config={broken}:meta"], "SyntaxError"),
+    (["--config={raises}:meta"], "ZeroDivisionError"),
+    (["--config={returns}:meta"], "not an ml_collections.ConfigDict"),
+    (["--config={imports}:meta"], "no_such_module"),
+    (["--config={text}"], "not a Python file"),
+    (["--config={dir}:meta"], "is a directory"),
+    (["--config="], "--config is empty"),
+    ([], "--config is required"),
+    (["--config={tiny}:meta", "--config.batchsize=3"], "unknown config field 'batchsize' (did you mean 'batch_size'?)"),
+    (["--config={tiny}:meta", "--config.no_such=3"], "unknown config field 'no_such'"),
+    (["--config={tiny}:meta", "--config.optim.no_such=3"], "unknown config field 'optim.no_such'"),
+    (["--config={tiny}:meta", "--config.batch_size=abc"], "--config.batch_size=abc"),
+    (["--config={tiny}:meta", "--config.model.depths=(1,2"], "--config.model.depths"),
+    (["--config={tiny}:meta", "--config.model=3"], "--config.model=3"),
+    (["--config={tiny}:meta", "--no_such_flag=1"], "no_such_flag"),
+]
+PHASED_CASES = [
+    (["--config={demo}:metaa"], "unknown phase 'metaa'"),
+    (["--config={tiny}:meta", "--config.optim.lr=nan"], "optim.lr=nan is not a finite number"),
+    (["--config={tiny}:meta", "--config.optim.lr=-0.1"], "optim.lr=-0.1 is out of range"),
+    (["--config={tiny}:meta", "--config.batch_size=0"], "batch_size=0 is out of range"),
+    (["--config={tiny}:meta", "--config.total_steps=-5"], "total_steps=-5 is out of range"),
+    (["--config={tiny}:meta", "--config.model.heads=0"], "model.heads=0 is out of range"),
+    (["--config={tiny}:meta", "--config.label_smoothing=inf"], "label_smoothing=inf is not a finite number"),
+]
+
+
+def cases():
+  for verb in ("train", "eval", "pipeline", "plan"):
+    for args, needle in CONFIG_CASES:
+      if verb in ("pipeline", "plan"):
+        args = [a.replace(":meta", "") for a in args]
+      yield verb, args + (["--workdir={run}"] if verb != "plan" else []), needle
+  for args, needle in PHASED_CASES:
+    yield "train", args + ["--workdir={run}"], needle
+  yield "eval", PHASED_CASES[0][0] + ["--workdir={run}"], PHASED_CASES[0][1]
+  yield "eval", ["--config={tiny}:meta", "--workdir={run}"], "not a run directory"
+  for verb in ("train", "eval"):
+    yield verb, ["--config={tiny}:meta", "--workdir={file}"], "is a file, not a directory"
+    yield verb, ["--config={tiny}:meta"], "--workdir is required"
+  for args, needle in PHASED_CASES[1:3]:
+    yield "pipeline", [a.replace(":meta", "") for a in args] + ["--workdir={run}"], needle.split("=")[0]
+  yield "pipeline", ["--config={tiny}", "--workdir={file}"], "is a file, not a directory"
+  yield "pipeline", ["--config={tiny}:meta", "--workdir={run}"], "runs every phase"
+  yield "plan", ["--config={tiny}:meta"], "runs every phase"
+  yield "plan", ["--config={tiny}", "--num_train=0"], "--num_train"
+  yield "plan", ["--config={tiny}", "--num_train=many"], "--num_train"
+  yield "train", ["--config={tiny}:incubate", "--config.meta={dir}", "--workdir={run}"], "no run.json"
+  yield "eval", ["--config={tiny}:meta", "--workdir={dir}"], "not a run"
+  yield "convert", [], "--from"
+  yield "convert", ["--from={pth}", "--to={run}"], "does not exist"
+  yield "convert", ["--from={file}", "--to={run}"], "a_file"
+  yield "convert", ["--from={dir}", "--to={run}.pth"], "a_folder"
+  yield "convert", ["--from={pth}", "--to={run}", "--preset=no_such"], "unknown preset 'no_such'"
+  yield "convert", ["--from={pth}", "--to={run}", "--heads=0"], "--heads=0"
+  yield "convert", ["--from={pth}", "--to={run}", "--ln_eps=-1"], "--ln_eps=-1"
+  yield "trian", ["--config={tiny}:meta", "--workdir={run}"], "unknown verb 'trian'"
+
+
+CASES = list(cases())
+
+
+@pytest.mark.parametrize("verb, args, needle", CASES, ids=[f"{v}-{i}" for i, (v, _, _) in enumerate(CASES)])
+def test_a_bad_command_is_one_line_and_changes_nothing(capsys, bad, verb, args, needle):
+  paths = {**bad, "tiny": TINY, "demo": DEMO}
+  argv = [verb] + [a.format(**paths) for a in args]
+  before = {k: tree_state(p) for k, p in bad.items()}
+  capsys.readouterr()
+  rc = cli.main(argv)
+  out, err = capsys.readouterr()
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert rc == 2, (argv, rc, out, err)
+  assert "Traceback" not in out + err, err
+  assert len(lines) == 1 and lines[0].startswith(f"modassem {verb}: error: "), (argv, err)
+  assert needle in lines[0], (needle, lines[0])
+  assert {k: tree_state(p) for k, p in bad.items()} == before, f"{argv} changed a path it was given"
+
+
+def test_the_table_covers_every_verb():
+  assert set(cli.VERBS) <= {v for v, _, _ in CASES}
+  assert all(sum(v == verb for v, _, _ in CASES) >= 20 for verb in ("train", "eval", "pipeline", "plan"))
+
+
+def test_a_bug_is_a_traceback_and_a_request_to_report_it(capsys, monkeypatch, tmp_path):
+  """What no check foresaw: the traceback, a line saying it is a bug, exit status 1."""
+  from modassem import train  # pylint: disable=g-import-not-at-top
+
+  def broken(*a, **k):
+    raise RuntimeError("an invariant broke")
+  monkeypatch.setattr(train, "train", broken)
+  rc = cli.main(["train", f"--config={TINY}:meta", f"--workdir={tmp_path / 'run'}"])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert "Traceback" in err and "RuntimeError: an invariant broke" in err
+  assert err.strip().splitlines()[-1].startswith("modassem train: internal error: this is a bug in modassem")
