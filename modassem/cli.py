@@ -5,8 +5,9 @@ Verbs:
   eval      evaluate the latest checkpoint of a run on the held-out split
   pipeline  meta -> incubate all -> assemble, plus the e2e baseline at equal
             training FLOPs, then a report (report.md, report.json, curves.png)
-  convert   --from=FILE.pth --to=RUNDIR [--preset=NAME]: import an official
-            PyTorch checkpoint (meta model, incubated module or final model);
+  convert   --from=FILE.pth --to=RUNDIR [--preset=NAME | --heads=N [--ln_eps=E]]:
+            import an official PyTorch checkpoint (meta model, incubated
+            module or final model; --heads for an architecture no preset has);
             --from=RUNDIR --to=FILE.pth: export a run in the official layout
   plan      --config=FILE [--num_train=N] [--out=FILE.json]: training FLOPs of
             every phase from the lowered steps (no data, no parameters), the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 from modassem import flags
 
@@ -34,7 +36,7 @@ def _convert(argv: list[str]) -> int:
     return flags.fail("convert", str(e))
   from modassem import convert  # pylint: disable=g-import-not-at-top
   try:
-    print(convert.convert(fv["from"].value, fv.to, fv.preset), flush=True)
+    print(convert.convert(fv["from"].value, fv.to, fv.preset, fv.heads, fv.ln_eps), flush=True)
   except ModassemError as e:
     return flags.fail("convert", str(e))
   return 0
@@ -64,13 +66,31 @@ def verb_help(verb: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs one verb; returns the exit status: 0, 2 for a bad command or input (one line on stderr), 1 for a bug."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  verb = argv[0] if argv else ""
+  try:
+    return _main(argv)
+  except OSError as e:
+    if e.filename is None:
+      raise
+    # A path the user gave that cannot be read or written: theirs to fix, not a bug.
+    return flags.fail(verb, f"{e.strerror or e}: {e.filename}: check the path and its permissions")
+  except Exception:  # pylint: disable=broad-except
+    # Everything a user can cause is a ModassemError by now, so this is a bug in modassem.
+    traceback.print_exc()
+    print(f"modassem {verb}: internal error: this is a bug in modassem, not in your command; please report it "
+          "with the command line and the traceback above", file=sys.stderr, flush=True)
+    return 1
+
+
+def _main(argv: list[str]) -> int:
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(__doc__)
     return 0
   verb, rest = argv[0], argv[1:]
   if verb not in VERBS:
-    return flags.fail("", f"unknown verb {verb!r}: use one of {', '.join(VERBS)} (modassem --help)")
+    return flags.fail(verb, f"unknown verb {verb!r}: use one of {', '.join(VERBS)} (modassem --help)")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if any(a in ("-h", "--help", "-help") for a in rest):
     print(verb_help(verb))
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
   try:
-    fv = flags.run_flags(rest)
+    fv = flags.run_flags(rest, phased=verb != "pipeline")
   except flags.parse_errors() as e:
     return flags.fail(verb, flags.parse_error_message(rest, e))
 
@@ -111,6 +131,8 @@ def _run(verb: str, fv) -> int:
 
 
 def _verb(verb: str, fv) -> None:
+  from modassem import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.check_not_a_file(fv.workdir)
   if verb == "train":
     from modassem import train  # pylint: disable=g-import-not-at-top
     train.train(fv.config, fv.workdir, allow_changed=fv.allow_changed)

@@ -18,10 +18,11 @@ def fail(verb: str, message: str) -> int:
   return 2
 
 
-def config_flag_values(argv: list[str], example: str):
+def config_flag_values(argv: list[str], example: str, phased: bool = True):
   """Flags with `--config=FILE[:ARG]` and its typed `--config.x.y=v` overrides.
 
-  The caller defines its own flags on the result, then parses `["modassem"] + argv`.
+  The file is loaded once to check it (`phased=False`: a several-phase verb, checked with its default phase). The
+  caller defines its own flags on the result, then parses `["modassem"] + argv`.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -30,7 +31,14 @@ def config_flag_values(argv: list[str], example: str):
 
   for arg in argv:
     if arg.startswith("--config="):
-      config_lib.add_config_dir(config_lib.split_spec(arg.split("=", 1)[1])[0])
+      spec = arg.split("=", 1)[1]
+      # ml_collections loads the file lazily and folds a failure into a traceback inside a flag error; loading it
+      # here first turns a missing file, a broken one or an unknown phase into one line before anything else runs.
+      path, arg = config_lib.split_spec(spec)
+      if not phased and arg is not None:
+        raise ModassemError(f"--config={spec}: this verb runs every phase of {path}, each as {path}:PHASE; pass "
+                            f"--config={path}")
+      config_lib.load(spec)
   fv = flags.FlagValues()
   # sys_argv: the overrides are found in `argv`, not in sys.argv, so `main(argv)` works in-process.
   config_flags.DEFINE_config_file("config", None, f"config file, e.g. {example}", flag_values=fv,
@@ -44,14 +52,14 @@ def config_spec(fv) -> tuple[str, dict]:
   return config_flags.get_config_filename(fv["config"]), config_flags.get_override_values(fv["config"])
 
 
-def run_flags(argv: list[str], parse: bool = True):
+def run_flags(argv: list[str], parse: bool = True, phased: bool = True):
   """`train`, `eval` and `pipeline`: `--config` with its overrides, `--workdir`, and the multi-process flags.
 
   `parse=False` only defines them (for `--help`).
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  fv = config_flag_values(argv, "configs/vit_b.py:meta")
+  fv = config_flag_values(argv, "configs/vit_b.py:meta", phased)
   flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
   flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a multi-process run", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "processes in a multi-process run", flag_values=fv)
@@ -73,13 +81,16 @@ def run_flags(argv: list[str], parse: bool = True):
 
 
 def convert_flags():
-  """`convert` takes no config: `--from`, `--to` and `--preset`."""
+  """`convert` takes no config: `--from`, `--to`, and `--preset` or `--heads`/`--ln_eps`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
   flags.DEFINE_string("from", None, "official .pth checkpoint, or run directory to export", flag_values=fv)
   flags.DEFINE_string("to", None, "run directory to write, or .pth file to export to", flag_values=fv)
   flags.DEFINE_string("preset", None, "preset giving heads and LayerNorm eps (found from the shapes if not given)",
                       flag_values=fv)
+  flags.DEFINE_integer("heads", None, "attention heads of a checkpoint that no preset matches", flag_values=fv)
+  flags.DEFINE_float("ln_eps", None, "LayerNorm eps of a checkpoint that no preset matches (default 1e-6, the "
+                     "official code's)", flag_values=fv)
   return fv
 
 
@@ -92,25 +103,25 @@ def parse_errors() -> tuple:
 
 
 def unknown_field(argv: list[str], text: str) -> str | None:
-  """The `--config.FIELD=...` override that a parse error naming one key (`'no_such'`) is about."""
-  name = text.strip("'\" ").split("'")[0]
+  """The `--config.FIELD=...` override that a parse error about one key is about: the one whose name, or one of
+  its dotted parts, the error quotes (ml_collections quotes it once or twice, depending on the path taken)."""
   for arg in argv:
     if arg.startswith("--config."):
       field = arg[len("--config."):].split("=", 1)[0]
-      if name in field.split("."):
+      if any(f"'{part}'" in text or f"\"{part}\"" in text for part in field.split(".")):
         return field
   return None
 
 
 def parse_error_message(argv: list[str], e: Exception) -> str:
   """What to tell the user about an exception raised while parsing `argv`."""
+  import re  # pylint: disable=g-import-not-at-top
   text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
-  field = unknown_field(argv, text)
-  if field is not None:
-    hint = f" ({text[text.find('Did you mean'):].rstrip('?')})" if "Did you mean" in text else ""
-    return f"unknown config field {field!r}{hint}: see the preset file and configs/common.py for the fields"
-  lowered = text.lower()
-  if "config" in text and ("not found" in lowered or "could not override" in lowered or "unknown" in lowered
-                           or "doesn't exist" in lowered):
-    return f"unknown config field: {text}; see the preset file and configs/common.py for the fields"
+  text = text.replace("\\n", "\n").replace("\\'", "'")
+  if isinstance(e, (KeyError, AttributeError)) or "not found" in text.lower() or "did you mean" in text.lower():
+    field = unknown_field(argv, text)
+    if field is not None:
+      near = re.search(r'Did you mean "([^"]+)"', text)
+      hint = f" (did you mean {near.group(1)!r}?)" if near else ""
+      return f"unknown config field {field!r}{hint}: see the preset file and configs/common.py for the fields"
   return text

@@ -4,6 +4,8 @@ of a finished run."""
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import TINY, tiny
@@ -74,3 +76,35 @@ def test_every_verb_explains_itself(verb, flag, capsys):
   assert cli.main([verb, "--help"]) == 0
   out = capsys.readouterr().out
   assert out.startswith(f"modassem {verb}: ") and f"  {flag}: " in out
+
+
+def test_load_picks_one_hybrid_from_a_run_that_incubated_every_module(pipeline_dir):
+  """`modassem.load(run, module=2)` of a module=all run: module 2 as incubated, the meta run's modules around it."""
+  import modassem  # pylint: disable=g-import-not-at-top
+  from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
+  inc, meta = os.path.join(pipeline_dir, "incubate"), os.path.join(pipeline_dir, "meta")
+  with pytest.raises(ModassemError, match="module=i"):
+    modassem.load(inc)
+  model, params = modassem.load(inc, module=2)
+  _, meta_params = modassem.load(meta)
+  _, assembled = modassem.load(os.path.join(pipeline_dir, "assemble"))
+  with open(os.path.join(inc, "run.json")) as f:
+    depths = json.load(f)["depths"]
+  assert model.depths == (1, 1, depths[2], 1)
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  for k in (0, 1, 3):
+    assert same(params[f"module_{k}"], meta_params[f"module_{k}"]), k
+  # Module 2 is the incubated one: the hybrid scores on the held-out split what the run's own evaluation gave it.
+  from modassem import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = tiny("incubate")
+  correct = count = 0.0
+  for b in data_lib.build(c.data, c.model.image_size).eval_batches(c.eval_batch_size):
+    hit = np.asarray(model.apply({"params": params}, b["image"])).argmax(-1) == b["label"]
+    correct, count = correct + float((hit * b["mask"]).sum()), count + float(b["mask"].sum())
+  with open(os.path.join(inc, "results.json")) as f:
+    assert 100 * correct / count == pytest.approx(json.load(f)["module_2/top1"], abs=1e-6)
+  assert not same(params["module_2"], assembled["module_2"])   # assembly fine-tuned it
+  with pytest.raises(ModassemError, match="module=7"):
+    modassem.load(inc, module=7)
+  with pytest.raises(ModassemError, match="a meta run"):
+    modassem.load(meta, module=1)

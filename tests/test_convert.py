@@ -73,14 +73,14 @@ class PatchEmbed(nn.Module):
 class TorchViT(nn.Module):
   """The official key layout, global block indices: what `model` of a checkpoint loads into."""
 
-  def __init__(self, depth, image=IMAGE):
+  def __init__(self, depth, image=IMAGE, patch=PATCH, width=WIDTH, heads=HEADS, classes=CLASSES):
     super().__init__()
-    self.patch_embed = PatchEmbed(PATCH, WIDTH)
-    self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
-    self.pos_embed = nn.Parameter(torch.zeros(1, (image // PATCH) ** 2 + 1, WIDTH))
-    self.blocks = nn.ModuleList([Block(WIDTH, HEADS) for _ in range(depth)])
-    self.norm = nn.LayerNorm(WIDTH, eps=1e-6)
-    self.head = nn.Linear(WIDTH, CLASSES)
+    self.patch_embed = PatchEmbed(patch, width)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+    self.pos_embed = nn.Parameter(torch.zeros(1, (image // patch) ** 2 + 1, width))
+    self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+    self.norm = nn.LayerNorm(width, eps=1e-6)
+    self.head = nn.Linear(width, classes)
     # Non-trivial values everywhere: unit norms and zero biases would hide a swapped or dropped parameter.
     gen = torch.Generator().manual_seed(depth)
     with torch.no_grad():
@@ -302,3 +302,28 @@ def test_converted_runs_plug_into_the_phases(official, tmp_path, capsys):
   assert [len({k.split(".")[1] for k in st if k.startswith("blocks.")}) for st in stages] == [1, 1, 2, 1]
   for k in (0, 1, 3):
     assert all(torch.equal(stages[k][n], meta[k][n]) for n in meta[k])
+
+
+def test_an_architecture_no_preset_has_loads_with_its_head_count(tmp_path, capsys):
+  """Patch 8, width 64, 4 heads, 32 px: no preset. Heads leave no trace in the weights, so the user names them."""
+  model = TorchViT(8, image=32, patch=8, width=64, heads=4).eval()
+  path = save_official(tmp_path / "custom.pth", model, (2, 2, 2, 2))
+  x = images(size=32)
+  want = torch_logits(model, x)
+  with pytest.raises(ModassemError, match="matches no preset.*--heads"):
+    modassem.load(path)
+  np.testing.assert_allclose(jax_logits(path, x, heads=4), want, atol=1e-4, rtol=0)
+  # The head count matters: with 2 heads the same weights compute another function.
+  assert np.abs(jax_logits(path, x, heads=2) - want).max() > 1e-2
+  with pytest.raises(ModassemError, match="--heads=3 does not divide the width 64"):
+    modassem.load(path, heads=3)
+  run = str(tmp_path / "custom_run")
+  capsys.readouterr()
+  assert cli.main(["convert", f"--from={path}", f"--to={run}", "--heads=4"]) == 0
+  assert "preset custom" in capsys.readouterr().out
+  with open(os.path.join(run, "run.json")) as f:
+    arch = json.load(f)["arch"]
+  assert (arch["heads"], arch["ln_eps"], arch["width"], arch["patch"], arch["image_size"]) == (4, 1e-6, 64, 8, 32)
+  np.testing.assert_allclose(jax_logits(run, x), want, atol=1e-4, rtol=0)
+  # Another eps is taken as given.
+  assert not np.allclose(jax_logits(path, x, heads=4, ln_eps=0.5), want, atol=1e-3)

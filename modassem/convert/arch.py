@@ -102,8 +102,8 @@ def match_preset(arch: dict, depths, preset: str | None, where: str) -> str:
     return preset
   fits = [n for n in PRESETS if _fits(n, arch, depths)]
   if not fits:
-    raise ModassemError(f"{where} ({desc}) matches no preset: add one to modassem/models/presets.py "
-                        f"and pass it with --preset")
+    raise ModassemError(f"{where} ({desc}) matches no preset: give its attention heads (and LayerNorm eps, if not "
+                        f"the official 1e-6) with --heads=N [--ln_eps=E], or heads=N in modassem.load")
   fits.sort(key=lambda n: (PRESETS[n]["image_size"] != arch["image_size"],
                            PRESETS[n]["num_classes"] != arch["num_classes"]))
   best = fits[0]

@@ -19,12 +19,43 @@ from modassem.models.presets import ARCH_FIELDS, PRESETS
 from modassem.models.vit import ViT, abstract_params
 
 
-def model_from_pth(path: str, preset: str | None = None) -> Model:
-  """An official checkpoint as a `Model`, with the preset that supplies heads and LayerNorm eps."""
+# The official code's LayerNorm eps (timm's ViT with `partial(nn.LayerNorm, eps=1e-6)`), for a checkpoint of an
+# architecture that no preset has.
+OFFICIAL_LN_EPS = 1e-6
+
+
+def check_custom(preset: str | None, heads: int | None, ln_eps: float | None) -> None:
+  """`preset`, `heads` and `ln_eps` as given, before any file is read."""
+  if preset is not None and preset not in PRESETS:
+    raise ModassemError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}, or give the architecture's "
+                        "--heads (and --ln_eps) instead")
+  if heads is not None and heads < 1:
+    raise ModassemError(f"--heads={heads} is not a head count: pass the attention heads the checkpoint was trained "
+                        "with, e.g. --heads=4")
+  if ln_eps is not None and not ln_eps > 0:
+    raise ModassemError(f"--ln_eps={ln_eps} must be positive: pass the LayerNorm eps the checkpoint was trained "
+                        f"with ({OFFICIAL_LN_EPS:g} in the official code)")
+
+
+def model_from_pth(path: str, preset: str | None = None, *, heads: int | None = None,
+                   ln_eps: float | None = None) -> Model:
+  """An official checkpoint as a `Model`. Heads and LayerNorm eps leave no trace in the weights: they come from
+  `heads`/`ln_eps` where given (an architecture no preset has; eps defaults to the official 1e-6), else from
+  `preset`, else from the one preset that fits every shape."""
+  check_custom(preset, heads, ln_eps)
   stages = read_pth(path)
   arch, depths = infer_arch(stages, path)
-  name = match_preset(arch, depths, preset, path)
-  arch.update(heads=PRESETS[name]["heads"], ln_eps=PRESETS[name]["ln_eps"])
+  if heads is None:
+    name = match_preset(arch, depths, preset, path)
+    heads = PRESETS[name]["heads"]
+    ln_eps = PRESETS[name]["ln_eps"] if ln_eps is None else ln_eps
+  else:
+    name = match_preset(arch, depths, preset, path) if preset is not None else "custom"
+    ln_eps = (PRESETS[name]["ln_eps"] if preset is not None else OFFICIAL_LN_EPS) if ln_eps is None else ln_eps
+  if arch["width"] % heads:
+    raise ModassemError(f"--heads={heads} does not divide the width {arch['width']} of {path}: pass the head count "
+                        "it was trained with (a divisor of its width)")
+  arch.update(heads=int(heads), ln_eps=float(ln_eps))
   model = Model(arch=arch, preset=name, depths=depths, modules=[stage_to_module(s) for s in stages])
   if preset is not None:
     # A preset of another resolution is a request to fine-tune there: move the position embedding to its grid.
@@ -57,29 +88,36 @@ def _load_modules(run_dir: str, run: dict, slots, depths, what: str) -> dict:
                                      abstract=abstract[f"module_{k}"], what=what) for k in slots}
 
 
-def model_from_run(run_dir: str) -> Model:
-  """The model a finished run's modules make: the run's own, or for one incubated module, its hybrid.
+def model_from_run(run_dir: str, module: int | None = None) -> Model:
+  """The model a finished run's modules make: the run's own, or for an incubated module, its hybrid.
 
-  An incubation run stores its module alone; the other slots of the hybrid
-  are the meta run's modules, found through run.json's `sources`.
+  An incubation run stores its module(s) alone; the other slots of the hybrid are the meta run's modules, found
+  through run.json's `sources`. A run that incubated several modules together (`module=all`) holds one hybrid per
+  module: `module` picks it.
   """
   run = _read_run(run_dir)
   trained, num = list(run["trained"]), len(run["depths"])
+  if module is not None and (run["phase"] != "incubate" or module not in trained):
+    what = f"incubated module(s) {trained}" if run["phase"] == "incubate" else f"a {run['phase']} run"
+    raise ModassemError(f"{run_dir} is {what}: module={module} picks one incubated module's hybrid "
+                        + ("from them: pass one of those" if run["phase"] == "incubate" else "from an incubation run: "
+                           "leave module out to load this run's model"))
   if run["phase"] != "incubate":
     depths = [1] * num if run["phase"] == "meta" else list(run["depths"])
     mods = _load_modules(run_dir, run, range(num), depths, "run")
   else:
-    if len(trained) != 1:
-      raise ModassemError(f"{run_dir} incubated modules {trained} together; an official file holds one "
-                          f"incubated module: incubate one module per run (--config.module=i) to export it")
-    i = trained[0]
+    if len(trained) != 1 and module is None:
+      raise ModassemError(f"{run_dir} incubated modules {trained} together, one hybrid each: pick one with "
+                          "module=i (modassem.load) or, to export it, incubate one module per run "
+                          "(--config.module=i)")
+    i = trained[0] if module is None else module
     depths = [run["depths"][i] if k == i else 1 for k in range(num)]
     meta = (run.get("sources") or [""])[0]
     mods = _load_modules(run_dir, run, [i], depths, "run")
     others = [k for k in range(num) if k != i]
     if meta and files.path(meta).is_file():
       # An imported incubated module: its source file is the whole hybrid, meta modules included.
-      hybrid = model_from_pth(meta, run.get("preset") or None)
+      hybrid = model_from_pth(meta, heads=run["arch"]["heads"], ln_eps=run["arch"]["ln_eps"])
       mods.update({k: hybrid.modules[k] for k in others})
     else:
       mods.update(_load_modules(meta, run, others, depths, f"meta run of {run_dir}"))
@@ -119,13 +157,16 @@ def _summary(model: Model) -> str:
           f"LayerNorm eps {a['ln_eps']:g}, {a['num_classes']} classes, {a['image_size']} px")
 
 
-def convert(src: str, dst: str, preset: str | None = None) -> str:
+def convert(src: str, dst: str, preset: str | None = None, heads: int | None = None,
+            ln_eps: float | None = None) -> str:
   """`.pth -> run directory` (import) or `run directory -> .pth` (export); returns the one-line summary."""
   if not src or not dst:
     raise ModassemError("pass --from=FILE.pth --to=RUNDIR (import) or --from=RUNDIR --to=FILE.pth (export)")
+  check_custom(preset, heads, ln_eps)
   if files.path(src).is_dir():
-    if preset is not None:
-      raise ModassemError("--preset applies to importing a .pth file; an exported run keeps its own architecture")
+    if (preset, heads, ln_eps) != (None, None, None):
+      raise ModassemError("--preset, --heads and --ln_eps apply to importing a .pth file; an exported run keeps its "
+                          "own architecture")
     if files.path(dst).is_dir():
       raise ModassemError(f"{dst} is a directory: pass the .pth file to write with --to")
     model = model_from_run(src)
@@ -133,7 +174,7 @@ def convert(src: str, dst: str, preset: str | None = None) -> str:
     return f"{src}: {_summary(model)} -> {dst}"
   if not files.path(src).exists():
     raise ModassemError(f"{src} does not exist: pass an official .pth checkpoint or a run directory")
-  model = model_from_pth(src, preset)
+  model = model_from_pth(src, preset, heads=heads, ln_eps=ln_eps)
   run = write_run(model, dst, [src])
   written = ", ".join(f"module_{k}" for k in run["trained"])
   return f"{src}: {_summary(model)} -> {dst} (phase {run['phase']}, {written})"
