@@ -237,7 +237,7 @@ class Dataset:
         yield from ds.as_numpy_iterator()
         e, first = e + 1, 0
 
-    return batches()
+    return _named_errors(batches())
 
   def eval_batches(self, batch_size: int, *, process_index: int = 0,
                    process_count: int = 1) -> Iterator[Batch]:
@@ -273,4 +273,21 @@ class Dataset:
     }).repeat(num_pad)
     ds = ds.concatenate(padding)
     ds = ds.batch(local, drop_remainder=True).prefetch(self.prefetch)
-    return ds.with_options(self._options()).as_numpy_iterator()
+    return _named_errors(ds.with_options(self._options()).as_numpy_iterator())
+
+
+def _named_errors(batches):
+  """`batches`, with a file that cannot be decoded reported as one ModassemError naming it."""
+  from modassem.data import sources  # pylint: disable=g-import-not-at-top
+  try:
+    yield from batches
+  except tf().errors.InvalidArgumentError as e:
+    message = sources.bad_image(e)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if message is None and any(w in first.lower() for w in ("image", "jpeg", "png", "gif", "bmp")):
+      # Damage the byte check cannot see (inside the compressed data): TF's decoder names no file.
+      message = (f"an image cannot be decoded ({first}): find it with PIL's Image.open(path).load() over the "
+                 "files under data.path, or check the TFDS dataset's preparation")
+    if message is None:
+      raise
+    raise ModassemError(message) from None

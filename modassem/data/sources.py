@@ -156,6 +156,52 @@ def _upscale_digits(images: np.ndarray, size: int) -> np.ndarray:
   return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
+# A file the decoder would fail on fails here first, with its path in the message (TF's decode error names no file,
+# and libjpeg prints to stderr on a truncated JPEG): dataset.py turns BAD_IMAGE's assertion into a one-line error.
+BAD_IMAGE = "modassem: not a whole image file:"
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+_TAIL = 64   # bytes in which a JPEG's end-of-image marker (FF D9) or a PNG's IEND chunk must lie
+
+
+def _contains(tail, marker: bytes):
+  """Whether the bytes `marker` occur in `tail` (compared as bytes: TF's regexes want UTF-8 text)."""
+  t = tf()
+  b = t.io.decode_raw(tail, t.uint8)
+  n = t.shape(b)[0] - len(marker) + 1
+  hit = t.ones([t.maximum(n, 0)], t.bool)
+  for i, value in enumerate(marker):
+    hit = t.logical_and(hit, t.equal(b[i:i + t.maximum(n, 0)], value))
+  return t.reduce_any(hit)
+
+
+def checked_image_bytes(raw, path):
+  """`raw` after an in-graph check that it starts like an image file and, for JPEG and PNG, ends like a whole one
+  (a cut-off download or copy): a few byte comparisons per image, no decode."""
+  t = tf()
+  known = t.reduce_any(t.stack([t.strings.substr(raw, 0, len(sig)) == sig for sig in _SIGNATURES]))
+  tail = t.strings.substr(raw, t.maximum(t.strings.length(raw) - _TAIL, 0), _TAIL)
+  is_jpeg = t.strings.substr(raw, 0, 3) == _SIGNATURES[0]
+  is_png = t.strings.substr(raw, 0, 8) == _SIGNATURES[1]
+  whole = t.logical_and(t.logical_or(t.logical_not(is_jpeg), _contains(tail, b"\xff\xd9")),
+                        t.logical_or(t.logical_not(is_png), _contains(tail, b"IEND")))
+  check = t.debugging.Assert(t.logical_and(known, whole),
+                             [BAD_IMAGE, path, t.where(known, "truncated", "not a JPEG/PNG/GIF/BMP file")])
+  with t.control_dependencies([check]):
+    return t.identity(raw)
+
+
+def bad_image(error: Exception) -> str | None:
+  """The one-line message for a `checked_image_bytes` failure raised by tf.data, else None."""
+  import re  # pylint: disable=g-import-not-at-top
+  # tf.debugging.Assert prints its data as "[BAD_IMAGE] [path] [why]".
+  found = re.search(re.escape(BAD_IMAGE) + r"\]\s*\[(.*?)\]\s*\[(.*?)\]", str(error))
+  if not found:
+    return None
+  path, why = found.group(1), found.group(2)
+  return (f"image {path} (class {os.path.basename(os.path.dirname(path))!r}) cannot be decoded: {why}; remove or "
+          "replace the file")
+
+
 def _list_images(folder: str) -> list[str]:
   gfile = tf().io.gfile
   return sorted(
@@ -249,7 +295,8 @@ def folder(data, image_size: int) -> IndexedSource:
   paths_tensor = tf().constant(train_paths + eval_paths)
 
   def load(example_id):
-    raw = tf().io.read_file(tf().gather(paths_tensor, example_id))
+    path = tf().gather(paths_tensor, example_id)
+    raw = checked_image_bytes(tf().io.read_file(path), path)
     image = tf().io.decode_image(raw, channels=3, expand_animations=False)
     return tf().ensure_shape(image, [None, None, 3])
 
