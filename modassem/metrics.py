@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import math
@@ -153,40 +154,97 @@ def _fmt_time(s: float) -> str:
 
 
 class Progress:
-  """A progress bar with img/s and ETA when interactive; periodic log lines otherwise."""
+  """The terminal: a progress bar when interactive, periodic log lines otherwise, and evaluations in both.
+
+  Speed is the current rate: images per second over the last `WINDOW_S` seconds of training steps, restarted
+  after an evaluation or a checkpoint (`paused`), so neither drags the figure down; with the step's FLOPs it is
+  also TFLOP/s and, where the device's peak is known, MFU. `clock` is for tests.
+  """
+
+  WINDOW_S = 30.0
 
   def __init__(self, total: int, start: int, batch_size: int, mode: str = "auto", label: str = "",
-               quiet: bool = False):
+               quiet: bool = False, *, step_flops: float = 0.0, peak_flops: float | None = None,
+               num_devices: int = 1, clock=time.perf_counter):
     self.total, self.step, self.batch_size, self.label, self.quiet = total, start, batch_size, label, quiet
+    self.step_flops, self.peak, self.num_devices, self._clock = step_flops, peak_flops, num_devices, clock
     interactive = sys.stderr.isatty() if mode == "auto" else mode == "on"
     self.bar = None
-    if interactive:
+    if interactive and not quiet:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm(total=total, initial=start, desc=label, unit="step", dynamic_ncols=True)
-    self._t0, self._s0 = time.perf_counter(), start
+    self._marks = collections.deque([(clock(), start)])
+    self._last = 0.0
 
   def rate(self) -> float:
-    dt = time.perf_counter() - self._t0
-    return (self.step - self._s0) * self.batch_size / dt if dt > 0 else 0.0
+    """Images per second over the current window (the last measured rate right after a pause)."""
+    (t0, s0), (t1, s1) = self._marks[0], self._marks[-1]
+    if s1 > s0 and t1 > t0:
+      self._last = (s1 - s0) * self.batch_size / (t1 - t0)
+    return self._last
+
+  def rates(self) -> dict:
+    """img_per_s, and tflop_per_s and mfu where the step's FLOPs (and the peak) are known."""
+    img = self.rate()
+    out = {"img_per_s": img}
+    if self.step_flops:
+      flops = img / self.batch_size * self.step_flops
+      out["tflop_per_s"] = flops / 1e12
+      if self.peak:
+        out["mfu"] = flops / (self.peak * self.num_devices)
+    return out
 
   def update(self, step: int):
     if self.bar is not None:
       self.bar.update(step - self.step)
     self.step = step
+    now = self._clock()
+    self._marks.append((now, step))
+    while len(self._marks) > 2 and now - self._marks[1][0] >= self.WINDOW_S:
+      self._marks.popleft()
+
+  def paused(self):
+    """After time that was not training (an evaluation, a checkpoint): the window starts again from here."""
+    self.rate()
+    self._marks = collections.deque([(self._clock(), self.step)])
+
+  def _speed(self) -> str:
+    r = self.rates()
+    text = f"{r['img_per_s']:.0f} img/s"
+    if "tflop_per_s" in r:
+      text += f" {r['tflop_per_s']:.3g} TFLOP/s"
+    if "mfu" in r:
+      text += f" MFU {100 * r['mfu']:.1f} %"
+    return text
 
   def show(self, **values):
     if self.bar is not None:
-      self.bar.set_postfix(img_s=f"{self.rate():.0f}", **{k: f"{v:.4g}" for k, v in values.items()})
+      r = self.rates()
+      extra = {"img_s": f"{r['img_per_s']:.0f}"}
+      if "mfu" in r:
+        extra["MFU"] = f"{100 * r['mfu']:.0f}%"
+      self.bar.set_postfix(**extra, **{k: f"{v:.4g}" for k, v in values.items()})
 
   def log(self, step: int, **shown):
-    """A line for logs (non-interactive runs): step, values, img/s, ETA."""
+    """A line for logs (non-interactive runs): step, values, current speed, ETA."""
     if self.bar is not None or self.quiet:
       return
     rate = self.rate()
     eta = (self.total - step) * self.batch_size / rate if rate > 0 else float("nan")
     vals = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
     eta_s = _fmt_time(eta) if math.isfinite(eta) else "?"
-    print(f"{self.label} step {step}/{self.total} {vals} {rate:.0f} img/s ETA {eta_s}", flush=True)
+    print(f"{self.label} step {step}/{self.total} {vals} {self._speed()} ETA {eta_s}", flush=True)
+
+  def evaluation(self, step: int, results: dict):
+    """An evaluation's result on screen, above the bar when there is one."""
+    if self.quiet:
+      return
+    line = (f"{self.label} eval at step {step}/{self.total}: top-1 {results['top1']:.2f} %, "
+            f"top-5 {results['top5']:.2f} %, loss {results['loss']:.4f}")
+    if self.bar is not None:
+      self.bar.write(line)
+    else:
+      print(line, flush=True)
 
   def close(self):
     if self.bar is not None:

@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from modassem import checkpoints, cost, files, lock, preempt, prepare, sharding
+from modassem import checkpoints, cost, files, lock, preempt, prepare, sharding, summary
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
@@ -81,9 +81,17 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
           f"(top-1 {done.get('top1', float('nan')):.2f} %); nothing to do")
     return done
 
+  say(f"{workdir}: {s.plan.phase}: tracing the train step")
   lowered, init_fn, abstract_state, key = prepare.lower_train_step(s)
   step_flops = cost.train_step_flops(s, lowered)
+  info = summary.startup(s, abstract_state.params, step_flops)
+  for line in summary.startup_lines(s.plan.phase, info):
+    say(line)
+  say(f"{s.plan.phase}: compiling...")
+  t_compile = time.perf_counter()
   compiled = lowered.compile()
+  info["compile_s"] = time.perf_counter() - t_compile
+  say(f"{s.plan.phase}: compiled in {info['compile_s']:.1f} s")
   wd.mkdir(parents=True, exist_ok=True)
   if is_main():
     files.write_json(wd / checkpoints.RUN_FILE, s.run)
@@ -99,12 +107,17 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     state = init_fn(key)
   start = int(latest or 0)
   wall_before = writer.resume(start)
+  writer.write(start, "setup", {k: v for k, v in info.items() if isinstance(v, (int, float)) and v is not None
+                                and not isinstance(v, bool)})
   if start == 0 and s.plan.phase == "assemble":
     # How well the stacked modules work before any fine-tuning: the direct
     # measure of how compatible incubation made them.
-    writer.write(0, "eval", {**evaluate(s, state.params), "wall_s": 0.0})
+    before = evaluate(s, state.params)
+    writer.write(0, "eval", {**before, "wall_s": 0.0})
+    say(f"{s.plan.phase}: the stacked modules before fine-tuning: top-1 {before['top1']:.2f} %, "
+        f"top-5 {before['top5']:.2f} %, loss {before['loss']:.4f}")
   try:
-    state, loop_wall = _loop(s, compiled, state, start, key, mngr, writer, wall_before, stop)
+    state, loop_wall = _loop(s, compiled, state, start, key, mngr, writer, wall_before, stop, info)
     mngr.wait_until_finished()
     checkpoints.save_modules(workdir, prepare.saved_layout(config, state.params))
     result = evaluate(s, state.params)
@@ -147,7 +160,7 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
       f"damaged: exported them again from its final checkpoint{where}")
 
 
-def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop):
+def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop, info):
   config = s.config
   eval_every = config.eval_every_steps or s.dataset.steps_per_epoch(config.batch_size)
   shard = sharding.batch_sharding(s.mesh)
@@ -155,7 +168,8 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
       config.batch_size, seed=config.seed, start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count()), shard)
   progress = Progress(s.total_steps, start, config.batch_size, config.progress if is_main() else "off",
-                      label=s.plan.phase, quiet=not is_main())
+                      label=s.plan.phase, quiet=not is_main(), step_flops=info["step_flops"],
+                      peak_flops=info["peak_flops"], num_devices=info["devices"])
   ckpt_dir = checkpoints.state_dir(writer.path.parent)
   t0 = time.perf_counter()
   pending = None   # (step, metrics) of the previous step: read one step late to keep the device busy
@@ -185,7 +199,7 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
         loss = check(*pending)
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         values["wall_s"] = wall_before + time.perf_counter() - t0
-        values["img_per_s"] = progress.rate()
+        values.update(progress.rates())
         writer.write(step, "train", values)
         progress.log(step, loss=loss, lr=values["lr"])
         progress.show(loss=loss)
@@ -193,11 +207,13 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
       if step % eval_every == 0 and step != s.total_steps:
         ev = evaluate(s, state.params)
         writer.write(step, "eval", {**ev, "wall_s": wall_before + time.perf_counter() - t0})
-        progress.log(step, eval_top1=ev["top1"])
+        progress.evaluation(step, ev)
+        progress.paused()
       if step % config.checkpoint_every_steps == 0 or step == s.total_steps:
         check(*pending)
         checkpoints.save_state(mngr, step, state, force=step == s.total_steps)
         writer.flush()   # the records up to a checkpoint are kept wherever a resume starts
+        progress.paused()
       if step < s.total_steps and stop.requested(step):
         check(*pending)
         mngr.wait_until_finished()   # a save in flight completes first: never two at once, never half of one
