@@ -9,6 +9,10 @@ Verbs:
             import an official PyTorch checkpoint (meta model, incubated
             module or final model; --heads for an architecture no preset has);
             --from=RUNDIR --to=FILE.pth: export a run in the official layout
+  report    RUN [RUN ...] [--out=DIR]: report.md, report.json and curves.png
+            of the method's runs however they were made: the assembly run
+            (its incubation and meta runs are found from it; two for m2mKD
+            against plain incubation) and the e2e run to compare with
   plan      --config=FILE [--num_train=N] [--out=FILE.json]: training FLOPs of
             every phase from the lowered steps (no data, no parameters), the
             method against e2e, beside the paper's GPU-hour ratio
@@ -23,7 +27,7 @@ import traceback
 
 from modassem import flags
 
-VERBS = ("train", "eval", "pipeline", "convert", "plan")
+VERBS = ("train", "eval", "pipeline", "convert", "plan", "report")
 
 
 def _convert(argv: list[str]) -> int:
@@ -42,6 +46,28 @@ def _convert(argv: list[str]) -> int:
   return 0
 
 
+def _report(argv: list[str]) -> int:
+  """`report RUN [RUN ...] [--out=DIR]`."""
+  from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
+  fv = flags.report_flags()
+  try:
+    runs = fv(["modassem"] + argv)[1:]
+  except flags.parse_errors() as e:
+    return flags.fail("report", str(e))
+  if not runs:
+    return flags.fail("report", "no runs given: pass the run directories, e.g. modassem report runs/demo/asm "
+                      "runs/demo/e2e (the assembly's incubation and meta runs are found from it)")
+  from modassem import files, report  # pylint: disable=g-import-not-at-top
+  try:
+    out = fv.out or report.common_parent(runs)
+    result = report.write(runs, out)
+  except ModassemError as e:
+    return flags.fail("report", str(e))
+  print(report.report_markdown(result), flush=True)
+  print(f"wrote {files.join(out, 'report.md')}, report.json and curves.png", flush=True)
+  return 0
+
+
 def verb_help(verb: str) -> str:
   """`modassem VERB --help`: the verb's paragraph of the overview and its flags."""
   lines, keep = [], False
@@ -52,6 +78,8 @@ def verb_help(verb: str) -> str:
       lines.append(line.strip())
   if verb == "convert":
     fv = flags.convert_flags()
+  elif verb == "report":
+    fv = flags.report_flags()
   elif verb == "plan":
     from modassem import cost  # pylint: disable=g-import-not-at-top
     fv = cost._flags([], parse=False)  # pylint: disable=protected-access
@@ -60,7 +88,7 @@ def verb_help(verb: str) -> str:
   flags_ = {f.name: f for f in fv._flags().values()}  # pylint: disable=protected-access
   out = [f"modassem {verb}: " + " ".join(lines)[len(verb):].strip(), "", "flags:"]
   out += [f"  --{name}: {flags_[name].help}" for name in sorted(flags_)]
-  if verb != "convert":
+  if verb not in ("convert", "report"):
     out.append("  --config.FIELD=VALUE: override a field of the config, e.g. --config.batch_size=256")
   return "\n".join(out)
 
@@ -97,6 +125,8 @@ def _main(argv: list[str]) -> int:
     return 0
   if verb == "convert":
     return _convert(rest)
+  if verb == "report":
+    return _report(rest)
   if verb == "plan":
     from modassem import cost  # pylint: disable=g-import-not-at-top
     return cost.main(rest)

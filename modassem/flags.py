@@ -94,6 +94,15 @@ def convert_flags():
   return fv
 
 
+def report_flags():
+  """`report` takes run directories and `--out`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  flags.DEFINE_string("out", None, "folder for report.md, report.json and curves.png (default: the folder that "
+                      "holds the runs)", flag_values=fv)
+  return fv
+
+
 def parse_errors() -> tuple:
   """The exceptions a bad command line raises (`except flags.parse_errors() as e:`)."""
   from absl import flags  # pylint: disable=g-import-not-at-top

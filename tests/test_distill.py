@@ -17,6 +17,7 @@ import pytest
 import stepping
 from conftest import TINY, tiny
 from modassem import checkpoints, files, steps, train
+from modassem import report as report_lib
 from test_errors import assert_names, train_error
 
 
@@ -136,13 +137,13 @@ def test_the_pipeline_gives_the_teacher_to_the_incubation_alone_and_reports_it(p
     assert (configs[phase].teacher, configs[phase].distill.alpha) == ("", 0.5)
   dirs = {p: os.path.join(pipeline_dir, p) for p in ("meta", "incubate", "assemble", "e2e")}
   results = {p: files.read_json(os.path.join(d, "results.json")) for p, d in dirs.items()}
-  report = pipeline.make_report(results, dirs, teacher=teacher)
+  report = report_lib.make_report(results, dirs, teacher=teacher)
   own = files.read_json(os.path.join(teacher, "results.json"))
   assert report["teacher"] == {"source": teacher, "top1": own["top1"], "top5": own["top5"],
                                "train_flops": own["train_flops"]}
   assert f"Incubated against the teacher {teacher} (m2mKD): {own['top1']:.2f} % top-1" in \
-      pipeline.report_markdown(report)
-  assert "teacher" not in pipeline.make_report(results, dirs)
+      report_lib.report_markdown(report)
+  assert "teacher" not in report_lib.make_report(results, dirs)
 
 
 def test_a_plan_prices_the_teacher_forward_pass(runs):
@@ -217,12 +218,12 @@ def test_compare_plain_adds_plain_incubation_and_its_assembly_to_the_report(pipe
   runs = {p: os.path.join(pipeline_dir, p) for p in ("meta", "incubate", "assemble", "e2e")}
   runs.update(incubate_plain=runs["incubate"], assemble_plain=runs["assemble"])
   results = {p: files.read_json(os.path.join(d, "results.json")) for p, d in runs.items()}
-  report = pipeline.make_report(results, runs, teacher=teacher)
+  report = report_lib.make_report(results, runs, teacher=teacher)
   assembled = results["assemble"]
   assert report["plain"]["top1"] == assembled["top1"]
   assert report["plain"]["top1_before_fine_tuning"] == report["phases"]["assemble"]["top1_before_fine_tuning"]
   assert report["plain"]["train_flops"] == pytest.approx(report["assembled"]["train_flops"])
-  text = pipeline.report_markdown(report)
+  text = report_lib.report_markdown(report)
   assert f"| plain | {report['plain']['top1_before_fine_tuning']:.2f} | {assembled['top1']:.2f} |" in text
   assert "| with the teacher (m2mKD) |" in text
   # Without a teacher there is nothing to compare: a one-line error before anything runs.
