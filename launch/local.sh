@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole method for one preset on the machine at hand (one host, one process that sees all
 # its devices), phase by phase: meta, the K incubations, assembly, then evaluation of the assembled model.
-# Assumes: modassem installed (`pip install -e .`, or `.[gpu]` / `.[tpu]`); the preset's data prepared
+# Assumes: modassem installed (`pip install -e '.[cpu]'`, or `.[gpu]` / `.[tpu]`); the preset's data prepared
 # (ImageNet for TFDS, see README); RUNS on a disk with room for the checkpoints; K equal to the preset's
 # number of modules (4 in every preset).
 # Usage: launch/local.sh configs/vit_b.py runs/vit_b [extra --config.* flags]

@@ -8,7 +8,10 @@ import json
 import os
 import sys
 
-PIPELINE = "modassem pipeline --config=configs/demo.py --workdir=runs/demo"
+# Where the repository lives on GitHub: the README's "Open in Colab" badge opens launch/colab.ipynb from there.
+GITHUB_REPO = "modassem/modassem"
+COLAB_URL = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/main/launch/colab.ipynb"
+PIPELINE = "modassem pipeline --config=configs/demo.py --workdir={RUN_DIR}"
 
 CELLS = [
     ("markdown", """\
@@ -16,7 +19,7 @@ CELLS = [
 
 Trains a meta model, incubates its four modules, assembles and fine-tunes the target model, and trains the
 end-to-end baseline with the same training FLOPs, all on the built-in digits data (a few minutes on CPU; any Colab
-runtime works). Then shows the report and the curves.
+runtime works). Then shows the report and the curves, and classifies a few held-out images with the assembled model.
 
 Get the code in one of two ways: set `REPO_URL` below to the repository's git URL (or the `MODASSEM_REPO_URL`
 environment variable), or upload the repository to `/content/modassem` (a folder, or `modassem.zip`) and leave
@@ -59,14 +62,62 @@ if not os.path.isdir(os.path.join(REPO_DIR, "modassem")):
     raise SystemExit(f"set REPO_URL above, or upload the repository to {REPO_DIR} (or {REPO_DIR}.zip)")
 os.chdir(REPO_DIR)
 print("modassem at", os.getcwd())"""),
+    ("markdown", """\
+Installs modassem without TensorFlow: Colab's own TensorFlow runs the input pipeline (elsewhere, install
+`.[cpu]`, which adds tensorflow-cpu)."""),
     ("code", "%pip install -q -e ."),
-    ("markdown", "Every phase and the baseline, one run directory each under `runs/demo/` (rerunning resumes):"),
+    ("markdown", """\
+Where the runs go. A Colab runtime forgets its disk when it resets; with `USE_DRIVE = True` the run directories
+live in your Google Drive, and running the pipeline cell again after a reset resumes every phase from its last
+checkpoint."""),
+    ("code", """\
+USE_DRIVE = False   # True: keep the runs in Google Drive (asks for access once)
+RUNS = "runs"
+if USE_DRIVE:
+  from google.colab import drive
+  drive.mount("/content/drive")
+  RUNS = "/content/drive/MyDrive/modassem_runs"
+RUN_DIR = os.path.join(RUNS, "demo")
+print("run directories under", RUN_DIR)"""),
+    ("markdown", "TensorBoard, before the pipeline starts, to watch the runs as they train (it refreshes itself):"),
+    ("code", """\
+%load_ext tensorboard
+%tensorboard --logdir {RUN_DIR}"""),
+    ("markdown", "Every phase and the baseline, one run directory each under `RUN_DIR` (rerunning resumes):"),
     ("code", "!" + PIPELINE),
     ("code", """\
 from IPython.display import Image, Markdown, display
 
-display(Markdown(open("runs/demo/report.md").read()))
-display(Image(filename="runs/demo/curves.png"))"""),
+display(Markdown(open(os.path.join(RUN_DIR, "report.md")).read()))
+display(Image(filename=os.path.join(RUN_DIR, "curves.png")))"""),
+    ("markdown", """\
+The assembled model in the notebook: `modassem.load` gives a Flax module and its parameters (from any run
+directory, or an official `.pth` checkpoint), here used on a few held-out images."""),
+    ("code", """\
+import json
+
+import matplotlib.pyplot as plt
+import ml_collections
+import numpy as np
+
+import modassem
+from modassem import data
+
+run = os.path.join(RUN_DIR, "assemble")
+model, params = modassem.load(run)
+with open(os.path.join(run, "config.json")) as f:
+  config = ml_collections.ConfigDict(json.load(f))
+held_out = data.build(config.data, config.model.image_size)
+batch = next(held_out.eval_batches(12))
+predicted = np.asarray(model.apply({"params": params}, batch["image"])).argmax(-1)
+print("predicted:", predicted.tolist())
+print("true:     ", batch["label"].tolist())
+fig, axes = plt.subplots(1, 12, figsize=(12, 1.6))
+for ax, image, p, y in zip(axes, batch["image"], predicted, batch["label"]):
+  ax.imshow((image - image.min()) / (image.max() - image.min()))
+  ax.set_title(f"{p}" + ("" if p == y else f" ({y})"), color="black" if p == y else "red")
+  ax.axis("off")
+plt.show()"""),
 ]
 
 

@@ -196,6 +196,10 @@ def report_markdown(r: dict) -> str:
   if e:
     lines += [f"| end-to-end | {e['top1']:.2f} | {e['top5']:.2f} | {e['train_flops']:.3g} | {e['wall_s']:.0f} |",
               "", f"Assembled minus end-to-end: {r['top1_gain']:+.2f} top-1 points on the held-out split."]
+    share = e["train_flops"] / a["train_flops"] if a["train_flops"] else float("nan")
+    if not 0.99 <= share <= 1.01:
+      lines.append(f"The end-to-end run trained with {100 * share:.0f} % of the method's FLOPs, so this is not an "
+                   "equal-FLOPs comparison (`modassem pipeline` gives e2e the method's FLOPs).")
   else:
     lines += ["", "No end-to-end run given: pass one to compare with."]
   before = r["phases"]["assemble"].get("top1_before_fine_tuning")

@@ -288,12 +288,18 @@ def test_colab_notebook(tmp_path):
   code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
   text = "\n".join(code)
   assert "REPO_URL" in text and "git" in text and "clone" in text and ".zip" in text
-  assert any(c.strip().startswith("%pip install") and "-e ." in c for c in code)
-  pipeline = [i for i, c in enumerate(code)
-              if c.strip() == "!modassem pipeline --config=configs/demo.py --workdir=runs/demo"]
-  shows = [i for i, c in enumerate(code) if "runs/demo/report.md" in c and "runs/demo/curves.png" in c]
-  assert pipeline and shows and pipeline[0] < shows[0]
-  assert "Markdown(" in code[shows[0]] and "Image(" in code[shows[0]] and "IPython.display" in code[shows[0]]
+  # Colab's own TensorFlow stays: the plain install, without the [cpu] extra that adds tensorflow-cpu.
+  assert any(c.strip() == "%pip install -q -e ." for c in code)
+  index = lambda pred: next(i for i, c in enumerate(code) if pred(c))
+  drive = index(lambda c: "drive.mount(" in c)
+  assert "USE_DRIVE" in code[drive] and "RUN_DIR" in code[drive] and "google.colab" in code[drive]
+  board = index(lambda c: "%tensorboard --logdir {RUN_DIR}" in c)
+  assert "%load_ext tensorboard" in code[board]
+  pipeline = index(lambda c: c.strip() == "!modassem pipeline --config=configs/demo.py --workdir={RUN_DIR}")
+  shows = index(lambda c: "report.md" in c and "curves.png" in c)
+  loads = index(lambda c: "modassem.load(" in c)
+  assert drive < board < pipeline < shows < loads
+  assert "Markdown(" in code[shows] and "Image(" in code[shows] and "IPython.display" in code[shows]
   try:
     import nbformat  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -305,3 +311,28 @@ def test_colab_notebook(tmp_path):
   subprocess.run([sys.executable, os.path.join(LAUNCH, "make_colab.py"), str(out)], check=True,
                  capture_output=True, timeout=30)
   assert json.loads(out.read_text()) == nb
+
+
+def test_the_notebooks_load_cell_classifies_held_out_images(pipeline_dir, monkeypatch, capsys):
+  """The `modassem.load` cell, run as written on a finished pipeline's runs: its predictions are the model's."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  with open(os.path.join(LAUNCH, "colab.ipynb")) as f:
+    cell = next("".join(c["source"]) for c in json.load(f)["cells"] if "modassem.load(" in "".join(c["source"]))
+  capsys.readouterr()
+  exec(compile(cell, "load-cell", "exec"), {"os": os, "RUN_DIR": pipeline_dir})  # pylint: disable=exec-used
+  lines = capsys.readouterr().out.splitlines()
+  predicted = json.loads(lines[0].split(":", 1)[1])
+  true = json.loads(lines[1].split(":", 1)[1])
+  assert len(predicted) == len(true) == 12 and all(0 <= p < 10 for p in predicted)
+
+
+def test_the_readme_opens_the_notebook_in_colab():
+  sys.path.insert(0, LAUNCH)
+  try:
+    import make_colab  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(LAUNCH)
+  with open(os.path.join(os.path.dirname(LAUNCH), "README.md")) as f:
+    readme = f.read()
+  assert f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({make_colab.COLAB_URL})" in readme

@@ -13,7 +13,12 @@ import os
 def tf():
   """Returns the `tensorflow` module, imported once with GPUs hidden."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  import tensorflow  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
+    raise ModassemError("TensorFlow is not installed, and the input pipeline runs on tf.data: pip install "
+                        "'modassem[cpu]' (or [gpu], [tpu]; they add tensorflow-cpu), or any tensorflow") from None
   # Deprecation notices from TF/TFDS internals are noise in training logs.
   tensorflow.get_logger().setLevel("ERROR")
   try:
