@@ -27,7 +27,8 @@ def _read(run_dir: str) -> dict:
   """run.json, results.json and config.json of a finished run; one-line errors otherwise."""
   wd = files.path(run_dir)
   if not wd.is_dir():
-    raise ModassemError(f"{run_dir} does not exist: pass the run directories (--workdir) of the runs to report")
+    what = "is a file, not a run directory" if wd.exists() else "does not exist"
+    raise ModassemError(f"{run_dir} {what}: pass the run directories (--workdir) of the runs to report")
   run = files.read_json(wd / RUN_FILE)
   if run is None:
     raise ModassemError(f"{run_dir} is not a run directory (no {RUN_FILE}): pass the --workdir of a modassem run")

@@ -90,6 +90,11 @@ def cases():
   yield "convert", ["--from={pth}", "--to={run}", "--preset=no_such"], "unknown preset 'no_such'"
   yield "convert", ["--from={pth}", "--to={run}", "--heads=0"], "--heads=0"
   yield "convert", ["--from={pth}", "--to={run}", "--ln_eps=-1"], "--ln_eps=-1"
+  yield "report", [], "no runs given"
+  yield "report", ["{run}"], "does not exist"
+  yield "report", ["{dir}"], "not a run directory (no run.json)"
+  yield "report", ["{file}"], "is a file, not a run directory"
+  yield "report", ["{dir}", "--no_such=1"], "no_such"
   yield "trian", ["--config={tiny}:meta", "--workdir={run}"], "unknown verb 'trian'"
 
 
