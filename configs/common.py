@@ -86,6 +86,8 @@ def get_config(preset: str, phase: str, *, num_modules: int = 4, assemble_drop_p
   c.cutmix = 1.0
   c.mixup_switch_prob = 0.5
   c.mixup_prob = 1.0
+  # Examples per Mixup/CutMix draw: the official runs draw once per GPU batch (128 images); 0 = once per batch.
+  c.mixup_group = 128
 
   c.data = data_default_config()
   c.data.name = "tfds"

@@ -42,7 +42,7 @@ FREE_FIELDS = frozenset({
 
 # Config fields added after runs could already be started: a config.json without one was written by a run that
 # had this value (so resuming it with the value is no change).
-ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0, "stitch": False}
+ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0, "stitch": False, "mixup_group": 0}
 
 
 def arch_of(config) -> dict:

@@ -1,7 +1,10 @@
-"""Mixup and CutMix on device, one draw per batch (timm's `mode="batch"`).
+"""Mixup and CutMix on device, as timm's `mode="batch"` runs in the official code: one draw per group.
 
-Runs inside the compiled step on the global batch, so the mix is the same on
-one device or many; the partner of example n is example B-1-n.
+The official runs mix each GPU's batch on its own: one lambda, one box and one Mixup-or-CutMix choice per GPU
+and step, the partner of example n the example at the mirrored place of that GPU's batch (16 to 32 draws per
+2048-image ImageNet step). Here the global batch is cut into fixed groups of `group` examples (the official
+per-GPU batch, whatever the devices here), each drawn for on its own, so the mix is the same on one device or
+many. `group=0` draws once for the whole batch.
 """
 
 from __future__ import annotations
@@ -50,3 +53,15 @@ def mix(key, images, targets, *, mixup: float, cutmix: float, switch_prob: float
   lam = jnp.where(apply, jnp.where(use_cut, lam_cut, lam_mix), 1.0).astype(targets.dtype)
   images = jnp.where(apply, jnp.where(use_cut, cut, mixed), images).astype(images.dtype)
   return images, lam * targets + (1.0 - lam) * flipped_targets
+
+
+def mix_groups(key, images, targets, *, group: int, **kw):
+  """`mix` on each consecutive `group` examples of the batch with its own draw (`group` divides the batch)."""
+  b = images.shape[0]
+  if group <= 0 or group >= b:
+    return mix(key, images, targets, **kw)
+  n = b // group
+  split = lambda x: x.reshape((n, group) + x.shape[1:])
+  images, targets = jax.vmap(lambda k, x, t: mix(k, x, t, **kw))(jax.random.split(key, n), split(images),
+                                                                  split(targets))
+  return images.reshape((b,) + images.shape[2:]), targets.reshape((b,) + targets.shape[2:])

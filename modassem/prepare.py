@@ -59,7 +59,7 @@ _RANGES = (
     ("warmup_epochs", 0.0, math.inf, True), ("log_every_steps", 1, math.inf, True),
     ("checkpoint_every_steps", 1, math.inf, True), ("eval_every_steps", 0, math.inf, True),
     ("keep_checkpoints", 1, math.inf, True), ("label_smoothing", 0.0, 1.0, True), ("mixup", 0.0, math.inf, True),
-    ("cutmix", 0.0, math.inf, True), ("mixup_prob", 0.0, 1.0, True), ("mixup_switch_prob", 0.0, 1.0, True),
+    ("cutmix", 0.0, math.inf, True), ("mixup_prob", 0.0, 1.0, True), ("mixup_group", 0, math.inf, True), ("mixup_switch_prob", 0.0, 1.0, True),
     ("model.width", 1, math.inf, True), ("model.heads", 1, math.inf, True), ("model.depth", 1, math.inf, True),
     ("model.patch", 1, math.inf, True), ("model.image_size", 1, math.inf, True),
     ("model.num_classes", 1, math.inf, True), ("model.mlp_ratio", 0.0, math.inf, False),
@@ -103,6 +103,10 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
   if config.batch_size % per:
     raise ModassemError(f"batch_size={config.batch_size} is not divisible by devices x accum_steps = "
                         f"{num_devices} x {config.accum_steps}: use a multiple of {per}")
+  group = int(config.get("mixup_group", 0))
+  if (config.mixup > 0 or config.cutmix > 0) and 0 < group < config.batch_size and config.batch_size % group:
+    raise ModassemError(f"batch_size={config.batch_size} is not a multiple of mixup_group={group} (examples per "
+                        f"Mixup/CutMix draw): use a multiple of {group}, or set mixup_group to 0 (one draw per batch)")
   if config.eval_batch_size % num_devices:
     raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
   if plan.phase == "incubate" and not config.meta:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from modassem import phases
-from modassem.mixup import mix, smooth_labels
+from modassem.mixup import mix_groups, smooth_labels
 from modassem.phases import Plan
 
 
@@ -70,8 +70,9 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
   key = jax.random.fold_in(base_key, state.step)
   mix_key, drop_key = jax.random.split(key)
   targets = smooth_labels(batch["label"], config.model.num_classes, config.label_smoothing)
-  images, targets = mix(mix_key, batch["image"], targets, mixup=config.mixup, cutmix=config.cutmix,
-                        switch_prob=config.mixup_switch_prob, prob=config.mixup_prob)
+  images, targets = mix_groups(mix_key, batch["image"], targets, group=int(config.get("mixup_group", 0)),
+                               mixup=config.mixup, cutmix=config.cutmix, switch_prob=config.mixup_switch_prob,
+                               prob=config.mixup_prob)
   grad_fn = jax.value_and_grad(functools.partial(_losses, plan, model_of, config.get("distill")), has_aux=True)
 
   accum = config.accum_steps

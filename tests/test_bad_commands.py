@@ -58,6 +58,7 @@ PHASED_CASES = [
     (["--config={tiny}:meta", "--config.total_steps=-5"], "total_steps=-5 is out of range"),
     (["--config={tiny}:meta", "--config.model.heads=0"], "model.heads=0 is out of range"),
     (["--config={tiny}:meta", "--config.label_smoothing=inf"], "label_smoothing=inf is not a finite number"),
+    (["--config={tiny}:meta", "--config.mixup=0.8", "--config.mixup_group=5"], "not a multiple of mixup_group=5"),
 ]
 
 

@@ -24,6 +24,14 @@ import jax.numpy as jnp
 # it keeps the official learning-rate recipe meaningful.
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 _token_init = nn.initializers.truncated_normal(stddev=0.02)
+# timm's ViT leaves the patch embedding's Conv2d to PyTorch's default init: kaiming_uniform(a=sqrt(5)) for the
+# kernel and U(+-1/sqrt(fan_in)) for the bias, both uniform in +-1/sqrt(fan_in) (fan_in = patch * patch * 3).
+_patch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _patch_bias_init(fan_in: int):
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 # Rematerialisation per block: which activations the backward pass keeps
@@ -249,14 +257,18 @@ class ViTModule(nn.Module):
 
   def _stem(self, images, train):
     grid = self.image_size // self.patch
-    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
-                padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch), padding="VALID",
+                dtype=self.dtype, kernel_init=_patch_kernel_init, bias_init=_patch_bias_init(self.patch ** 2 * 3),
+                name="patch_embed")(images.astype(self.dtype))
     b = x.shape[0]
     x = x.reshape(b, grid * grid, self.width)
     cls = self.param("cls_token", _token_init, (1, 1, self.width))
     pos = self.param("pos_embed", _token_init, (1, grid * grid + 1, self.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
-    x = x + pos.astype(x.dtype)
+    # The residual stream is float32 whatever the compute dtype, as under PyTorch AMP and in big_vision: the
+    # matmuls and their activations run in `dtype`, and each block adds its (bf16) output to a float32 stream.
+    # A bf16 stream would round every block's contribution to 8 bits of mantissa, 128 times at depth 128.
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x.astype(jnp.float32)], axis=1)
+    x = x + pos
     return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 
@@ -321,7 +333,8 @@ class Stitch(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
-    return nn.Dense(self.width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(x)
+    # Its output is the residual stream of the module it feeds: float32, as everywhere else.
+    return nn.Dense(self.width, kernel_init=_dense_init, dtype=self.dtype, name="proj")(x).astype(jnp.float32)
 
 
 def abstract_params(model: ViT) -> dict:

@@ -1,0 +1,105 @@
+"""Where the recipe follows the official code, checked against an independent computation of what that code does:
+the float32 residual stream under bf16 (PyTorch AMP), PyTorch's Conv2d init for the patch embedding (timm's ViT
+leaves it to PyTorch), and Mixup/CutMix drawn per GPU batch (timm's `mode="batch"` on each GPU). The learning-rate
+schedule against timm's formula is in test_model.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from modassem.mixup import mix_groups
+from modassem.models.vit import ViT
+
+torch = pytest.importorskip("torch")
+
+
+def test_the_residual_stream_is_float32_under_bf16():
+  """Twelve blocks that each add 2 * 2^-10 to every element of a stream of ones: a bf16 stream (8 bits of mantissa,
+  steps of 2^-7 near 1) would round every addition away and stay at 1; float32 ends at 1 + 24 * 2^-10."""
+  depth, delta = 12, 2.0 ** -10   # exact in bf16
+  model = ViT(depths=(depth, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, dtype=jnp.bfloat16)
+  images = jnp.zeros((2, 8, 8, 3), jnp.float32)
+  params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), images)["params"])
+
+  def edit(path, x):
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    if name.startswith("module_0/") and ("attn/proj" in name or "mlp/fc2" in name):
+      return np.full_like(x, delta) if name.endswith("bias") else np.zeros_like(x)
+    if name in ("module_0/patch_embed/kernel", "module_0/patch_embed/bias", "module_0/cls_token"):
+      return np.zeros_like(x)
+    if name == "module_0/pos_embed":
+      return np.ones_like(x)
+    return x
+  params = jax.tree_util.tree_map_with_path(edit, params)
+  stream = model.module(0).apply({"params": params["module_0"]}, images)
+  assert stream.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(stream), 1.0 + depth * 2 * delta, rtol=0, atol=1e-5)
+
+
+def test_the_patch_embedding_starts_as_pytorchs_conv2d():
+  """Kernel and bias uniform in +-1/sqrt(fan_in), as `torch.nn.Conv2d(3, width, p, stride=p)` initialises them."""
+  width, patch = 768, 8
+  model = ViT(depths=(1,), image_size=16, patch=patch, width=width, heads=12, num_classes=2)
+  conv = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]["module_0"]["patch_embed"]
+  ours = {"kernel": np.asarray(conv["kernel"]), "bias": np.asarray(conv["bias"])}
+  torch.manual_seed(0)
+  ref = torch.nn.Conv2d(3, width, patch, stride=patch)
+  theirs = {"kernel": ref.weight.detach().numpy(), "bias": ref.bias.detach().numpy()}
+  bound = (3 * patch * patch) ** -0.5
+  for name in ("kernel", "bias"):
+    a, b = ours[name], theirs[name]
+    assert np.abs(a).max() <= bound and np.abs(b).max() <= bound
+    assert np.abs(a).max() > 0.99 * bound and np.abs(b).max() > 0.99 * bound
+    assert a.std() == pytest.approx(b.std(), rel=0.1 if name == "bias" else 0.03), name
+    assert abs(a.mean()) < 0.1 * bound
+
+
+def batch(b=12, hw=8, classes=5):
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(b, hw, hw, 3)).astype(np.float32)
+  targets = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, b)]
+  return images, targets
+
+
+def test_mixup_draws_one_lambda_per_group_and_mixes_within_it():
+  """timm's Mixup on each GPU's batch of 4: x * lam + x.flip(0) * (1 - lam), one lam per GPU batch."""
+  images, targets = batch()
+  out, t = map(np.asarray, mix_groups(jax.random.key(3), images, targets, group=4, mixup=0.8, cutmix=0.0,
+                                      switch_prob=0.5, prob=1.0))
+  lams = []
+  for g in range(3):
+    x, y = images[4 * g:4 * g + 4], targets[4 * g:4 * g + 4]
+    partner, partner_t = x[::-1], y[::-1]
+    lam = ((out[4 * g:4 * g + 4] - partner) / (x - partner))[0, 0, 0, 0]
+    np.testing.assert_allclose(out[4 * g:4 * g + 4], lam * x + (1 - lam) * partner, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(t[4 * g:4 * g + 4], lam * y + (1 - lam) * partner_t, rtol=1e-5, atol=1e-5)
+    lams.append(float(lam))
+  assert len({round(v, 6) for v in lams}) == 3, lams
+
+
+def test_cutmix_draws_one_box_per_group():
+  """timm's CutMix on each GPU's batch: one box pasted from the mirrored partner, target weight = uncovered area."""
+  images, targets = batch(b=16, hw=16)
+  out, t = map(np.asarray, mix_groups(jax.random.key(5), images, targets, group=4, mixup=0.0, cutmix=1.0,
+                                      switch_prob=0.5, prob=1.0))
+  boxes = []
+  for g in range(4):
+    x, y = images[4 * g:4 * g + 4], targets[4 * g:4 * g + 4]
+    o = out[4 * g:4 * g + 4]
+    pasted = np.all(o == x[::-1], axis=-1) & ~np.all(o == x, axis=-1)
+    kept = np.all(o == x, axis=-1)
+    assert np.all(pasted | kept)
+    assert np.all(pasted == pasted[:1])                 # the same box for the whole group
+    lam = 1.0 - pasted[0].mean()
+    np.testing.assert_allclose(t[4 * g:4 * g + 4], lam * y + (1 - lam) * y[::-1], rtol=1e-5, atol=1e-6)
+    boxes.append(pasted[0].tobytes())
+  assert len(set(boxes)) > 1
+
+
+def test_group_zero_is_one_draw_for_the_whole_batch():
+  images, targets = batch()
+  out = np.asarray(mix_groups(jax.random.key(3), images, targets, group=0, mixup=0.8, cutmix=0.0,
+                              switch_prob=0.5, prob=1.0)[0])
+  lam = ((out - images[::-1]) / (images - images[::-1]))[0, 0, 0, 0]
+  np.testing.assert_allclose(out, lam * images + (1 - lam) * images[::-1], rtol=1e-5, atol=1e-5)
