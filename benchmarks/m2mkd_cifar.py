@@ -11,8 +11,9 @@
 
 Every step is a modassem command in its own run directory under OUT/runs, so rerunning this resumes where it stopped
 (finished runs are skipped). The data is the class-balanced `--fraction` of CIFAR-10's train split (image-folder
-layout, `data.train_fraction`) and the whole test split, extracted from ../shared/data/cifar10-jpeg.tar.gz (not part
-of the project; users get CIFAR through TFDS or an image folder of their own: pass `--data=DIR`).
+layout, `data.train_fraction`) and the first `--eval_per_class` test images of each class, extracted from
+../shared/data/cifar10-jpeg.tar.gz (not part of the project; users get CIFAR through TFDS or an image folder of their
+own: pass `--data=DIR`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import statistics
-import subprocess
-import sys
-import tarfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR_TAR = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
+from _runs import REPO, command_line, extract_cifar10, fmt, run, summary
+
 CONFIG = os.path.join(REPO, "configs", "deit_t32_cifar.py")
 
 
@@ -59,49 +54,6 @@ def phase_steps(a) -> list[str]:
           f"--config.eval_every_steps={a.steps}"]
 
 
-def run(argv: list[str], log: str, name: str) -> float:
-  """`python -m modassem ARGV`, its output appended to `log`; returns the wall time. Stops on failure.
-
-  A command that finished before is not run again: its wall time is kept in `walls.json` beside the log (a rerun of
-  a finished modassem command would only reload its results, and its few seconds would replace the real figure)."""
-  walls_file = os.path.join(os.path.dirname(log), "walls.json")
-  walls = json.load(open(walls_file)) if os.path.isfile(walls_file) else {}
-  if name in walls:
-    return walls[name]
-  print("+ modassem " + " ".join(shlex.quote(x) for x in argv), flush=True)
-  start = time.time()
-  with open(log, "a") as f:
-    f.write("+ modassem " + " ".join(shlex.quote(x) for x in argv) + "\n")
-    f.flush()
-    rc = subprocess.run([sys.executable, "-m", "modassem", *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
-  if rc != 0:
-    sys.exit(f"modassem {argv[0]} failed (exit {rc}); see {log}, then rerun this script to resume")
-  walls[name] = time.time() - start
-  with open(walls_file, "w") as f:
-    json.dump(walls, f, indent=2)
-  return walls[name]
-
-
-def extract(a) -> None:
-  """The train split whole (`data.train_fraction` picks the subset) and the first `--eval_per_class` test images of
-  each class: evaluation of the whole test split would cost more than the phases it measures on 2 cores."""
-  if os.path.isdir(os.path.join(a.data_dir, "train")):
-    return
-  if not os.path.isfile(CIFAR_TAR):
-    sys.exit(f"{CIFAR_TAR} is missing: pass --data=DIR with train/<class>/* and test/<class>/* images")
-  os.makedirs(a.data_dir, exist_ok=True)
-  with tarfile.open(CIFAR_TAR) as tar:
-    members = [m for m in tar.getmembers() if m.isdir() or m.name.split("/")[-3:-2] != ["test"]
-               or int(os.path.splitext(m.name.split("/")[-1])[0]) < a.eval_per_class]
-    tar.extractall(a.data_dir, members=members, filter="data")
-
-
-def summary(values: list) -> dict:
-  values = [v for v in values if v is not None]
-  return {"mean": statistics.fmean(values) if values else None,
-          "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "m2mkd_cifar10"))
@@ -123,8 +75,8 @@ def main() -> None:
     a.eval_per_class = 10
   os.makedirs(a.out, exist_ok=True)
   a.data_dir = a.data or os.path.join(a.out, "cifar10")
-  extract(a)
-  log = os.path.join(a.out, "log.txt")
+  if not a.data:
+    extract_cifar10(a.data_dir, a.eval_per_class)
   runs = os.path.join(a.out, "runs")
   model = model_flags(a)
 
@@ -133,16 +85,16 @@ def main() -> None:
                  f"--config.warmup_steps={max(1, a.teacher_steps // 10)}", "--config.seed=0",
                  f"--config.checkpoint_every_steps={max(1, a.teacher_steps // 4)}",
                  f"--config.log_every_steps={max(1, a.teacher_steps // 20)}", f"--workdir={teacher}"]
-  teacher_wall = run(teacher_cmd, log, "teacher")
-  commands = {"teacher": "modassem " + " ".join(teacher_cmd)}
+  teacher_wall = run(teacher_cmd, a.out, "teacher")
+  commands = {"teacher": command_line(teacher_cmd)}
 
   per_seed = {}
   for seed in [int(s) for s in a.seeds.split(",") if s]:
     work = os.path.join(runs, f"seed{seed}")
     cmd = ["pipeline", f"--config={CONFIG}", *model, *phase_steps(a), f"--config.seed={seed}",
            f"--config.teacher={teacher}", "--compare_plain", f"--workdir={work}"]
-    wall = run(cmd, log, f"seed{seed}")
-    commands[f"seed{seed}"] = "modassem " + " ".join(cmd)
+    wall = run(cmd, a.out, f"seed{seed}")
+    commands[f"seed{seed}"] = command_line(cmd)
     with open(os.path.join(work, "report.json")) as f:
       r = json.load(f)
     per_seed[seed] = {
@@ -165,7 +117,6 @@ def main() -> None:
 
 def write_table(a, result: dict) -> None:
   agg, per_seed = result["summary"], result["per_seed"]
-  fmt = lambda s: "-" if s["mean"] is None else (f"{s['mean']:.2f}" + (f" ± {s['std']:.2f}" if s["std"] else ""))
   pct = lambda v: "-" if v is None else f"{v:.2f}"
   teacher = next(iter(per_seed.values()))["teacher_top1"] if per_seed else None
   lines = [f"# m2mKD against plain incubation on CIFAR-10 photographs", "",

@@ -21,6 +21,8 @@ PRESETS = {
     # method's gain over end-to-end training is largest.
     "deit_t32_cifar": dict(patch=4, width=192, depth=32, heads=3, qkv_bias=True, ln_eps=1e-6, image_size=32, num_classes=100),
     "deit_t128_cifar": dict(patch=4, width=192, depth=128, heads=3, qkv_bias=True, ln_eps=1e-6, image_size=32, num_classes=100),
+    # The same shape at a third of DeiT-T's width, for studies a CPU can run (configs/cifar_study.py).
+    "cifar_narrow": dict(patch=4, width=64, depth=32, heads=2, qkv_bias=True, ln_eps=1e-6, image_size=32, num_classes=10),
     # Deep and narrow on purpose (see the demo config): a shallow model does
     # not show the method at work.
     "demo": dict(patch=4, width=64, depth=16, heads=2, qkv_bias=True, ln_eps=1e-6, image_size=16, num_classes=10),

@@ -1,0 +1,71 @@
+"""What the benchmark drivers share: running modassem commands once each (resumable), the CIFAR-10 JPEGs, and
+mean and spread over seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR_TAR = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
+
+
+def command_line(argv: list[str]) -> str:
+  return "modassem " + " ".join(shlex.quote(x) for x in argv)
+
+
+def run(argv: list[str], out: str, name: str) -> float:
+  """`python -m modassem ARGV` once, its output appended to OUT/log.txt; returns its wall time. Stops on failure.
+
+  A command that finished before is not run again: its wall time is kept in OUT/walls.json (a rerun of a finished
+  modassem command would only reload its results, and its few seconds would replace the real figure).
+  """
+  walls_file, log = os.path.join(out, "walls.json"), os.path.join(out, "log.txt")
+  walls = json.load(open(walls_file)) if os.path.isfile(walls_file) else {}
+  if name in walls:
+    return walls[name]
+  print("+ " + command_line(argv), flush=True)
+  start = time.time()
+  with open(log, "a") as f:
+    f.write("+ " + command_line(argv) + "\n")
+    f.flush()
+    rc = subprocess.run([sys.executable, "-m", "modassem", *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+  if rc != 0:
+    sys.exit(f"modassem {argv[0]} failed (exit {rc}); see {log}, then rerun this script to resume")
+  walls[name] = time.time() - start
+  with open(walls_file, "w") as f:
+    json.dump(walls, f, indent=2)
+  return walls[name]
+
+
+def extract_cifar10(data_dir: str, eval_per_class: int) -> None:
+  """CIFAR-10's train split whole (`data.train_fraction` picks the subset) and the first `eval_per_class` test
+  images of each class, as an image folder: evaluating the whole test split would cost more than the phases it
+  measures on 2 cores."""
+  if os.path.isdir(os.path.join(data_dir, "train")):
+    return
+  if not os.path.isfile(CIFAR_TAR):
+    sys.exit(f"{CIFAR_TAR} is missing: pass --data=DIR with train/<class>/* and test/<class>/* images")
+  os.makedirs(data_dir, exist_ok=True)
+  with tarfile.open(CIFAR_TAR) as tar:
+    members = [m for m in tar.getmembers() if m.isdir() or m.name.split("/")[-3:-2] != ["test"]
+               or int(os.path.splitext(m.name.split("/")[-1])[0]) < eval_per_class]
+    tar.extractall(data_dir, members=members, filter="data")
+
+
+def summary(values: list) -> dict:
+  values = [v for v in values if v is not None]
+  return {"mean": statistics.fmean(values) if values else None,
+          "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def fmt(s: dict) -> str:
+  if s["mean"] is None:
+    return "-"
+  return f"{s['mean']:.2f}" + (f" ± {s['std']:.2f}" if s["std"] is not None else "")

@@ -1,0 +1,183 @@
+"""Deep Incubation against end-to-end training at equal FLOPs, over depths and seeds, on real photographs.
+
+    python benchmarks/depth_study.py [--out=benchmarks/results/depth_study] [--depths=8,16,32] [--seeds=0,1,2]
+
+For each depth and seed, one `modassem pipeline --config=configs/cifar_study.py` (meta, incubation of the four
+modules, assembly, and e2e given the method's FLOPs) in its own run directory under OUT/runs; rerunning this
+resumes where it stopped, and finished pipelines are not run again (their wall times are kept in OUT/walls.json).
+After each finished pipeline, OUT/results.json, OUT/results.md and OUT/depth.png are written again from all the
+finished ones: top-1 of the assembled model and of e2e against depth (mean and spread over seeds), the gain with its
+spread, and per run the command, seed, FLOPs and wall time.
+
+Data: the CIFAR-10 JPEGs in ../shared/data (extracted to OUT/cifar10: the train split, and `--eval_per_class`
+test images per class), of which the class-balanced `--fraction` of the train split is used; `--data=DIR` takes
+any image folder with train/ and test/ (users get CIFAR through TFDS: `--data=tfds`), `--data=digits` the
+built-in digits (for the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from _runs import REPO, command_line, extract_cifar10, fmt, run, summary
+
+CONFIG = os.path.join(REPO, "configs", "cifar_study.py")
+
+
+def data_flags(a) -> list[str]:
+  if a.data == "digits":
+    return ["--config.data.name=digits", "--config.data.augment=none"]
+  if a.data == "tfds":
+    return [f"--config.data.train_fraction={a.fraction}"]
+  return ["--config.data.name=folder", f"--config.data.path={a.data_dir}", "--config.data.tfds_name=",
+          f"--config.data.train_fraction={a.fraction}"]
+
+
+def pipeline_flags(a, depth: int, seed: int) -> list[str]:
+  """The pipeline's flags: depth and seed, the data, and what was given on the command line (else the preset's)."""
+  per = depth // 4
+  flags = [f"--config={a.config}", f"--config.model.depth={depth}", f"--config.model.depths=({per},{per},{per},{per})",
+           f"--config.seed={seed}", "--config.progress=off", *data_flags(a)]
+  given = {"model.width": a.width, "model.heads": a.heads, "batch_size": a.batch, "unit_epochs": a.unit_epochs,
+           "eval_every_steps": a.eval_every}
+  return flags + [f"--config.{k}={v}" for k, v in given.items() if v is not None]
+
+
+def read_run(work: str) -> dict:
+  with open(os.path.join(work, "report.json")) as f:
+    r = json.load(f)
+  return {"assembled": r["assembled"]["top1"], "before_fine_tuning": r["phases"]["assemble"]["top1_before_fine_tuning"],
+          "e2e": r["e2e"]["top1"], "gain": r["top1_gain"], "method_flops": r["assembled"]["train_flops"],
+          "e2e_flops": r["e2e"]["train_flops"], "flops_ratio": r["e2e"]["train_flops"] / r["assembled"]["train_flops"],
+          "method_wall_s": r["assembled"]["wall_s"], "e2e_wall_s": r["e2e"]["wall_s"]}
+
+
+def tabulate(a, runs: dict) -> dict:
+  """Per depth: mean and spread over seeds of both top-1s and of the gain, and the verdicts."""
+  table = {}
+  for depth in sorted({d for d, _ in runs}):
+    rows = [r for (d, _), r in runs.items() if d == depth]
+    gain = summary([r["gain"] for r in rows])
+    table[depth] = {"assembled": summary([r["assembled"] for r in rows]), "e2e": summary([r["e2e"] for r in rows]),
+                    "before_fine_tuning": summary([r["before_fine_tuning"] for r in rows]), "gain": gain,
+                    # Beyond the seed spread: the mean gain exceeds its standard deviation over seeds.
+                    "gain_beyond_spread": None if gain["std"] is None else abs(gain["mean"]) > gain["std"],
+                    "seeds": len(rows)}
+  means = [table[d]["gain"]["mean"] for d in sorted(table)]
+  grows = None if len(means) < 2 else all(b > a for a, b in zip(means, means[1:]))
+  return {"by_depth": table, "gain_grows_with_depth": grows}
+
+
+def write(a, runs: dict, commands: dict) -> dict:
+  summary_ = tabulate(a, runs)
+  result = {"setup": {k: v for k, v in vars(a).items() if k != "setup"}, "runs_setup": a.setup, "commands": commands,
+            "runs": {f"depth{d}_seed{s}": r for (d, s), r in sorted(runs.items())}, **summary_}
+  with open(os.path.join(a.out, "results.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  by = summary_["by_depth"]
+  verdict = lambda t: ("-" if t["gain_beyond_spread"] is None else
+                       ("yes" if t["gain_beyond_spread"] and t["gain"]["mean"] > 0 else
+                        "no, below e2e" if t["gain_beyond_spread"] else "no"))
+  m, c = a.setup["model"], a.setup
+  lines = ["# Deep Incubation against end-to-end training at equal FLOPs, over depth", "",
+           f"ViT of width {m['width']} ({m['heads']} heads, {m['patch']}-px patches, {m['image_size']} px) cut into "
+           f"{len(m['depths'])} modules, on {describe(a)}; phases as `{os.path.relpath(a.config, REPO)}` sets them "
+           f"(incubation {c['incubate_steps']} steps, meta {c['meta_steps']}, assembly {c['assemble_steps']}, of "
+           f"batch {c['batch_size']}), e2e given the method's FLOPs. Top-1 % on the held-out images, mean ± "
+           "standard deviation over seeds.", "",
+           "| depth | seeds | assembled | before fine-tuning | e2e | gain | gain beyond the seed spread |",
+           "|---|---|---|---|---|---|---|"]
+  for d, t in by.items():
+    lines.append(f"| {d} | {t['seeds']} | {fmt(t['assembled'])} | {fmt(t['before_fine_tuning'])} | {fmt(t['e2e'])} "
+                 f"| {fmt(t['gain'])} | {verdict(t)} |")
+  grows = summary_["gain_grows_with_depth"]
+  lines += ["", "The gain grows with depth: " + ("-" if grows is None else "yes" if grows else "no") + ".", "",
+            "| run | assembled | e2e | method FLOPs | e2e FLOPs / method's | method wall | e2e wall |",
+            "|---|---|---|---|---|---|---|"]
+  for (d, s), r in sorted(runs.items()):
+    lines.append(f"| depth {d}, seed {s} | {r['assembled']:.2f} | {r['e2e']:.2f} | {r['method_flops']:.3g} | "
+                 f"{r['flops_ratio']:.3f} | {r['method_wall_s'] / 60:.1f} min | {r['e2e_wall_s'] / 60:.1f} min |")
+  lines += ["", "Commands (`python -m modassem ...`, from the repository):", ""]
+  lines += [f"- {name}: `{cmd}`" for name, cmd in sorted(commands.items())]
+  with open(os.path.join(a.out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plot(a, by)
+  return result
+
+
+def setup_of(work: str) -> dict:
+  """What the runs were: the model and batch from the incubation's config, each phase's steps."""
+  cfg = {p: json.load(open(os.path.join(work, p, "config.json"))) for p in ("meta", "incubate", "assemble")}
+  steps = {p: json.load(open(os.path.join(work, p, "results.json")))["steps"] for p in cfg}
+  return {"model": cfg["incubate"]["model"], "batch_size": cfg["incubate"]["batch_size"],
+          **{f"{p}_steps": n for p, n in steps.items()}}
+
+
+def describe(a) -> str:
+  if a.data == "digits":
+    return "the built-in digits"
+  return f"a class-balanced {a.fraction:g} of CIFAR-10's train split" + (
+      f" (held out: {a.eval_per_class} test images per class)" if not a.data else "")
+
+
+def plot(a, by: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  depths = sorted(by)
+  err = lambda key: [by[d][key]["std"] or 0.0 for d in depths]
+  mean = lambda key: [by[d][key]["mean"] for d in depths]
+  fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(10, 4))
+  ax.errorbar(depths, mean("assembled"), yerr=err("assembled"), marker="o", capsize=4, label="assembled")
+  ax.errorbar(depths, mean("e2e"), yerr=err("e2e"), marker="s", capsize=4, label="e2e, same FLOPs")
+  ax.set(xlabel="depth (blocks)", ylabel="held-out top-1 (%)", title="top-1 against depth", xscale="log", xticks=depths)
+  ax.set_xticklabels([str(d) for d in depths])
+  ax.legend()
+  ax_gain.errorbar(depths, mean("gain"), yerr=err("gain"), marker="o", capsize=4, color="C2")
+  ax_gain.axhline(0.0, color="grey", linewidth=0.8)
+  ax_gain.set(xlabel="depth (blocks)", ylabel="assembled minus e2e (points)", title="gain, mean ± std over seeds",
+              xscale="log", xticks=depths)
+  ax_gain.set_xticklabels([str(d) for d in depths])
+  fig.tight_layout()
+  fig.savefig(os.path.join(a.out, "depth.png"), dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "depth_study"))
+  p.add_argument("--data", default="", help="an image folder, 'tfds' or 'digits'; default: the CIFAR-10 JPEGs")
+  p.add_argument("--depths", default="8,16,32")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--fraction", type=float, default=0.1, help="class-balanced share of the train split")
+  p.add_argument("--config", default=CONFIG, help="the preset file (configs/cifar_study.py)")
+  p.add_argument("--width", type=int, help="model width (the preset's: 64)")
+  p.add_argument("--heads", type=int, help="attention heads (the preset's: 2)")
+  p.add_argument("--batch", type=int, help="global batch (the preset's: 128)")
+  p.add_argument("--unit_epochs", type=float, help="epochs of incubation; meta 3x, assembly 1x (the preset's: 4)")
+  p.add_argument("--eval_every", type=int, help="steps between evaluations (the preset's: once per epoch)")
+  p.add_argument("--eval_per_class", type=int, default=200)
+  a = p.parse_args(argv)
+  os.makedirs(a.out, exist_ok=True)
+  a.data_dir = a.data if a.data not in ("", "digits", "tfds") else os.path.join(a.out, "cifar10")
+  if not a.data:
+    extract_cifar10(a.data_dir, a.eval_per_class)
+  runs, commands = {}, {}
+  done = os.path.join(a.out, "runs")
+  # Seeds outermost: a study stopped part-way has every depth at the same number of seeds.
+  for seed in [int(s) for s in a.seeds.split(",") if s]:
+    for depth in [int(d) for d in a.depths.split(",") if d]:
+      name = f"depth{depth}_seed{seed}"
+      argv = ["pipeline", *pipeline_flags(a, depth, seed), f"--workdir={os.path.join(done, name)}"]
+      run(argv, a.out, name)
+      commands[name] = command_line(argv)
+      runs[(depth, seed)] = read_run(os.path.join(done, name))
+      a.setup = setup_of(os.path.join(done, name))
+      write(a, runs, commands)
+  print(open(os.path.join(a.out, "results.md")).read())
+
+
+if __name__ == "__main__":
+  main()
