@@ -99,13 +99,11 @@ def main(argv: list[str] | None = None) -> int:
   verb = argv[0] if argv else ""
   try:
     return _main(argv)
-  except OSError as e:
-    if e.filename is None:
-      raise
-    # A path the user gave that cannot be read or written: theirs to fix, not a bug.
-    return flags.fail(verb, f"{e.strerror or e}: {e.filename}: check the path and its permissions")
-  except Exception:  # pylint: disable=broad-except
-    # Everything a user can cause is a ModassemError by now, so this is a bug in modassem.
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, OSError) and e.filename is not None:
+      # A path the user gave that cannot be read or written: theirs to fix, not a bug.
+      return flags.fail(verb, f"{e.strerror or e}: {e.filename}: check the path and its permissions")
+    # Everything else a user can cause is a ModassemError by now, so this is a bug in modassem.
     traceback.print_exc()
     print(f"modassem {verb}: internal error: this is a bug in modassem, not in your command; please report it "
           "with the command line and the traceback above", file=sys.stderr, flush=True)

@@ -142,14 +142,15 @@ def test_rejects_config_values_that_cannot_work(capsys, tmp_path, phase, overrid
 @pytest.mark.parametrize("field", ["no_such_field", "optim.no_such"])
 def test_unknown_config_field(capsys, tmp_path, verb, field):
   workdir = str(tmp_path / "new_run")
-  line = cli_error(capsys, verb, f"--config={TINY}:meta", f"--config.{field}=1", f"--workdir={workdir}")
+  spec = TINY if verb == "pipeline" else f"{TINY}:meta"   # the pipeline runs every phase of the file
+  line = cli_error(capsys, verb, f"--config={spec}", f"--config.{field}=1", f"--workdir={workdir}")
   assert_names(line, f"unknown config field {field!r}", "configs/common.py")
   assert not os.path.exists(workdir)
 
 
 def test_unknown_config_field_with_a_close_name(capsys, tmp_path):
   line = train_error(capsys, tmp_path, f"{TINY}:meta", "--config.optimm.lr=1")
-  assert_names(line, "unknown config field 'optimm.lr'", '(Did you mean "optim" instead of "optimm")')
+  assert_names(line, "unknown config field 'optimm.lr' (did you mean 'optim'?)")
 
 
 def test_unknown_config_field_exits_non_zero_from_the_console(tmp_path):
@@ -281,7 +282,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
   kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert kept and max(kept) == good, kept
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    logged = [json.loads(line) for line in f]
+    logged = [r for r in map(json.loads, f) if r["kind"] != "setup"]
   assert [r["step"] for r in logged] == list(range(1, bad)), logged
   assert all(math.isfinite(r["loss"]) for r in logged)
 

@@ -13,14 +13,10 @@ only.
 Images are float32 [H, W, 3] in 0..255. They are rounded to integers on
 entry and after every op, as timm works on uint8 PIL images.
 
-Library ops used: tf.image (grayscale, flips), the
-`ImageProjectiveTransformV3` kernel behind Keras' affine transforms, and
-tf.nn convolutions. Keras 3 preprocessing layers are not used: their
-randomness comes from a stateful layer seed generator, not from a
-per-example stateless seed, and their magnitude ranges follow KerasCV, not
-timm. The PIL enhancement blends (Color, Contrast, Brightness, Sharpness),
-Equalize, AutoContrast, Posterize and the Solarize ops are a few lines of TF
-each and are written here to PIL's definitions.
+The ops themselves are in image_ops.py, written to PIL's definitions on
+TF's kernels. Keras 3 preprocessing layers are not used: their randomness
+comes from a stateful layer seed generator, not from a per-example
+stateless seed, and their magnitude ranges follow KerasCV, not timm.
 
 Where this differs from timm (PIL), as measured against PIL op by op on
 photographs at magnitudes 0, 5, 9 and 10 (tests/test_randaugment_pil.py):
@@ -59,8 +55,8 @@ Elsewhere in the recipe (augment.py, dataset.py):
 """
 
 import dataclasses
-import math
 
+from modassem.data import image_ops
 from modassem.data._tf import tf
 from modassem.errors import ModassemError
 
@@ -132,170 +128,6 @@ def parse(spec: str) -> Policy:
   return policy
 
 
-# Pixel ops ------------------------------------------------------------------
-
-
-def _quantise(image):
-  """Back to the uint8 grid PIL works on, kept as float."""
-  return tf().clip_by_value(tf().round(image), 0.0, 255.0)
-
-
-def _blend(degenerate, image, factor):
-  """PIL's ImageEnhance: degenerate + factor * (image - degenerate)."""
-  return tf().clip_by_value(tf().floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
-
-
-def _gray(image):
-  """PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2^15) >> 16 in integers, i.e. ITU-R 601 luma rounded."""
-  t = tf()
-  rgb = t.cast(image, t.int32)
-  luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 32768) // 65536
-  return t.cast(luma, t.float32)[..., None]
-
-
-def color(image, factor):
-  return _blend(tf().image.grayscale_to_rgb(_gray(image)), image, factor)
-
-
-def contrast(image, factor):
-  # PIL blends with one grey level: the mean of the grayscale image.
-  mean = tf().round(tf().reduce_mean(_gray(image)))
-  return _blend(tf().fill(tf().shape(image), mean), image, factor)
-
-
-def brightness(image, factor):
-  return _blend(tf().zeros_like(image), image, factor)
-
-
-def sharpness(image, factor):
-  """Blend with PIL's SMOOTH filter; border pixels stay unfiltered as in PIL."""
-  t = tf()
-  kernel = t.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], t.float32) / 13.0
-  kernel = t.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = t.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
-  smooth = t.pad(_quantise(smooth), [[1, 1], [1, 1], [0, 0]])
-  interior = t.pad(t.ones_like(smooth[1:-1, 1:-1]), [[1, 1], [1, 1], [0, 0]])
-  degenerate = interior * smooth + (1.0 - interior) * image
-  return _blend(degenerate, image, factor)
-
-
-def invert(image):
-  return 255.0 - image
-
-
-def posterize(image, bits):
-  """Keeps the top `bits` bits of each channel (bits in 0..8)."""
-  step = tf().pow(2.0, 8.0 - tf().cast(bits, tf().float32))
-  return tf().floor(image / step) * step
-
-
-def solarize(image, threshold):
-  """Inverts pixels >= threshold (256 = identity)."""
-  return tf().where(image >= threshold, 255.0 - image, image)
-
-
-def solarize_add(image, add, threshold=128.0):
-  """Adds `add` to pixels below the threshold, clipped at 255."""
-  return tf().where(image < threshold,
-                    tf().minimum(image + add, 255.0), image)
-
-
-def _channel_autocontrast(channel):
-  # In double, as PIL builds its lookup table in Python: float32 moves about 0.1 % of pixels by one level.
-  t = tf()
-  c = t.cast(channel, t.float64)
-  lo, hi = t.reduce_min(c), t.reduce_max(c)
-  scale = 255.0 / t.maximum(hi - lo, 1.0)
-  # PIL's lookup table: int(value * scale + offset), offset = -lo * scale.
-  stretched = t.clip_by_value(t.floor(c * scale + (-lo * scale)), 0.0, 255.0)
-  return t.cast(t.where(hi > lo, stretched, c), t.float32)
-
-
-def autocontrast(image):
-  """PIL ImageOps.autocontrast (cutoff 0): per-channel min..max -> 0..255."""
-  return tf().stack(
-      [_channel_autocontrast(image[..., c]) for c in range(3)], axis=-1)
-
-
-def _channel_equalize(channel):
-  """PIL ImageOps.equalize on one channel (integers 0..255)."""
-  t = tf()
-  values = t.cast(channel, t.int32)
-  hist = t.math.bincount(t.reshape(values, [-1]), minlength=256, maxlength=256)
-  last = t.gather(hist, t.reduce_max(t.where(hist > 0, t.range(256), -1)))
-  # PIL: step = (pixels - pixels of the highest value present) // 255.
-  step = (t.reduce_sum(hist) - last) // 255
-  # lut[i] = (step // 2 + number of pixels below i) // step
-  below = t.cumsum(hist, exclusive=True)
-  lut = t.clip_by_value((step // 2 + below) // t.maximum(step, 1), 0, 255)
-  equalised = t.cast(t.gather(lut, values), t.float32)
-  return t.where(step > 0, equalised, channel)
-
-
-def equalize(image):
-  return tf().stack([_channel_equalize(image[..., c]) for c in range(3)],
-                    axis=-1)
-
-
-# Geometric ops ----------------------------------------------------------------
-
-
-def _warp(image, matrix, fill):
-  """Affine warp; `matrix` (a, b, c, d, e, f) maps output to input xy.
-
-  `matrix` is in PIL's convention (pixel centres at +0.5), converted here to
-  the kernel's (centres at integers), so shears match PIL's sub-pixel
-  placement. Shifting by the fill colour lets the kernel's single scalar
-  fill (0) act as a per-channel one: bilinear interpolation commutes with
-  the shift.
-  """
-  t = tf()
-  fill = t.constant(fill, t.float32)
-  a, b, c, d, e, f = matrix
-  matrix = [a, b, c + 0.5 * (a + b - 1.0), d, e, f + 0.5 * (d + e - 1.0)]
-  transform = t.concat([t.stack(matrix), t.zeros([2])], axis=0)[None]
-  out = t.raw_ops.ImageProjectiveTransformV3(
-      images=(image - fill)[None], transforms=t.cast(transform, t.float32),
-      output_shape=t.shape(image)[:2], fill_value=0.0,
-      interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-  return _quantise(out + fill)
-
-
-def rotate(image, degrees, fill):
-  """Counter-clockwise about the centre, as PIL's Image.rotate."""
-  t = tf()
-  theta = degrees * (math.pi / 180.0)
-  cos, sin = t.cos(theta), t.sin(theta)
-  h = t.cast(t.shape(image)[0], t.float32)
-  w = t.cast(t.shape(image)[1], t.float32)
-  cx, cy = w / 2.0, h / 2.0
-  matrix = [cos, -sin, cx - cos * cx + sin * cy,
-            sin, cos, cy - sin * cx - cos * cy]
-  return _warp(image, matrix, fill)
-
-
-def shear_x(image, factor, fill):
-  one, zero = tf().constant(1.0), tf().constant(0.0)
-  return _warp(image, [one, factor, zero, zero, one, zero], fill)
-
-
-def shear_y(image, factor, fill):
-  one, zero = tf().constant(1.0), tf().constant(0.0)
-  return _warp(image, [one, zero, zero, factor, one, zero], fill)
-
-
-def translate_x_rel(image, pct, fill):
-  one, zero = tf().constant(1.0), tf().constant(0.0)
-  pixels = pct * tf().cast(tf().shape(image)[1], tf().float32)
-  return _warp(image, [one, zero, pixels, zero, one, zero], fill)
-
-
-def translate_y_rel(image, pct, fill):
-  one, zero = tf().constant(1.0), tf().constant(0.0)
-  pixels = pct * tf().cast(tf().shape(image)[0], tf().float32)
-  return _warp(image, [one, zero, zero, zero, one, pixels], fill)
-
-
 # Levels: timm's `_*_level_to_arg`, level in [0, 10] -> op argument ----------
 
 
@@ -321,34 +153,34 @@ def op_fn(name: str, fill):
   """(image, level, negate) -> image for one of timm's op names."""
   d = LEVEL_DENOM
   ops = {
-      "AutoContrast": lambda x, lv, s: autocontrast(x),
-      "Equalize": lambda x, lv, s: equalize(x),
-      "Invert": lambda x, lv, s: invert(x),
-      "Rotate": lambda x, lv, s: rotate(x, _signed(lv / d * 30.0, s), fill),
-      "Posterize": lambda x, lv, s: posterize(x, _int(lv / d * 4.0)),
+      "AutoContrast": lambda x, lv, s: image_ops.autocontrast(x),
+      "Equalize": lambda x, lv, s: image_ops.equalize(x),
+      "Invert": lambda x, lv, s: image_ops.invert(x),
+      "Rotate": lambda x, lv, s: image_ops.rotate(x, _signed(lv / d * 30.0, s), fill),
+      "Posterize": lambda x, lv, s: image_ops.posterize(x, _int(lv / d * 4.0)),
       "PosterizeIncreasing":
-          lambda x, lv, s: posterize(x, 4.0 - _int(lv / d * 4.0)),
-      "Solarize": lambda x, lv, s: solarize(x, _int(lv / d * 256.0)),
+          lambda x, lv, s: image_ops.posterize(x, 4.0 - _int(lv / d * 4.0)),
+      "Solarize": lambda x, lv, s: image_ops.solarize(x, _int(lv / d * 256.0)),
       "SolarizeIncreasing":
-          lambda x, lv, s: solarize(x, 256.0 - _int(lv / d * 256.0)),
-      "SolarizeAdd": lambda x, lv, s: solarize_add(x, _int(lv / d * 110.0)),
-      "Color": lambda x, lv, s: color(x, _enhance(lv)),
+          lambda x, lv, s: image_ops.solarize(x, 256.0 - _int(lv / d * 256.0)),
+      "SolarizeAdd": lambda x, lv, s: image_ops.solarize_add(x, _int(lv / d * 110.0)),
+      "Color": lambda x, lv, s: image_ops.color(x, _enhance(lv)),
       "ColorIncreasing":
-          lambda x, lv, s: color(x, _enhance_increasing(lv, s)),
-      "Contrast": lambda x, lv, s: contrast(x, _enhance(lv)),
+          lambda x, lv, s: image_ops.color(x, _enhance_increasing(lv, s)),
+      "Contrast": lambda x, lv, s: image_ops.contrast(x, _enhance(lv)),
       "ContrastIncreasing":
-          lambda x, lv, s: contrast(x, _enhance_increasing(lv, s)),
-      "Brightness": lambda x, lv, s: brightness(x, _enhance(lv)),
+          lambda x, lv, s: image_ops.contrast(x, _enhance_increasing(lv, s)),
+      "Brightness": lambda x, lv, s: image_ops.brightness(x, _enhance(lv)),
       "BrightnessIncreasing":
-          lambda x, lv, s: brightness(x, _enhance_increasing(lv, s)),
-      "Sharpness": lambda x, lv, s: sharpness(x, _enhance(lv)),
+          lambda x, lv, s: image_ops.brightness(x, _enhance_increasing(lv, s)),
+      "Sharpness": lambda x, lv, s: image_ops.sharpness(x, _enhance(lv)),
       "SharpnessIncreasing":
-          lambda x, lv, s: sharpness(x, _enhance_increasing(lv, s)),
-      "ShearX": lambda x, lv, s: shear_x(x, _signed(lv / d * 0.3, s), fill),
-      "ShearY": lambda x, lv, s: shear_y(x, _signed(lv / d * 0.3, s), fill),
-      "TranslateXRel": lambda x, lv, s: translate_x_rel(
+          lambda x, lv, s: image_ops.sharpness(x, _enhance_increasing(lv, s)),
+      "ShearX": lambda x, lv, s: image_ops.shear_x(x, _signed(lv / d * 0.3, s), fill),
+      "ShearY": lambda x, lv, s: image_ops.shear_y(x, _signed(lv / d * 0.3, s), fill),
+      "TranslateXRel": lambda x, lv, s: image_ops.translate_x_rel(
           x, _signed(lv / d * TRANSLATE_PCT, s), fill),
-      "TranslateYRel": lambda x, lv, s: translate_y_rel(
+      "TranslateYRel": lambda x, lv, s: image_ops.translate_y_rel(
           x, _signed(lv / d * TRANSLATE_PCT, s), fill),
   }
   return ops[name]
@@ -360,7 +192,7 @@ def op_fn(name: str, fill):
 def apply_op(image, name: str, level, negate, fill):
   """One named op at a fixed level (for tests and inspection)."""
   t = tf()
-  return op_fn(name, fill)(_quantise(t.cast(image, t.float32)),
+  return op_fn(name, fill)(image_ops.quantise(t.cast(image, t.float32)),
                            t.constant(level, t.float32),
                            t.constant(negate, t.bool))
 
@@ -394,7 +226,7 @@ def rand_augment(policy: Policy, fill):
 
   def apply(image, seed):
     t = tf()
-    image = t.ensure_shape(_quantise(t.cast(image, t.float32)), [None, None, 3])
+    image = t.ensure_shape(image_ops.quantise(t.cast(image, t.float32)), [None, None, 3])
     seeds = t.random.experimental.stateless_split(seed, num=policy.num_ops)
     for i in range(policy.num_ops):
       image = one_op(image, seeds[i])
