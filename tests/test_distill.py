@@ -18,6 +18,7 @@ import stepping
 from conftest import TINY, tiny
 from modassem import checkpoints, files, steps, train
 from modassem import report as report_lib
+from modassem.errors import ModassemError
 from test_errors import assert_names, train_error
 
 
@@ -205,6 +206,10 @@ def test_students_deeper_than_their_teacher_and_wider_than_the_meta_model(runs, 
   assert not any("stitch" in name for name in assembled)
   assert {name.split("]")[0] for name in assembled} == {"['blocks_0'", "['blocks_1'"}
   assert assembled["['blocks_0']['attn']['qkv']['kernel']"].shape == (32, 96)
+  # A stitched hybrid has no official layout: loading or exporting one says so and points at the assembly.
+  import modassem  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ModassemError, match="stitch layers that no official layout holds"):
+    modassem.load(inc, module=1)
 
 
 def test_compare_plain_adds_plain_incubation_and_its_assembly_to_the_report(pipeline_dir, teacher, tmp_path,

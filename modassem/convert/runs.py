@@ -111,6 +111,10 @@ def model_from_run(run_dir: str, module: int | None = None) -> Model:
                           "module=i (modassem.load) or, to export it, incubate one module per run "
                           "(--config.module=i)")
     i = trained[0] if module is None else module
+    if run.get("stitches"):
+      raise ModassemError(f"{run_dir} incubated modules of width {run['arch']['width']} in a meta model of width "
+                          f"{run['stitches']['meta']['width']}, joined by stitch layers that no official layout "
+                          "holds: load or export the assembly of these modules instead")
     depths = [run["depths"][i] if k == i else 1 for k in range(num)]
     meta = (run.get("sources") or [""])[0]
     mods = _load_modules(run_dir, run, [i], depths, "run")
