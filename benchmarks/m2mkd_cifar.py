@@ -135,7 +135,9 @@ def write_table(a, result: dict) -> None:
   for seed, s in per_seed.items():
     lines.append(f"| {seed} | {pct(s['m2mkd']['before'])} | {pct(s['m2mkd']['after'])} | {pct(s['plain']['before'])} "
                  f"| {pct(s['plain']['after'])} | {pct(s['e2e']['top1'])} | {s['pipeline_wall_s'] / 60:.0f} min |")
-  lines += ["", f"Teacher: {result['teacher_wall_s'] / 60:.0f} min.", "", "Commands (`python -m modassem ...`):", ""]
+  lines += ["", f"Teacher: {result['teacher_wall_s'] / 60:.0f} min." + (f" Code: {result['code']}." if "code" in result
+                                                                       else ""),
+            "", "Commands (`python -m modassem ...`, from the repository):", ""]
   lines += [f"- {name}: `{cmd}`" for name, cmd in result["commands"].items()]
   with open(os.path.join(a.out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
