@@ -17,7 +17,13 @@ CIFAR_TAR = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.
 
 
 def command_line(argv: list[str]) -> str:
-  return "modassem " + " ".join(shlex.quote(x) for x in argv)
+  """The command as typed from the repository's root: paths inside the checkout are written relative to it."""
+  def short(arg: str) -> str:
+    head, sep, path = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+    if os.path.isabs(path) and path.startswith(REPO + os.sep):
+      path = os.path.relpath(path, REPO)
+    return head + sep + path
+  return "modassem " + " ".join(shlex.quote(short(x)) for x in argv)
 
 
 def run(argv: list[str], out: str, name: str) -> float:
