@@ -26,15 +26,17 @@ def command_line(argv: list[str]) -> str:
   return "modassem " + " ".join(shlex.quote(short(x)) for x in argv)
 
 
-def run(argv: list[str], out: str, name: str) -> float:
+def run(argv: list[str], out: str, name: str, done: str) -> float:
   """`python -m modassem ARGV` once, its output appended to OUT/log.txt; returns its wall time. Stops on failure.
 
   A command that finished before is not run again: its wall time is kept in OUT/walls.json (a rerun of a finished
-  modassem command would only reload its results, and its few seconds would replace the real figure).
+  modassem command would only reload its results, and its few seconds would replace the real figure). `done` is
+  the file the finished command left (its report or results); where it is gone (results committed, run
+  directories not, on another machine), the command runs again.
   """
   walls_file, log = os.path.join(out, "walls.json"), os.path.join(out, "log.txt")
   walls = json.load(open(walls_file)) if os.path.isfile(walls_file) else {}
-  if name in walls:
+  if name in walls and os.path.isfile(done):
     return walls[name]
   print("+ " + command_line(argv), flush=True)
   start = time.time()

@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     for depth in [int(d) for d in a.depths.split(",") if d]:
       name = f"depth{depth}_seed{seed}"
       argv = ["pipeline", *pipeline_flags(a, depth, seed), f"--workdir={os.path.join(done, name)}"]
-      run(argv, a.out, name)
+      run(argv, a.out, name, done=os.path.join(done, name, "report.json"))
       commands[name] = command_line(argv)
       runs[(depth, seed)] = read_run(os.path.join(done, name))
       a.setup = setup_of(os.path.join(done, name))

@@ -85,7 +85,7 @@ def main() -> None:
                  f"--config.warmup_steps={max(1, a.teacher_steps // 10)}", "--config.seed=0",
                  f"--config.checkpoint_every_steps={max(1, a.teacher_steps // 4)}",
                  f"--config.log_every_steps={max(1, a.teacher_steps // 20)}", f"--workdir={teacher}"]
-  teacher_wall = run(teacher_cmd, a.out, "teacher")
+  teacher_wall = run(teacher_cmd, a.out, "teacher", done=os.path.join(teacher, "results.json"))
   commands = {"teacher": command_line(teacher_cmd)}
 
   per_seed = {}
@@ -93,7 +93,7 @@ def main() -> None:
     work = os.path.join(runs, f"seed{seed}")
     cmd = ["pipeline", f"--config={CONFIG}", *model, *phase_steps(a), f"--config.seed={seed}",
            f"--config.teacher={teacher}", "--compare_plain", f"--workdir={work}"]
-    wall = run(cmd, a.out, f"seed{seed}")
+    wall = run(cmd, a.out, f"seed{seed}", done=os.path.join(work, "report.json"))
     commands[f"seed{seed}"] = command_line(cmd)
     with open(os.path.join(work, "report.json")) as f:
       r = json.load(f)
