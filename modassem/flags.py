@@ -7,6 +7,7 @@ thing, and fails the same way, whichever verb reads it.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from modassem.errors import ModassemError
@@ -34,8 +35,8 @@ def config_flag_values(argv: list[str], example: str, phased: bool = True):
       spec = arg.split("=", 1)[1]
       # ml_collections loads the file lazily and folds a failure into a traceback inside a flag error; loading it
       # here first turns a missing file, a broken one or an unknown phase into one line before anything else runs.
-      path, arg = config_lib.split_spec(spec)
-      if not phased and arg is not None:
+      path, phase = config_lib.split_spec(spec)
+      if not phased and phase is not None:
         raise ModassemError(f"--config={spec}: this verb runs every phase of {path}, each as {path}:PHASE; pass "
                             f"--config={path}")
       config_lib.load(spec)
@@ -124,7 +125,6 @@ def unknown_field(argv: list[str], text: str) -> str | None:
 
 def parse_error_message(argv: list[str], e: Exception) -> str:
   """What to tell the user about an exception raised while parsing `argv`."""
-  import re  # pylint: disable=g-import-not-at-top
   text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
   text = text.replace("\\n", "\n").replace("\\'", "'")
   if isinstance(e, (KeyError, AttributeError)) or "not found" in text.lower() or "did you mean" in text.lower():

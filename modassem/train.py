@@ -107,8 +107,8 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     state = init_fn(key)
   start = int(latest or 0)
   wall_before = writer.resume(start)
-  writer.write(start, "setup", {k: v for k, v in info.items() if isinstance(v, (int, float)) and v is not None
-                                and not isinstance(v, bool)})
+  writer.write(start, "setup", {k: v for k, v in info.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
   if start == 0 and s.plan.phase == "assemble":
     # How well the stacked modules work before any fine-tuning: the direct
     # measure of how compatible incubation made them.

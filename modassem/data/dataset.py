@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from modassem.data import augment
+from modassem.data import augment, sources
 from modassem.data._tf import tf
 from modassem.errors import ModassemError
 
@@ -278,7 +278,6 @@ class Dataset:
 
 def _named_errors(batches):
   """`batches`, with a file that cannot be decoded reported as one ModassemError naming it."""
-  from modassem.data import sources  # pylint: disable=g-import-not-at-top
   try:
     yield from batches
   except tf().errors.InvalidArgumentError as e:

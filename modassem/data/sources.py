@@ -9,6 +9,7 @@ processes' examples are never read or decoded.
 import dataclasses
 import functools
 import os
+import re
 from typing import Callable
 
 import numpy as np
@@ -192,7 +193,6 @@ def checked_image_bytes(raw, path):
 
 def bad_image(error: Exception) -> str | None:
   """The one-line message for a `checked_image_bytes` failure raised by tf.data, else None."""
-  import re  # pylint: disable=g-import-not-at-top
   # tf.debugging.Assert prints its data as "[BAD_IMAGE] [path] [why]".
   found = re.search(re.escape(BAD_IMAGE) + r"\]\s*\[(.*?)\]\s*\[(.*?)\]", str(error))
   if not found:
