@@ -77,23 +77,26 @@ def write(a, runs: dict, commands: dict) -> dict:
   with open(os.path.join(a.out, "results.json"), "w") as f:
     json.dump(result, f, indent=2)
   by = summary_["by_depth"]
-  verdict = lambda t: ("-" if t["gain_beyond_spread"] is None else
+  verdict = lambda t: ("- (one seed)" if t["gain_beyond_spread"] is None else
                        ("yes" if t["gain_beyond_spread"] and t["gain"]["mean"] > 0 else
-                        "no, below e2e" if t["gain_beyond_spread"] else "no"))
+                        "no: below e2e beyond the spread" if t["gain_beyond_spread"] else "no: within the spread"))
   m, c = a.setup["model"], a.setup
   lines = ["# Deep Incubation against end-to-end training at equal FLOPs, over depth", "",
            f"ViT of width {m['width']} ({m['heads']} heads, {m['patch']}-px patches, {m['image_size']} px) cut into "
            f"{len(m['depths'])} modules, on {describe(a)}; phases as `{os.path.relpath(a.config, REPO)}` sets them "
            f"(incubation {c['incubate_steps']} steps, meta {c['meta_steps']}, assembly {c['assemble_steps']}, of "
            f"batch {c['batch_size']}), e2e given the method's FLOPs. Top-1 % on the held-out images, mean ± "
-           "standard deviation over seeds.", "",
-           "| depth | seeds | assembled | before fine-tuning | e2e | gain | gain beyond the seed spread |",
+           "standard deviation over seeds; the gain is assembled minus e2e, per seed, and it is beyond the seed spread "
+           "where its mean is farther from zero than its standard deviation.", "",
+           "| depth | seeds | assembled | before fine-tuning | e2e | gain | gain positive beyond the seed spread |",
            "|---|---|---|---|---|---|---|"]
   for d, t in by.items():
     lines.append(f"| {d} | {t['seeds']} | {fmt(t['assembled'])} | {fmt(t['before_fine_tuning'])} | {fmt(t['e2e'])} "
                  f"| {fmt(t['gain'])} | {verdict(t)} |")
   grows = summary_["gain_grows_with_depth"]
-  lines += ["", "The gain grows with depth: " + ("-" if grows is None else "yes" if grows else "no") + ".", "",
+  gains = ", ".join(f"{t['gain']['mean']:+.2f} at depth {d}" for d, t in by.items())
+  lines += ["", "The gain grows with depth: " + ("- (one depth)" if grows is None else "yes" if grows else "no")
+            + f" (mean gain {gains}).", "",
             "| run | assembled | e2e | method FLOPs | e2e FLOPs / method's | method wall | e2e wall |",
             "|---|---|---|---|---|---|---|"]
   for (d, s), r in sorted(runs.items()):
