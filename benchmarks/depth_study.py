@@ -1,6 +1,6 @@
 """Deep Incubation against end-to-end training at equal FLOPs, over depths and seeds, on real photographs.
 
-    python benchmarks/depth_study.py [--out=benchmarks/results/depth_study] [--depths=8,16,32] [--seeds=0,1,2]
+    python benchmarks/depth_study.py [--out=benchmarks/results/depth_study] [--depths=4,8,16] [--seeds=0,1,2]
 
 For each depth and seed, one `modassem pipeline --config=configs/cifar_study.py` (meta, incubation of the four
 modules, assembly, and e2e given the method's FLOPs) in its own run directory under OUT/runs; rerunning this
@@ -48,7 +48,8 @@ def pipeline_flags(a, depth: int, seed: int) -> list[str]:
 def read_run(work: str) -> dict:
   with open(os.path.join(work, "report.json")) as f:
     r = json.load(f)
-  return {"assembled": r["assembled"]["top1"], "before_fine_tuning": r["phases"]["assemble"]["top1_before_fine_tuning"],
+  return {"meta": r["phases"]["meta"]["top1"], "e2e_steps": r["phases"]["e2e"]["steps"],
+          "assembled": r["assembled"]["top1"], "before_fine_tuning": r["phases"]["assemble"]["top1_before_fine_tuning"],
           "e2e": r["e2e"]["top1"], "gain": r["top1_gain"], "method_flops": r["assembled"]["train_flops"],
           "e2e_flops": r["e2e"]["train_flops"], "flops_ratio": r["e2e"]["train_flops"] / r["assembled"]["train_flops"],
           "method_wall_s": r["assembled"]["wall_s"], "e2e_wall_s": r["e2e"]["wall_s"]}
@@ -60,7 +61,8 @@ def tabulate(a, runs: dict) -> dict:
   for depth in sorted({d for d, _ in runs}):
     rows = [r for (d, _), r in runs.items() if d == depth]
     gain = summary([r["gain"] for r in rows])
-    table[depth] = {"assembled": summary([r["assembled"] for r in rows]), "e2e": summary([r["e2e"] for r in rows]),
+    table[depth] = {"meta": summary([r["meta"] for r in rows]),
+                    "assembled": summary([r["assembled"] for r in rows]), "e2e": summary([r["e2e"] for r in rows]),
                     "before_fine_tuning": summary([r["before_fine_tuning"] for r in rows]), "gain": gain,
                     # Beyond the seed spread: the mean gain exceeds its standard deviation over seeds.
                     "gain_beyond_spread": None if gain["std"] is None else abs(gain["mean"]) > gain["std"],
@@ -97,13 +99,15 @@ def write(a, runs: dict, commands: dict) -> dict:
   gains = ", ".join(f"{t['gain']['mean']:+.2f} at depth {d}" for d, t in by.items())
   lines += ["", "The gain grows with depth: " + ("- (one depth)" if grows is None else "yes" if grows else "no")
             + f" (mean gain {gains}).", "",
-            "| run | assembled | e2e | method FLOPs | e2e FLOPs / method's | method wall | e2e wall |",
-            "|---|---|---|---|---|---|---|"]
+            "| run | meta model | assembled | e2e | e2e steps | method FLOPs | e2e FLOPs / method's | method wall "
+            "| e2e wall |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for (d, s), r in sorted(runs.items()):
-    lines.append(f"| depth {d}, seed {s} | {r['assembled']:.2f} | {r['e2e']:.2f} | {r['method_flops']:.3g} | "
-                 f"{r['flops_ratio']:.3f} | {r['method_wall_s'] / 60:.1f} min | {r['e2e_wall_s'] / 60:.1f} min |")
+    lines.append(f"| depth {d}, seed {s} | {r['meta']:.2f} | {r['assembled']:.2f} | {r['e2e']:.2f} | {r['e2e_steps']} "
+                 f"| {r['method_flops']:.3g} | {r['flops_ratio']:.3f} | {r['method_wall_s'] / 60:.1f} min "
+                 f"| {r['e2e_wall_s'] / 60:.1f} min |")
   lines += ["", "Commands (`python -m modassem ...`, from the repository):", ""]
-  lines += [f"- {name}: `{cmd}`" for name, cmd in sorted(commands.items())]
+  lines += [f"- depth{d}_seed{s}: `{commands[f'depth{d}_seed{s}']}`" for d, s in sorted(runs)]
   with open(os.path.join(a.out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   plot(a, by)
@@ -127,6 +131,7 @@ def describe(a) -> str:
 
 def plot(a, by: dict) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   depths = sorted(by)
@@ -135,14 +140,18 @@ def plot(a, by: dict) -> None:
   fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(10, 4))
   ax.errorbar(depths, mean("assembled"), yerr=err("assembled"), marker="o", capsize=4, label="assembled")
   ax.errorbar(depths, mean("e2e"), yerr=err("e2e"), marker="s", capsize=4, label="e2e, same FLOPs")
+  # The meta model is the same at every depth (its blocks are one per module); its top-1 is what the modules
+  # were incubated against.
+  ax.errorbar(depths, mean("meta"), yerr=err("meta"), color="grey", linestyle="--", capsize=4, label="meta model")
   ax.set(xlabel="depth (blocks)", ylabel="held-out top-1 (%)", title="top-1 against depth", xscale="log", xticks=depths)
-  ax.set_xticklabels([str(d) for d in depths])
   ax.legend()
   ax_gain.errorbar(depths, mean("gain"), yerr=err("gain"), marker="o", capsize=4, color="C2")
   ax_gain.axhline(0.0, color="grey", linewidth=0.8)
   ax_gain.set(xlabel="depth (blocks)", ylabel="assembled minus e2e (points)", title="gain, mean ± std over seeds",
               xscale="log", xticks=depths)
-  ax_gain.set_xticklabels([str(d) for d in depths])
+  for axis in (ax, ax_gain):   # the depths as labels, no log-scale minor ticks between them
+    axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axis.set_xticklabels([str(d) for d in depths])
   fig.tight_layout()
   fig.savefig(os.path.join(a.out, "depth.png"), dpi=100)
   plt.close(fig)
@@ -152,7 +161,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "depth_study"))
   p.add_argument("--data", default="", help="an image folder, 'tfds' or 'digits'; default: the CIFAR-10 JPEGs")
-  p.add_argument("--depths", default="8,16,32")
+  p.add_argument("--depths", default="4,8,16")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--fraction", type=float, default=0.1, help="class-balanced share of the train split")
   p.add_argument("--config", default=CONFIG, help="the preset file (configs/cifar_study.py)")
@@ -163,6 +172,9 @@ def main(argv=None) -> None:
   p.add_argument("--eval_every", type=int, help="steps between evaluations (the preset's: once per epoch)")
   p.add_argument("--eval_per_class", type=int, default=200)
   a = p.parse_args(argv)
+  depths = [int(d) for d in a.depths.split(",") if d]
+  if any(d % 4 or d <= 0 for d in depths):
+    p.error(f"--depths={a.depths}: every depth must be a positive multiple of 4 (4 modules of equal depth)")
   os.makedirs(a.out, exist_ok=True)
   a.data_dir = a.data if a.data not in ("", "digits", "tfds") else os.path.join(a.out, "cifar10")
   if not a.data:
@@ -171,7 +183,7 @@ def main(argv=None) -> None:
   done = os.path.join(a.out, "runs")
   # Seeds outermost: a study stopped part-way has every depth at the same number of seeds.
   for seed in [int(s) for s in a.seeds.split(",") if s]:
-    for depth in [int(d) for d in a.depths.split(",") if d]:
+    for depth in depths:
       name = f"depth{depth}_seed{seed}"
       argv = ["pipeline", *pipeline_flags(a, depth, seed), f"--workdir={os.path.join(done, name)}"]
       run(argv, a.out, name, done=os.path.join(done, name, "report.json"))

@@ -24,6 +24,9 @@ def test_the_study_writes_its_table_and_plot_and_resumes():
     assert 0 <= run["assembled"] <= 100 and 0 <= run["e2e"] <= 100
     assert run["gain"] == run["assembled"] - run["e2e"]
     assert run["method_wall_s"] > 0 and run["method_flops"] > 0
+    assert 0 <= run["meta"] <= 100 and run["e2e_steps"] > 0
+  # The meta model is one block per module whatever the depth: the same run at both depths of a seed.
+  assert r["runs"]["depth4_seed0"]["meta"] == r["runs"]["depth8_seed0"]["meta"]
   assert sorted(r["by_depth"]) == ["4", "8"] and r["by_depth"]["8"]["seeds"] == 1
   assert r["runs_setup"]["model"]["depths"] == [2, 2, 2, 2]
   assert set(r["commands"]) == {"depth4_seed0", "depth8_seed0"}
@@ -31,6 +34,7 @@ def test_the_study_writes_its_table_and_plot_and_resumes():
   with open(os.path.join(OUT, "results.md")) as f:
     md = f.read()
   assert "| 4 | 1 |" in md and "| 8 | 1 |" in md and "The gain grows with depth:" in md
+  assert md.index("- depth4_seed0:") < md.index("- depth8_seed0:")
   with open(os.path.join(OUT, "depth.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(os.path.join(OUT, "log.txt")) as f:
@@ -47,3 +51,10 @@ def test_the_study_writes_its_table_and_plot_and_resumes():
   with open(os.path.join(OUT, "walls.json")) as f:
     assert f.read() == walls
   assert os.path.getmtime(os.path.join(OUT, "runs", "depth8_seed0", "e2e", "results.json")) == finished
+
+
+def test_a_depth_that_four_modules_cannot_share_is_refused_before_anything_runs(tmp_path):
+  bad = subprocess.run([*ARGV[:-2], "--depths=4,6", f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode == 2 and "--depths=4,6" in bad.stderr and "multiple of 4" in bad.stderr
+  assert not (tmp_path / "out").exists()
