@@ -60,13 +60,12 @@ def tabulate(a, runs: dict) -> dict:
   table = {}
   for depth in sorted({d for d, _ in runs}):
     rows = [r for (d, _), r in runs.items() if d == depth]
-    gain = summary([r["gain"] for r in rows])
-    table[depth] = {"meta": summary([r["meta"] for r in rows]),
-                    "assembled": summary([r["assembled"] for r in rows]), "e2e": summary([r["e2e"] for r in rows]),
-                    "before_fine_tuning": summary([r["before_fine_tuning"] for r in rows]), "gain": gain,
-                    # Beyond the seed spread: the mean gain exceeds its standard deviation over seeds.
-                    "gain_beyond_spread": None if gain["std"] is None else abs(gain["mean"]) > gain["std"],
-                    "seeds": len(rows)}
+    keys = ("meta", "assembled", "e2e", "before_fine_tuning", "gain")
+    table[depth] = {k: summary([r[k] for r in rows]) for k in keys}
+    gain = table[depth]["gain"]
+    # Beyond the seed spread: the mean gain exceeds its standard deviation over seeds.
+    table[depth].update(gain_beyond_spread=None if gain["std"] is None else abs(gain["mean"]) > gain["std"],
+                        seeds=len(rows))
   means = [table[d]["gain"]["mean"] for d in sorted(table)]
   grows = None if len(means) < 2 else all(b > a for a, b in zip(means, means[1:]))
   return {"by_depth": table, "gain_grows_with_depth": grows}
