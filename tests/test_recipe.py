@@ -55,6 +55,28 @@ def test_the_patch_embedding_starts_as_pytorchs_conv2d():
     assert abs(a.mean()) < 0.1 * bound
 
 
+def test_dense_kernels_and_tokens_start_as_timms_trunc_normal():
+  """Every Dense kernel, the class token and the position embedding are drawn as timm's `trunc_normal_(std=.02)`
+  draws them: cut at +-2 in absolute value, i.e. at +-100 sigma, so a normal of std 0.02 (a cut at +-2 sigma, as
+  Flax's default truncated normal makes, leaves 0.0176). Compared with PyTorch's own sampler: the standard
+  deviations, and a two-sample Kolmogorov-Smirnov test of the whole distribution."""
+  stats = pytest.importorskip("scipy.stats")
+  model = ViT(depths=(1,), image_size=16, patch=8, width=192, heads=3, num_classes=10)
+  p = model.init(jax.random.key(2), jnp.zeros((1, 16, 16, 3)))["params"]["module_0"]
+  leaves = {"qkv": p["blocks_0"]["attn"]["qkv"]["kernel"], "proj": p["blocks_0"]["attn"]["proj"]["kernel"],
+            "fc1": p["blocks_0"]["mlp"]["fc1"]["kernel"], "fc2": p["blocks_0"]["mlp"]["fc2"]["kernel"],
+            "head": p["head"]["kernel"], "tokens": jnp.concatenate([p["cls_token"].ravel(), p["pos_embed"].ravel()])}
+  torch.manual_seed(0)
+  for name, leaf in leaves.items():
+    ours = np.asarray(leaf, np.float64).ravel()
+    theirs = torch.nn.init.trunc_normal_(torch.empty(ours.size, dtype=torch.float64), std=0.02).numpy()
+    # The standard error of a std estimated from n normal draws is std / sqrt(2n).
+    tol = 4 * 0.02 / np.sqrt(2 * min(ours.size, theirs.size))
+    assert abs(ours.std() - theirs.std()) < 2 * tol, (name, ours.std(), theirs.std())
+    assert abs(ours.std() - 0.02) < tol, (name, ours.std())
+    assert stats.ks_2samp(ours, theirs).pvalue > 1e-3, name
+
+
 def batch(b=12, hw=8, classes=5):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(b, hw, hw, 3)).astype(np.float32)

@@ -20,10 +20,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# timm initialises every Linear with a truncated normal of std 0.02; matching
-# it keeps the official learning-rate recipe meaningful.
-_dense_init = nn.initializers.truncated_normal(stddev=0.02)
-_token_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def timm_trunc_normal(std: float = 0.02, a: float = -2.0, b: float = 2.0):
+  """timm's `trunc_normal_(std=0.02)`: a normal of std `std` cut at the *absolute* bounds [a, b].
+
+  At std 0.02 the cut is at +-100 standard deviations, so the draw is a plain normal of std 0.02. Flax's
+  `truncated_normal(stddev=0.02)` cuts at +-2 standard deviations instead, which leaves a std of about 0.0176;
+  JAX's bounds are in units of the standard deviation, hence the division.
+  """
+  return nn.initializers.truncated_normal(stddev=std, lower=a / std, upper=b / std)
+
+
+# timm initialises every Linear, the class token and the position embedding so; matching it keeps the official
+# learning-rate recipe meaningful.
+_dense_init = timm_trunc_normal(0.02)
+_token_init = timm_trunc_normal(0.02)
 # timm's ViT leaves the patch embedding's Conv2d to PyTorch's default init: kaiming_uniform(a=sqrt(5)) for the
 # kernel and U(+-1/sqrt(fan_in)) for the bias, both uniform in +-1/sqrt(fan_in) (fan_in = patch * patch * 3).
 _patch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
