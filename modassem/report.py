@@ -158,8 +158,12 @@ def make_report(results: dict, dirs: dict, teacher: str | None = None) -> dict:
   phases["assemble"]["top1_before_fine_tuning"] = _first_eval(dirs["assemble"]).get("top1")
   method_flops = sum(phases[p]["train_flops"] for p in METHOD)
   method_wall = sum(phases[p]["wall_s"] for p in METHOD)
+  # A meta run outside the folder of the assembly it fed was trained once for several chains (`modassem pipeline
+  # --config.meta=RUN`); its FLOPs are in each chain's budget all the same.
+  shared = _parent(dirs["meta"]) != _parent(dirs["assemble"])
   report = {
       "phases": phases,
+      "meta_shared": shared,
       "incubated_modules": {k: v for k, v in results["incubate"].items() if k.startswith("module_")},
       "assembled": {"top1": phases["assemble"]["top1"], "top5": phases["assemble"]["top5"],
                     "train_flops": method_flops, "wall_s": method_wall},
@@ -203,6 +207,9 @@ def report_markdown(r: dict) -> str:
                    "equal-FLOPs comparison (`modassem pipeline` gives e2e the method's FLOPs).")
   else:
     lines += ["", "No end-to-end run given: pass one to compare with."]
+  if r.get("meta_shared"):
+    lines.append(f"The meta run {r['phases']['meta']['workdir']} was shared: trained once, outside this chain's "
+                 "folder, and its training FLOPs counted in the method's budget as if it had been trained here.")
   before = r["phases"]["assemble"].get("top1_before_fine_tuning")
   if before is not None:
     lines.append(f"The assembled model scored {before:.2f} % top-1 before fine-tuning.")
@@ -223,6 +230,10 @@ def report_markdown(r: dict) -> str:
               f"| plain | {show(p['top1_before_fine_tuning'])} | {p['top1']:.2f} | {p['train_flops']:.3g} |"]
   lines.append("")
   return "\n".join(lines)
+
+
+def _parent(run_dir: str) -> str:
+  return os.path.dirname(_key(run_dir).rstrip("/"))
 
 
 def _first_eval(run_dir: str) -> dict:
