@@ -1,10 +1,13 @@
 """Deep Incubation against end-to-end training at equal FLOPs, over depths and seeds, on real photographs.
 
-    python benchmarks/depth_study.py [--out=benchmarks/results/depth_study] [--depths=4,8,16] [--seeds=0,1,2]
+    python benchmarks/depth_study.py [--out=benchmarks/results/depth_study] [--depths=4,8,16,32,64] [--seeds=0,1,2]
 
-For each depth and seed, one `modassem pipeline --config=configs/cifar_study.py` (meta, incubation of the four
-modules, assembly, and e2e given the method's FLOPs) in its own run directory under OUT/runs; rerunning this
-resumes where it stopped, and finished pipelines are not run again (their wall times are kept in OUT/walls.json).
+For each seed, one meta run (`modassem train --config=configs/cifar_study.py:meta`, OUT/runs/meta_seedS): the meta
+model has one block per module whatever the depth, so it is the same model at every depth and is trained once. Then
+for each depth one `modassem pipeline --config=configs/cifar_study.py --config.meta=THAT_RUN` (incubation of the four
+modules, assembly, and e2e given the method's FLOPs, the shared meta run's counted in them) in its own run directory
+under OUT/runs; rerunning this resumes where it stopped, and finished runs are not run again (their wall times are
+kept in OUT/walls.json).
 After each finished pipeline, OUT/results.json, OUT/results.md and OUT/depth.png are written again from all the
 finished ones: top-1 of the assembled model and of e2e against depth (mean and spread over seeds), the gain with its
 spread, and per run the command, seed, FLOPs and wall time.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 
 from _runs import REPO, command_line, extract_cifar10, fmt, run, summary
 
@@ -35,20 +39,30 @@ def data_flags(a) -> list[str]:
           f"--config.data.train_fraction={a.fraction}"]
 
 
-def pipeline_flags(a, depth: int, seed: int) -> list[str]:
-  """The pipeline's flags: depth and seed, the data, and what was given on the command line (else the preset's)."""
-  per = depth // 4
-  flags = [f"--config={a.config}", f"--config.model.depth={depth}", f"--config.model.depths=({per},{per},{per},{per})",
-           f"--config.seed={seed}", "--config.progress=off", *data_flags(a)]
+def common_flags(a, seed: int) -> list[str]:
+  """Seed, data, and what was given on the command line (else the preset's): the same for meta and pipelines."""
   given = {"model.width": a.width, "model.heads": a.heads, "batch_size": a.batch, "unit_epochs": a.unit_epochs,
-           "eval_every_steps": a.eval_every}
-  return flags + [f"--config.{k}={v}" for k, v in given.items() if v is not None]
+           "eval_every_steps": a.eval_every, "model.dtype": a.dtype}
+  return ([f"--config.seed={seed}", "--config.progress=off", *data_flags(a)]
+          + [f"--config.{k}={v}" for k, v in given.items() if v is not None])
+
+
+def meta_argv(a, seed: int, work: str) -> list[str]:
+  return ["train", f"--config={a.config}:meta", *common_flags(a, seed), f"--workdir={work}"]
+
+
+def pipeline_flags(a, depth: int, seed: int, meta: str) -> list[str]:
+  """The pipeline's flags: depth, the seed's shared meta run, and the flags every run of the seed has."""
+  per = depth // 4
+  return [f"--config={a.config}", f"--config.model.depth={depth}", f"--config.model.depths=({per},{per},{per},{per})",
+          f"--config.meta={meta}", *common_flags(a, seed)]
 
 
 def read_run(work: str) -> dict:
   with open(os.path.join(work, "report.json")) as f:
     r = json.load(f)
-  return {"meta": r["phases"]["meta"]["top1"], "e2e_steps": r["phases"]["e2e"]["steps"],
+  return {"meta": r["phases"]["meta"]["top1"], "meta_shared": r.get("meta_shared", False),
+          "meta_flops": r["phases"]["meta"]["train_flops"], "e2e_steps": r["phases"]["e2e"]["steps"],
           "assembled": r["assembled"]["top1"], "before_fine_tuning": r["phases"]["assemble"]["top1_before_fine_tuning"],
           "e2e": r["e2e"]["top1"], "gain": r["top1_gain"], "method_flops": r["assembled"]["train_flops"],
           "e2e_flops": r["e2e"]["train_flops"], "flops_ratio": r["e2e"]["train_flops"] / r["assembled"]["train_flops"],
@@ -107,7 +121,16 @@ def write(a, runs: dict, commands: dict) -> dict:
     lines.append(f"| depth {d}, seed {s} | {r['meta']:.2f} | {r['assembled']:.2f} | {r['e2e']:.2f} | {r['e2e_steps']} "
                  f"| {r['method_flops']:.3g} | {r['flops_ratio']:.3f} | {r['method_wall_s'] / 60:.1f} min "
                  f"| {r['e2e_wall_s'] / 60:.1f} min |")
-  lines += ["", "Commands (`python -m modassem ...`, from the repository):", ""]
+  commits = sorted({r["commit"] for r in runs.values() if r.get("commit")})
+  lines += ["", "Each seed's meta model was trained once and shared by its pipelines at every depth "
+            "(`--config.meta`); its training FLOPs are in every depth's method FLOPs, and so in e2e's budget. "
+            "Wall times were taken with other work on the machine beside the study (run at low priority), so they "
+            "are not comparable with each other: FLOPs are the measure of cost. "
+            + (f"Every run is of modassem at commit {commits[0]}." if len(commits) == 1 else
+               f"The runs are of modassem at commits {', '.join(commits)}." if commits else ""),
+            "", "Commands (`python -m modassem ...`, from the repository):", ""]
+  seeds = sorted({s for _, s in runs})
+  lines += [f"- meta_seed{s}: `{commands[f'meta_seed{s}']}`" for s in seeds if f"meta_seed{s}" in commands]
   lines += [f"- depth{d}_seed{s}: `{commands[f'depth{d}_seed{s}']}`" for d, s in sorted(runs)]
   with open(os.path.join(a.out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -117,8 +140,9 @@ def write(a, runs: dict, commands: dict) -> dict:
 
 def setup_of(work: str) -> dict:
   """What the runs were: the model and batch from the incubation's config, each phase's steps."""
-  cfg = {p: json.load(open(os.path.join(work, p, "config.json"))) for p in ("meta", "incubate", "assemble")}
-  steps = {p: json.load(open(os.path.join(work, p, "results.json")))["steps"] for p in cfg}
+  cfg = {p: json.load(open(os.path.join(work, p, "config.json"))) for p in ("incubate", "assemble")}
+  where = {"meta": cfg["incubate"]["meta"], **{p: os.path.join(work, p) for p in cfg}}
+  steps = {p: json.load(open(os.path.join(d, "results.json")))["steps"] for p, d in where.items()}
   return {"model": cfg["incubate"]["model"], "batch_size": cfg["incubate"]["batch_size"],
           **{f"{p}_steps": n for p, n in steps.items()}}
 
@@ -158,11 +182,18 @@ def plot(a, by: dict) -> None:
   plt.close(fig)
 
 
+def code_commit() -> str:
+  """The commit of the modassem that runs (this checkout's HEAD), with "+changes" where its tree differs from it."""
+  git = lambda *args: subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+  head = git("rev-parse", "HEAD") or "unknown"
+  return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "modassem", "configs") else "")
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "depth_study"))
   p.add_argument("--data", default="", help="an image folder, 'tfds' or 'digits'; default: the CIFAR-10 JPEGs")
-  p.add_argument("--depths", default="4,8,16")
+  p.add_argument("--depths", default="4,8,16,32,64")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--fraction", type=float, default=0.1, help="class-balanced share of the train split")
   p.add_argument("--config", default=CONFIG, help="the preset file (configs/cifar_study.py)")
@@ -171,6 +202,7 @@ def main(argv=None) -> None:
   p.add_argument("--batch", type=int, help="global batch (the preset's: 128)")
   p.add_argument("--unit_epochs", type=float, help="epochs of incubation; meta 3x, assembly 1x (the preset's: 4)")
   p.add_argument("--eval_every", type=int, help="steps between evaluations (the preset's: once per epoch)")
+  p.add_argument("--dtype", help="compute dtype (the preset's: float32)")
   p.add_argument("--eval_per_class", type=int, default=200)
   a = p.parse_args(argv)
   try:
@@ -185,14 +217,19 @@ def main(argv=None) -> None:
     extract_cifar10(a.data_dir, a.eval_per_class)
   runs, commands = {}, {}
   done = os.path.join(a.out, "runs")
+  a.commit = code_commit()
   # Seeds outermost: a study stopped part-way has every depth at the same number of seeds.
   for seed in seeds:
+    meta = os.path.join(done, f"meta_seed{seed}")
+    argv = meta_argv(a, seed, meta)
+    run(argv, a.out, f"meta_seed{seed}", done=os.path.join(meta, "results.json"))
+    commands[f"meta_seed{seed}"] = command_line(argv)
     for depth in depths:
       name = f"depth{depth}_seed{seed}"
-      argv = ["pipeline", *pipeline_flags(a, depth, seed), f"--workdir={os.path.join(done, name)}"]
+      argv = ["pipeline", *pipeline_flags(a, depth, seed, meta), f"--workdir={os.path.join(done, name)}"]
       run(argv, a.out, name, done=os.path.join(done, name, "report.json"))
       commands[name] = command_line(argv)
-      runs[(depth, seed)] = read_run(os.path.join(done, name))
+      runs[(depth, seed)] = dict(read_run(os.path.join(done, name)), commit=a.commit)
       a.setup = setup_of(os.path.join(done, name))
       write(a, runs, commands)
   print(open(os.path.join(a.out, "results.md")).read())
