@@ -16,18 +16,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_TAR = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
 
 
-def command_line(argv: list[str]) -> str:
-  """The command as typed from the repository's root: paths inside the checkout are written relative to it."""
+def command_line(argv: list[str], code: str = REPO) -> str:
+  """The command as typed from the repository's root: paths inside this checkout, or inside the checkout `code`
+  whose modassem runs it (the same repository at another commit), are written relative to it."""
   def short(arg: str) -> str:
     head, sep, path = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
-    if os.path.isabs(path) and path.startswith(REPO + os.sep):
-      path = os.path.relpath(path, REPO)
+    for root in (REPO, code):
+      if os.path.isabs(path) and path.startswith(root + os.sep):
+        path = os.path.relpath(path, root)
     return head + sep + path
   return "modassem " + " ".join(shlex.quote(short(x)) for x in argv)
 
 
-def run(argv: list[str], out: str, name: str, done: str) -> float:
+def run(argv: list[str], out: str, name: str, done: str, code: str = REPO) -> float:
   """`python -m modassem ARGV` once, its output appended to OUT/log.txt; returns its wall time. Stops on failure.
+
+  The modassem that runs is the one in the checkout `code` (this one by default): a study can pin the code of its
+  runs to one commit while its driver and tables go on changing.
 
   A command that finished before is not run again: its wall time is kept in OUT/walls.json (a rerun of a finished
   modassem command would only reload its results, and its few seconds would replace the real figure). `done` is
@@ -38,12 +43,16 @@ def run(argv: list[str], out: str, name: str, done: str) -> float:
   walls = json.load(open(walls_file)) if os.path.isfile(walls_file) else {}
   if name in walls and os.path.isfile(done):
     return walls[name]
-  print("+ " + command_line(argv), flush=True)
+  line = "+ " + command_line(argv, code)
+  print(line, flush=True)
   start = time.time()
+  # `python -m` puts the working directory first on the path, ahead of an installed modassem.
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")])))
   with open(log, "a") as f:
-    f.write("+ " + command_line(argv) + "\n")
+    f.write(line + "\n")
     f.flush()
-    rc = subprocess.run([sys.executable, "-m", "modassem", *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    rc = subprocess.run([sys.executable, "-m", "modassem", *argv], cwd=code, env=env, stdout=f,
+                        stderr=subprocess.STDOUT).returncode
   if rc != 0:
     sys.exit(f"modassem {argv[0]} failed (exit {rc}); see {log}, then rerun this script to resume")
   walls[name] = time.time() - start

@@ -7,7 +7,12 @@ model has one block per module whatever the depth, so it is the same model at ev
 for each depth one `modassem pipeline --config=configs/cifar_study.py --config.meta=THAT_RUN` (incubation of the four
 modules, assembly, and e2e given the method's FLOPs, the shared meta run's counted in them) in its own run directory
 under OUT/runs; rerunning this resumes where it stopped, and finished runs are not run again (their wall times are
-kept in OUT/walls.json).
+kept in OUT/walls.json). OUT/results.json is committed and the run directories are not: a run it records from the
+same code commit is not run again either, so the study goes on where it stopped on another machine (a seed's meta
+model is trained again there only if one of its depths is left). `--code=DIR` runs the modassem of another checkout
+of this repository (`git worktree add DIR COMMIT`), so that every run of the table is of one commit while this
+driver changes. Where the gain's standard deviation over the seeds exceeds `--spread` (2 points) at a depth,
+`--extra_seeds` (3 and 4) are run there too.
 After each finished pipeline, OUT/results.json, OUT/results.md and OUT/depth.png are written again from all the
 finished ones: top-1 of the assembled model and of e2e against depth (mean and spread over seeds), the gain with its
 spread, and per run the command, seed, FLOPs and wall time.
@@ -21,13 +26,14 @@ built-in digits (for the tests).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
+import statistics
 import subprocess
 
 from _runs import REPO, command_line, extract_cifar10, fmt, run, summary
-
-CONFIG = os.path.join(REPO, "configs", "cifar_study.py")
 
 
 def data_flags(a) -> list[str]:
@@ -98,7 +104,7 @@ def write(a, runs: dict, commands: dict) -> dict:
   m, c = a.setup["model"], a.setup
   lines = ["# Deep Incubation against end-to-end training at equal FLOPs, over depth", "",
            f"ViT of width {m['width']} ({m['heads']} heads, {m['patch']}-px patches, {m['image_size']} px) cut into "
-           f"{len(m['depths'])} modules, on {describe(a)}; phases as `{os.path.relpath(a.config, REPO)}` sets them "
+           f"{len(m['depths'])} modules, on {describe(a)}; phases as `{os.path.relpath(a.config, a.code if a.config.startswith(a.code + os.sep) else REPO)}` sets them "
            f"(incubation {c['incubate_steps']} steps, meta {c['meta_steps']}, assembly {c['assemble_steps']}, of "
            f"batch {c['batch_size']}), e2e given the method's FLOPs. Top-1 % on the held-out images, mean ± "
            "standard deviation over seeds; the gain is assembled minus e2e, per seed, and it is beyond the seed spread "
@@ -127,7 +133,9 @@ def write(a, runs: dict, commands: dict) -> dict:
             "Wall times were taken with other work on the machine beside the study (run at low priority), so they "
             "are not comparable with each other: FLOPs are the measure of cost. "
             + (f"Every run is of modassem at commit {commits[0]}." if len(commits) == 1 else
-               f"The runs are of modassem at commits {', '.join(commits)}." if commits else ""),
+               f"The runs are of modassem at commits {', '.join(commits)}." if commits else "")
+            + f" Where the gain's standard deviation over seeds {a.seeds} exceeded {a.spread:g} points, seeds "
+              f"{a.extra_seeds} were added at that depth.",
             "", "Commands (`python -m modassem ...`, from the repository):", ""]
   seeds = sorted({s for _, s in runs})
   lines += [f"- meta_seed{s}: `{commands[f'meta_seed{s}']}`" for s in seeds if f"meta_seed{s}" in commands]
@@ -182,11 +190,32 @@ def plot(a, by: dict) -> None:
   plt.close(fig)
 
 
-def code_commit() -> str:
-  """The commit of the modassem that runs (this checkout's HEAD), with "+changes" where its tree differs from it."""
-  git = lambda *args: subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-  head = git("rev-parse", "HEAD") or "unknown"
-  return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "modassem", "configs") else "")
+def code_commit(code: str) -> str:
+  """The commit of the modassem that runs (the checkout `code`); where its modassem/ or configs/ differ from that
+  commit, "+changes-" and a hash of the difference, so that runs of the same uncommitted code still match."""
+  git = lambda *args: subprocess.run(["git", *args], cwd=code, capture_output=True, text=True).stdout
+  head = git("rev-parse", "HEAD").strip() or "unknown"
+  diff = git("diff", "HEAD", "--", "modassem", "configs")
+  return head + (f"+changes-{hashlib.sha1(diff.encode()).hexdigest()[:12]}" if diff else "")
+
+
+def recorded(out: str, commit: str) -> tuple[dict, dict, dict | None]:
+  """The finished runs OUT/results.json holds from the same code (runs, their commands, the runs' setup): the
+  results are committed and the run directories are not, so a study goes on where it stopped on another machine.
+  Runs of other code are run again: every run of the table comes from one commit."""
+  path = os.path.join(out, "results.json")
+  if not os.path.isfile(path):
+    return {}, {}, None
+  with open(path) as f:
+    r = json.load(f)
+  runs = {}
+  for name, row in r.get("runs", {}).items():
+    if row.get("commit") == commit:
+      depth, seed = (int(x) for x in re.fullmatch(r"depth(\d+)_seed(\d+)", name).groups())
+      runs[(depth, seed)] = row
+  commands = {k: v for k, v in r.get("commands", {}).items()
+              if k in {f"depth{d}_seed{s}" for d, s in runs} | {f"meta_seed{s}" for _, s in runs}}
+  return runs, commands, r.get("runs_setup") if runs else None
 
 
 def main(argv=None) -> None:
@@ -195,8 +224,14 @@ def main(argv=None) -> None:
   p.add_argument("--data", default="", help="an image folder, 'tfds' or 'digits'; default: the CIFAR-10 JPEGs")
   p.add_argument("--depths", default="4,8,16,32,64")
   p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--extra_seeds", default="3,4",
+                 help="seeds added at a depth where the gain's standard deviation over --seeds exceeds --spread")
+  p.add_argument("--spread", type=float, default=2.0, help="points of the gain's standard deviation (see above)")
+  p.add_argument("--code", default=REPO,
+                 help="the modassem checkout the runs use (this one by default; a worktree at one commit keeps "
+                      "every run of the table on the same code)")
   p.add_argument("--fraction", type=float, default=0.1, help="class-balanced share of the train split")
-  p.add_argument("--config", default=CONFIG, help="the preset file (configs/cifar_study.py)")
+  p.add_argument("--config", help="the preset file (the code's configs/cifar_study.py)")
   p.add_argument("--width", type=int, help="model width (the preset's: 64)")
   p.add_argument("--heads", type=int, help="attention heads (the preset's: 2)")
   p.add_argument("--batch", type=int, help="global batch (the preset's: 128)")
@@ -207,32 +242,54 @@ def main(argv=None) -> None:
   a = p.parse_args(argv)
   try:
     depths, seeds = [int(d) for d in a.depths.split(",") if d], [int(s) for s in a.seeds.split(",") if s]
+    extra = [int(s) for s in a.extra_seeds.split(",") if s]
   except ValueError:
-    p.error(f"--depths={a.depths} --seeds={a.seeds}: comma-separated integers, as in --depths=4,8,16 --seeds=0,1,2")
+    p.error(f"--depths={a.depths} --seeds={a.seeds} --extra_seeds={a.extra_seeds}: comma-separated integers, as in "
+            "--depths=4,8,16 --seeds=0,1,2")
   if any(d % 4 or d <= 0 for d in depths):
     p.error(f"--depths={a.depths}: every depth must be a positive multiple of 4 (4 modules of equal depth)")
+  a.code = os.path.abspath(a.code)
+  if not os.path.isdir(os.path.join(a.code, "modassem")):
+    p.error(f"--code={a.code} is not a modassem checkout (no modassem/ in it): pass one, e.g. a git worktree")
+  a.config = os.path.abspath(a.config) if a.config else os.path.join(a.code, "configs", "cifar_study.py")
   os.makedirs(a.out, exist_ok=True)
   a.data_dir = a.data if a.data not in ("", "digits", "tfds") else os.path.join(a.out, "cifar10")
   if not a.data:
     extract_cifar10(a.data_dir, a.eval_per_class)
-  runs, commands = {}, {}
+  a.commit = code_commit(a.code)
+  runs, commands, a.setup = recorded(a.out, a.commit)
+  if runs:
+    print(f"{len(runs)} runs of commit {a.commit} recorded in {a.out}/results.json: not run again", flush=True)
   done = os.path.join(a.out, "runs")
-  a.commit = code_commit()
-  # Seeds outermost: a study stopped part-way has every depth at the same number of seeds.
-  for seed in seeds:
+
+  def study(seed: int, depths_: list) -> None:
     meta = os.path.join(done, f"meta_seed{seed}")
+    todo = [d for d in depths_ if (d, seed) not in runs]
+    if not todo:
+      return
     argv = meta_argv(a, seed, meta)
-    run(argv, a.out, f"meta_seed{seed}", done=os.path.join(meta, "results.json"))
-    commands[f"meta_seed{seed}"] = command_line(argv)
-    for depth in depths:
+    run(argv, a.out, f"meta_seed{seed}", done=os.path.join(meta, "results.json"), code=a.code)
+    commands[f"meta_seed{seed}"] = command_line(argv, a.code)
+    for depth in todo:
       name = f"depth{depth}_seed{seed}"
       argv = ["pipeline", *pipeline_flags(a, depth, seed, meta), f"--workdir={os.path.join(done, name)}"]
-      run(argv, a.out, name, done=os.path.join(done, name, "report.json"))
-      commands[name] = command_line(argv)
+      run(argv, a.out, name, done=os.path.join(done, name, "report.json"), code=a.code)
+      commands[name] = command_line(argv, a.code)
       runs[(depth, seed)] = dict(read_run(os.path.join(done, name)), commit=a.commit)
       a.setup = setup_of(os.path.join(done, name))
       write(a, runs, commands)
-  print(open(os.path.join(a.out, "results.md")).read())
+
+  # Seeds outermost: a study stopped part-way has every depth at the same number of seeds.
+  for seed in seeds:
+    study(seed, depths)
+  # Deep assemblies vary from run to run: where the gain's spread over the seeds is wider than --spread, more seeds.
+  for seed in extra:
+    wide = [d for d in depths if len(g := [runs[(d, s)]["gain"] for s in seeds if (d, s) in runs]) > 1
+            and statistics.stdev(g) > a.spread]
+    study(seed, wide)
+  if runs:
+    write(a, runs, commands)
+    print(open(os.path.join(a.out, "results.md")).read())
 
 
 if __name__ == "__main__":
