@@ -13,6 +13,7 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 
 from modassem import checkpoints, cost, files, lock, preempt, prepare, sharding, summary
 from modassem.distributed import is_main, say
@@ -119,8 +120,14 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   try:
     state, loop_wall = _loop(s, compiled, state, start, key, mngr, writer, wall_before, stop, info)
     mngr.wait_until_finished()
-    checkpoints.save_modules(workdir, prepare.saved_layout(config, state.params))
     result = evaluate(s, state.params)
+    # The loop checks each step's loss, which is computed before that step's update: the last update is only
+    # seen here, before anything is exported.
+    finite = bool(_all_finite(state.params))
+    if not (finite and math.isfinite(result["loss"])):
+      _stop_diverged(mngr, s.total_steps, f"the last step ({s.total_steps}) diverged: its parameters are "
+                     f"{'finite' if finite else 'not finite'}, their held-out loss is {result['loss']}")
+    checkpoints.save_modules(workdir, prepare.saved_layout(config, state.params))
     wall = wall_before + loop_wall
     result.update(phase=s.plan.phase, steps=s.total_steps, wall_s=wall, train_flops=step_flops * s.total_steps,
                   step_flops=step_flops, trained=list(s.plan.trained), preset=config.preset)
@@ -160,6 +167,25 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
       f"damaged: exported them again from its final checkpoint{where}")
 
 
+@jax.jit
+def _all_finite(tree):
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _stop_diverged(mngr, first_bad: int, what: str):
+  """Stops a diverged run: the checkpoints from step `first_bad` on are deleted, so that a rerun resumes from the
+  last good one (or starts over)."""
+  mngr.wait_until_finished()
+  for bad in [c for c in mngr.all_steps() if c >= first_bad]:
+    mngr.delete(bad)
+  good = mngr.latest_step()
+  where = mngr.directory
+  kept = (f"the last good checkpoint is step {good} in {where}, where a rerun resumes"
+          if good is not None else "no good checkpoint was saved yet, so a rerun starts over")
+  raise ModassemError(f"{what}: training stopped; {kept}; lower --config.optim.lr or check the data")
+
+
 def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop, info):
   config = s.config
   eval_every = config.eval_every_steps or s.dataset.steps_per_epoch(config.batch_size)
@@ -177,16 +203,9 @@ def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop
   def check(step, metrics):
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-      mngr.wait_until_finished()
       # The loss of step s comes from the state saved as step s - 1: that
       # checkpoint holds the diverged parameters, and a resume must not start from it.
-      for bad in [c for c in mngr.all_steps() if c >= step - 1]:
-        mngr.delete(bad)
-      good = mngr.latest_step()
-      kept = (f"the last good checkpoint is step {good} in {ckpt_dir}, where a rerun resumes"
-              if good is not None else "no good checkpoint was saved yet, so a rerun starts over")
-      raise ModassemError(f"loss is {loss} at step {step}: training stopped; {kept}; "
-                          f"lower --config.optim.lr or check the data")
+      _stop_diverged(mngr, step - 1, f"loss is {loss} at step {step}")
     return loss
 
   try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, run_cli, tiny
-from modassem import checkpoints, cli, prepare, train
+from modassem import checkpoints, cli, lock, prepare, train
 from modassem.errors import ModassemError
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -274,7 +274,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
   assert_names(line, f"loss is nan at step {bad}: training stopped",
                f"last good checkpoint is step {good} in {os.path.join(workdir, 'checkpoints')}",
                "lower --config.optim.lr")
-  assert 1 <= good < bad <= NAN["total_steps"]
+  # Step 2's update, at half the peak, throws the parameters far off: step 3's loss is the first one not finite,
+  # and the checkpoint of step 2 holds those parameters.
+  assert (bad, good) == (3, 1)
 
   # Unfinished: no results, no exported modules; only checkpoints from before the divergence.
   assert not os.path.exists(os.path.join(workdir, checkpoints.RESULTS_FILE))
@@ -343,6 +345,30 @@ def test_an_allowed_change_continues_the_run_and_is_recorded(capsys, meta_copy):
     assert json.load(f)["optim"]["lr"] == 0.001
 
 
+def test_a_divergence_at_the_last_step_stops_before_anything_is_exported(capsys, tmp_path):
+  """One step at a learning rate of 1e39 (6e37 at this batch): the step's loss is computed before its update, so it
+  is finite, and the update leaves parameters near float32's limit, whose loss is not. Nothing is exported, and the
+  run starts over when rerun."""
+  workdir = str(tmp_path / "last")
+  last = [f"--config.{k}={v}" for k, v in {"total_steps": 1, "warmup_steps": 0, "checkpoint_every_steps": 1,
+                                           "log_every_steps": 1}.items()]
+  line = cli_error(capsys, "train", f"--config={TINY}:meta", "--config.optim.lr=1e39", *last, f"--workdir={workdir}")
+  assert_names(line, "the last step (1) diverged: its parameters are finite, their held-out loss is nan: "
+               "training stopped",
+               "no good checkpoint was saved yet, so a rerun starts over", "lower --config.optim.lr")
+  assert not os.path.exists(os.path.join(workdir, checkpoints.RESULTS_FILE))
+  assert not os.path.exists(os.path.join(workdir, "modules"))
+  assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [r for r in map(json.loads, f) if r["kind"] == "train"]
+  assert [r["step"] for r in logged] == [1] and math.isfinite(logged[0]["loss"])
+  # Resumable: rerun with a learning rate that works, it starts over and finishes.
+  assert cli.main(["train", f"--config={TINY}:meta", "--config.optim.lr=0.001", "--allow_changed=optim.lr", *last,
+                   f"--workdir={workdir}"]) == 0
+  with open(os.path.join(workdir, checkpoints.RESULTS_FILE)) as f:
+    assert math.isfinite(json.load(f)["loss"])
+
+
 # --- A finished run whose modules were lost ----------------------------------
 
 def test_a_finished_run_with_missing_or_damaged_modules_exports_them_again(capsys, runs, meta_copy):
@@ -372,31 +398,52 @@ def test_a_finished_run_with_missing_or_damaged_modules_exports_them_again(capsy
 # --- Two writers -----------------------------------------------------------------
 
 def test_a_second_writer_on_a_live_run_directory_is_refused(capsys, tmp_path):
+  """A live holder (a process holding the lock as a run does, heartbeat and all): a train on its directory stops with
+  one line naming it, and leaves the lock alone. Once the holder is killed (no chance to remove its lock), the next
+  train takes the lock over at once."""
   work = str(tmp_path / "live")
-  args = [f"--config={TINY}:meta", "--config.total_steps=1000", "--config.checkpoint_every_steps=500",
-          "--config.log_every_steps=1"]
-  first = subprocess.Popen([sys.executable, "-m", "modassem", "train", *args, f"--workdir={work}"], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom modassem import lock\n"
+                             f"with lock.writer({work!r}):\n  print('held', flush=True)\n  time.sleep(600)"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   lock_file = os.path.join(work, "lock.json")
   try:
-    deadline = time.time() + 300
-    while not os.path.exists(lock_file) and first.poll() is None and time.time() < deadline:
-      time.sleep(0.05)
-    assert first.poll() is None, first.communicate()[1][-3000:]
-    line = cli_error(capsys, "train", *args, f"--workdir={work}")
-    assert_names(line, f"{work} is being written by another run (pid {first.pid} on ", "last heartbeat",
-                 "wait for it to end")
-    assert first.poll() is None, "the first run ended before the second one was refused"
-    first.send_signal(signal.SIGTERM)   # no need to train it to the end: it saves where it is and stops
-    out, err = first.communicate(timeout=600)
+    assert holder.stdout.readline().strip() == "held", holder.communicate()[1][-3000:]
+    held = {k: v for k, v in json.load(open(lock_file)).items() if k != "heartbeat"}
+    line = cli_error(capsys, "train", f"--config={TINY}:meta", f"--workdir={work}")
+    assert_names(line, f"{work} is being written by another run (pid {holder.pid} on {socket.gethostname()}",
+                 "last heartbeat", "wait for it to end")
+    assert holder.poll() is None
+    assert {k: v for k, v in json.load(open(lock_file)).items() if k != "heartbeat"} == held
   finally:
-    first.kill()
-  assert first.returncode == 75, err[-3000:]
-  # The first run went on unharmed: one record per logged step up to where it stopped, and its lock is gone.
-  stopped = int(err.split("stopped by SIGTERM at step ")[1].split("/")[0])
-  with open(os.path.join(work, "metrics.jsonl")) as f:
-    assert [r["step"] for r in map(json.loads, f) if r["kind"] == "train"] == list(range(1, stopped + 1))
+    holder.kill()
+    holder.wait()
+  capsys.readouterr()
+  with lock.writer(work):
+    assert json.load(open(lock_file))["pid"] == os.getpid()
+  assert "took over the lock of a run that is gone" in capsys.readouterr().out
   assert not os.path.exists(lock_file)
+
+
+@pytest.mark.parametrize("age, taken", [(2 * lock.LEASE_S, True), (0.0, False)])
+def test_a_lock_under_a_live_pid_is_taken_over_once_its_heartbeat_is_stale(tmp_path, age, taken):
+  """After a container's restart the new run may have the crashed one's PID (PID 1, or a reused id): the holder's
+  process is alive (here: this very process), and only its heartbeat tells that it has stopped."""
+  work = tmp_path / "restarted"
+  work.mkdir()
+  now = time.time()
+  ghost = {"host": socket.gethostname(), "pid": os.getpid(), "since": now - 3600, "heartbeat": now - age}
+  (work / "lock.json").write_text(json.dumps(ghost))
+  said = []
+  if taken:
+    with lock.writer(str(work), say=said.append):
+      assert json.loads((work / "lock.json").read_text())["since"] > ghost["since"]
+    assert len(said) == 1 and "took over the lock of a run that is gone" in said[0], said
+    assert not (work / "lock.json").exists()
+  else:
+    with pytest.raises(ModassemError, match="is being written by another run"):
+      with lock.writer(str(work), say=said.append):
+        pass
+    assert json.loads((work / "lock.json").read_text()) == ghost
 
 
 def test_the_lock_of_a_run_that_is_gone_is_taken_over(capsys, meta_copy):
