@@ -8,9 +8,8 @@ of two runs started together one gets it and the other stops with a one-line
 error naming the holder. The holder
 refreshes its heartbeat every `HEARTBEAT_S` seconds and removes the file when
 it ends. A lock left by a crashed run does not block its rerun: it is stale
-when its holder is a process of this host that no longer exists, or when its
-heartbeat is older than `LEASE_S` seconds (a holder on another host), and is
-then taken over. A multi-process run is one writer: process 0 holds the lock
+when its heartbeat is older than `LEASE_S` seconds, or at once when its holder
+is a process of this host that no longer exists, and is then taken over. A multi-process run is one writer: process 0 holds the lock
 for all of them.
 
 Written by hand because neither Orbax nor etils offers a lease on a
@@ -53,15 +52,20 @@ def _ours(holder: dict | None) -> bool:
 
 
 def _alive(holder: dict) -> bool:
-  if holder.get("host") == socket.gethostname():
+  """Whether the holder still writes: its heartbeat is fresh, and on this host its process exists too.
+
+  The heartbeat decides on this host as well: a process id is no identity across restarts (a container restarted
+  after SIGKILL runs as PID 1 again, and ids are reused), so a live process under the holder's id whose heartbeat
+  has stopped is another process, and the lock is stale."""
+  fresh = time.time() - float(holder.get("heartbeat", 0.0)) < LEASE_S
+  if fresh and holder.get("host") == socket.gethostname():
     try:
       os.kill(int(holder.get("pid", -1)), 0)
     except ProcessLookupError:
-      return False
+      return False   # gone (as after kill -9): no need to wait out the lease
     except (PermissionError, ValueError, OverflowError):
       pass   # a process of another user: it exists
-    return True
-  return time.time() - float(holder.get("heartbeat", 0.0)) < LEASE_S
+  return fresh
 
 
 def _describe(holder: dict) -> str:
@@ -93,7 +97,7 @@ class _Lock:
         if _alive(holder):
           raise ModassemError(f"{self.workdir} is being written by another run ({_describe(holder)}): "
                               f"wait for it to end, or stop it; a crashed run's lock ({self.path}) is taken over "
-                              f"once its process is gone, or {LEASE_S:.0f} s after its last heartbeat") from None
+                              f"{LEASE_S:.0f} s after its last heartbeat, or as soon as its process is gone") from None
         # Stale. Two runs taking over the same stale lock at once is a race this does not close; then the
         # second one's exclusive create fails and it reads the first as the holder.
         stale = holder
