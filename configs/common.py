@@ -56,6 +56,9 @@ def get_config(preset: str, phase: str, *, num_modules: int = 4, assemble_drop_p
   c.module = "all"
   c.meta = ""
   c.modules = ""
+  # Assembly stacks modules that grew in one meta model: incubation runs of different meta runs are refused unless
+  # this is set (recorded in the run's config.json).
+  c.allow_mixed_meta = False
   # m2mKD: an incubation run learns from a trained teacher's module i in slot i of the same meta model as well
   # as from the labels. `teacher` is a finished run directory (assembled, e2e or imported) cut into the same K
   # modules; "" is plain incubation. Loss: (1 - alpha) * CE + alpha * tau^2 * KL(teacher || student) / (B * classes).

@@ -42,7 +42,10 @@ FREE_FIELDS = frozenset({
 
 # Config fields added after runs could already be started: a config.json without one was written by a run that
 # had this value (so resuming it with the value is no change).
-ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0, "stitch": False, "mixup_group": 0}
+ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0, "stitch": False, "mixup_group": 0,
+                "allow_mixed_meta": False}
+# Fields that name other runs: recorded absolute (`files.absolute`).
+PATH_FIELDS = ("meta", "modules", "teacher")
 
 
 def arch_of(config) -> dict:
@@ -112,6 +115,8 @@ def check_config(workdir: str, config, allow_changed=()) -> list[str]:
   if old is None:
     return []
   old, missing = {**ADDED_FIELDS, **_flat(old)}, object()
+  # Runs of older versions recorded run paths as typed, relative to where their command ran (as a resume runs).
+  old.update({f: files.absolute(old[f]) for f in PATH_FIELDS if isinstance(old.get(f), str)})
   changed = sorted(f for f in set(old) | set(new) if old.get(f, missing) != new.get(f, missing))
   refused = [f for f in changed if f not in FREE_FIELDS and f not in allow_changed]
   if refused:
@@ -127,6 +132,12 @@ def check_config(workdir: str, config, allow_changed=()) -> list[str]:
 
 def state_dir(workdir) -> files.Path:
   return files.path(workdir) / "checkpoints"
+
+
+def has_checkpoint(workdir) -> bool:
+  """Whether the run in `workdir` has saved a train state (a step folder under checkpoints/), whole or not."""
+  d = state_dir(workdir)
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
 def manager(workdir: str, config) -> ocp.CheckpointManager:

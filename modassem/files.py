@@ -43,6 +43,35 @@ def path(p) -> epath.Path:
   return epath.Path(s if is_remote(s) else os.path.abspath(s))
 
 
+def absolute(value: str) -> str:
+  """Comma-separated run paths as a run records them: local ones absolute, URLs as given, so that the record names
+  the same runs wherever it is read from."""
+  parts = [x.strip() for x in str(value).split(",")]
+  return ",".join(x if not x or is_remote(x) else os.path.abspath(x) for x in parts)
+
+
+def recorded(p: str, run_dir) -> str:
+  """A run path that the run in `run_dir` recorded (in run.json or config.json), to read it from anywhere.
+
+  Runs record absolute paths (or URLs). Runs of older versions recorded them as typed: a relative one is taken
+  against the run directory that recorded it where that exists, else against the working directory, where such a
+  run's command ran."""
+  p = str(p)
+  if not p or is_remote(p) or os.path.isabs(p):
+    return p
+  if not is_remote(run_dir):
+    beside = os.path.normpath(os.path.join(os.path.abspath(os.fspath(run_dir)), p))
+    if os.path.exists(beside):
+      return beside
+  return os.path.abspath(p)
+
+
+def same_run(a: str, b: str) -> bool:
+  """Whether two absolute run paths (or URLs) name the same run directory."""
+  key = lambda p: os.path.normpath(p).rstrip("/") if is_remote(p) else os.path.realpath(p)
+  return key(a) == key(b)
+
+
 def join(base, *parts) -> str:
   """`base/parts...` as a string, relative where `base` is (for names shown to the user)."""
   return os.fspath(epath.Path(base).joinpath(*parts))

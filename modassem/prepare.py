@@ -9,6 +9,7 @@ restored) straight into them; the step is jitted with its state donated.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -256,10 +257,41 @@ def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
   return total, min(int(warmup), total)
 
 
+def with_absolute_paths(config):
+  """A copy of `config` whose run paths (`checkpoints.PATH_FIELDS`) are absolute, as the run records them."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for f in checkpoints.PATH_FIELDS:
+      if isinstance(config.get(f), str):
+        config[f] = files.absolute(config[f])
+  return config
+
+
+def check_one_meta(config, dirs: list[str]) -> None:
+  """The incubation runs an assembly stacks grew their modules in one meta model, the method's premise: sources of
+  different meta runs are refused, naming both, unless `allow_mixed_meta` is set."""
+  if config.get("allow_mixed_meta", False):
+    return
+  seen = []   # (incubation run, its meta run), one per meta run
+  for d in dict.fromkeys(dirs):
+    run = files.read_json(files.path(d) / checkpoints.RUN_FILE) or {}
+    meta = (run.get("sources") or [""])[0] if run.get("phase") == "incubate" else ""
+    if not meta:
+      continue   # not an incubation run: loading its modules names what is wrong
+    meta = files.recorded(meta, d)
+    if not any(files.same_run(meta, m) for _, m in seen):
+      seen.append((d, meta))
+  if len(seen) > 1:
+    (a, ma), (b, mb) = seen[:2]
+    raise ModassemError(f"the module sources grew in different meta runs: {a} in {ma}, {b} in {mb}: assemble modules "
+                        "incubated in one meta run, or pass --config.allow_mixed_meta=True to stack them anyway")
+
+
 def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   """Checks `config` and reads what the run builds on; `load_sources=False` skips assembly's module
-  sources (evaluating a run restores its own parameters)."""
+  sources (evaluating a run restores its own parameters). The Setup's config has absolute run paths."""
   check_numbers(config)
+  config = with_absolute_paths(config)
   if workdir is not None:
     checkpoints.check_not_a_file(workdir)
   plan = phases.make_plan(config)
@@ -295,10 +327,32 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
                           "meta run", arch=plan.meta_arch)
     frozen.update(teacher)
   elif plan.phase == "assemble" and load_sources:
-    dirs = module_sources(config, plan)
-    sources = load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths, dirs,
-                           "module source")
+    if workdir is not None and checkpoints.has_checkpoint(workdir):
+      # A resume starts from its own checkpoint: the incubation runs are not read (they may have moved), only
+      # their shapes stand in for them; `assembly_sources` reads them if no checkpoint reads back whole.
+      sources = abstract_sources(config, plan, mesh, model_of)
+    else:
+      check_one_meta(config, module_sources(config, plan))
+      sources = read_sources(config, plan, mesh, model_of)
   return Setup(config, plan, dataset, mesh, model_of, run, total, warmup, frozen, sources)
+
+
+def read_sources(config, plan: Plan, mesh, model_of) -> dict:
+  """Assembly's modules, one from each incubation run of `config.modules`, checked and placed on the mesh."""
+  return load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths,
+                      module_sources(config, plan), "module source")
+
+
+def abstract_sources(config, plan: Plan, mesh, model_of) -> dict:
+  """The shapes and shardings of what `read_sources` returns, without reading anything."""
+  abstract = abstract_params(model_of(plan.depths, scan=False))
+  modules = {module_name(k): placed(abstract[module_name(k)], mesh, config) for k in range(plan.num_modules)}
+  return placed(jax.eval_shape(stack_blocks, modules), mesh, config) if phases.scans(config) else modules
+
+
+def sources_are_read(s: Setup) -> bool:
+  return s.sources is not None and not any(isinstance(x, jax.ShapeDtypeStruct)
+                                           for x in jax.tree_util.tree_leaves(s.sources))
 
 
 def place_batch(batch: dict, shard) -> dict:

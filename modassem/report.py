@@ -44,17 +44,17 @@ def _key(path: str) -> str:
   return os.path.normpath(path) if files.is_remote(path) else os.path.realpath(path)
 
 
-def _resolve(path: str, given: dict, what: str) -> str:
-  """A run that another run names in its config.json: as written, or one of the given runs with the same path tail
-  (a run directory moved, or named relative to where its command ran)."""
-  if files.path(path).is_dir():
-    return path
-  tail = os.path.normpath(path).lstrip("./")
+def _resolve(path: str, given: dict, what: str, base: str) -> str:
+  """A run that the run in `base` names in its config.json: where it was recorded (`files.recorded`), or one of the
+  given runs whose path ends in the same path components (a run directory moved, or a copy of a run elsewhere)."""
+  full = files.recorded(path, base)
+  if files.path(full).is_dir():
+    return full
+  parts = [x for x in os.path.normpath(path).split("/") if x not in ("", ".")]
   for d in given:
-    if os.path.normpath(d).endswith(tail):
+    if parts and [x for x in os.path.normpath(d).split("/") if x][-len(parts):] == parts:
       return d
-  raise ModassemError(f"{what} {path} (from its {CONFIG_FILE}) is not found: pass that run's directory too, or run "
-                      "this from the directory its command ran in")
+  raise ModassemError(f"{what} {path} (from its {CONFIG_FILE}) is not found: pass that run's directory too")
 
 
 def _combined(incubations: list[dict]) -> dict:
@@ -75,15 +75,23 @@ def _chain(asm: dict, given: dict) -> dict:
   listed = [s for s in str(asm["config"].get("modules", "")).split(",") if s]
   incs = []
   for s in listed:
-    d = _resolve(s, given, f"the incubation run of {asm['dir']}")
+    d = _resolve(s, given, f"the incubation run of {asm['dir']}", asm["dir"])
     if _key(d) not in {_key(i["dir"]) for i in incs}:
       incs.append(given.get(_key(d)) or _read(d))
   if not incs:
     raise ModassemError(f"{asm['dir']} names no incubation runs in its {CONFIG_FILE}: it is not an assembly of "
                         "incubated modules")
-  meta_dir = _resolve(str(incs[0]["config"].get("meta", "")), given, f"the meta run of {incs[0]['dir']}")
+  metas = []
+  for inc in incs:
+    m = _resolve(str(inc["config"].get("meta", "")), given, f"the meta run of {inc['dir']}", inc["dir"])
+    if not any(_key(m) == _key(x) for x in metas):
+      metas.append(m)
+  if len(metas) > 1 and not asm["config"].get("allow_mixed_meta", False):
+    raise ModassemError(f"{asm['dir']} stacks modules of {len(metas)} meta runs ({', '.join(metas)}) without "
+                        "allow_mixed_meta: it is not an assembly modassem made; report the runs of one chain")
+  meta_dir = metas[0]
   teachers = {str(i["config"].get("teacher", "")) for i in incs}
-  return {"meta": given.get(_key(meta_dir)) or _read(meta_dir), "incubate": incs, "assemble": asm,
+  return {"meta": given.get(_key(meta_dir)) or _read(meta_dir), "metas": metas, "incubate": incs, "assemble": asm,
           "teacher": next(iter(teachers)) if len(teachers) == 1 else ",".join(sorted(teachers))}
 
 
@@ -109,7 +117,7 @@ def collect(run_dirs: list[str]) -> tuple[dict, dict, str | None]:
       raise ModassemError("two assemblies are compared when one is of modules incubated with a teacher (m2mKD) and "
                           "the other without: pass one assembly run, or such a pair")
   used = {_key(r["dir"]) for c in chains for r in [c["meta"], c["assemble"], *c["incubate"]]} | {
-      _key(r["dir"]) for r in e2e}
+      _key(r["dir"]) for r in e2e} | {_key(m) for c in chains for m in c["metas"]}
   stray = [r["dir"] for k, r in given.items() if k not in used]
   if stray:
     raise ModassemError(f"{stray[0]} is not part of the reported assembly's chain (its meta and incubation runs) nor "
@@ -120,6 +128,8 @@ def collect(run_dirs: list[str]) -> tuple[dict, dict, str | None]:
                     asm: chain["assemble"]["results"]})
     dirs.update({"meta": chain["meta"]["dir"], inc: [i["dir"] for i in chain["incubate"]],
                  asm: chain["assemble"]["dir"]})
+  if len(chains[0]["metas"]) > 1:
+    dirs["meta_runs"] = chains[0]["metas"]   # stacked with allow_mixed_meta
   if e2e:
     results["e2e"], dirs["e2e"] = e2e[0]["results"], e2e[0]["dir"]
   return results, dirs, chains[0]["teacher"] or None
@@ -164,6 +174,7 @@ def make_report(results: dict, dirs: dict, teacher: str | None = None) -> dict:
   report = {
       "phases": phases,
       "meta_shared": shared,
+      "meta_runs": list(dirs.get("meta_runs") or [phases["meta"]["workdir"]]),
       "incubated_modules": {k: v for k, v in results["incubate"].items() if k.startswith("module_")},
       "assembled": {"top1": phases["assemble"]["top1"], "top5": phases["assemble"]["top5"],
                     "train_flops": method_flops, "wall_s": method_wall},
@@ -207,6 +218,9 @@ def report_markdown(r: dict) -> str:
                    "equal-FLOPs comparison (`modassem pipeline` gives e2e the method's FLOPs).")
   else:
     lines += ["", "No end-to-end run given: pass one to compare with."]
+  if len(r.get("meta_runs", [])) > 1:
+    lines.append(f"The modules grew in {len(r['meta_runs'])} meta runs ({', '.join(r['meta_runs'])}), stacked with "
+                 "allow_mixed_meta; the method's FLOPs count the first one's training.")
   if r.get("meta_shared"):
     lines.append(f"The meta run {r['phases']['meta']['workdir']} was shared: trained once, outside this chain's "
                  "folder, and its training FLOPs counted in the method's budget as if it had been trained here.")

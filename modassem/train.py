@@ -63,7 +63,7 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
   `preempt.Preempted`.
   """
   s = prepare.setup(config, workdir)
-  changed = checkpoints.check_config(workdir, config, tuple(allow_changed))
+  changed = checkpoints.check_config(workdir, s.config, tuple(allow_changed))
   with lock.writer(workdir, say=say), preempt.handling() as stop:
     return _train(s, workdir, changed, stop)
 
@@ -105,7 +105,13 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   if latest is not None:
     say(f"{workdir}: resuming {s.plan.phase} from step {latest}/{s.total_steps}")
   else:
+    if s.sources is not None and not prepare.sources_are_read(s):
+      # A resume of an assembly whose checkpoints were all damaged: it starts over from its incubation runs.
+      s.sources = prepare.read_sources(s.config, s.plan, s.mesh, s.model_of)
+      init_fn = prepare.state_spec(s)[2]
     state = init_fn(key)
+  # Assembly's loaded modules are in the state now: the step holds no second copy of them.
+  s.sources, init_fn = None, None
   start = int(latest or 0)
   wall_before = writer.resume(start)
   writer.write(start, "setup", {k: v for k, v in info.items()

@@ -108,3 +108,25 @@ def test_load_picks_one_hybrid_from_a_run_that_incubated_every_module(pipeline_d
     modassem.load(inc, module=7)
   with pytest.raises(ModassemError, match="a meta run"):
     modassem.load(meta, module=1)
+
+
+def test_runs_started_with_relative_paths_are_read_from_anywhere(runs, monkeypatch, tmp_path):
+  """An incubation started from one folder with relative --config.meta and --workdir records its meta run
+  absolute: `modassem.load` from another folder finds the meta modules of its hybrid, and config.json names the
+  meta run wherever it is read."""
+  import modassem  # pylint: disable=g-import-not-at-top
+  meta = runs["meta"]
+  monkeypatch.chdir(os.path.dirname(meta))
+  assert cli.main(["train", f"--config={TINY}:incubate", f"--config.meta={os.path.basename(meta)}",
+                   "--config.module=1", "--workdir=relative_inc"]) == 0
+  inc = os.path.join(os.path.dirname(meta), "relative_inc")
+  monkeypatch.chdir(tmp_path)
+  with open(os.path.join(inc, "config.json")) as f:
+    assert json.load(f)["meta"] == meta
+  with open(os.path.join(inc, "run.json")) as f:
+    assert json.load(f)["sources"] == [meta]
+  _, params = modassem.load(inc)
+  _, theirs = modassem.load(runs["inc_1"])   # the same incubation, started with absolute paths
+  for k in range(4):
+    for a, b in zip(jax.tree.leaves(params[f"module_{k}"]), jax.tree.leaves(theirs[f"module_{k}"]), strict=True):
+      np.testing.assert_array_equal(a, b)

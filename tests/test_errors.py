@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, run_cli, tiny
-from modassem import checkpoints, cli, lock, prepare, train
+from modassem import checkpoints, cli, lock, prepare, report, train
 from modassem.errors import ModassemError
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -255,6 +255,35 @@ def test_eval_of_a_directory_that_does_not_exist(capsys, tmp_path):
   line = cli_error(capsys, "eval", f"--config={TINY}:meta", f"--workdir={workdir}")
   assert_names(line, f"{workdir} is not a run directory")
   assert not os.path.exists(workdir)
+
+
+def test_an_assembly_of_modules_from_different_meta_runs_is_refused_unless_allowed(capsys, runs, tmp_path):
+  """Module 1 from an incubation run that grew in another meta run (a copy of the meta run, and an incubation run
+  that names it): refused in one line naming both; with allow_mixed_meta the assembly runs, says so in its
+  config.json, and its report names both meta runs."""
+  other_meta, other_inc = str(tmp_path / "other_meta"), str(tmp_path / "other_inc")
+  shutil.copytree(runs["meta"], other_meta)
+  shutil.copytree(runs["inc_all"], other_inc)
+  for name, key, value in (("run.json", "sources", [other_meta]), ("config.json", "meta", other_meta)):
+    path = os.path.join(other_inc, name)
+    with open(path) as f:
+      record = json.load(f)
+    record[key] = value
+    with open(path, "w") as f:
+      json.dump(record, f)
+  modules = "--config.modules=" + ",".join([runs["inc_all"], other_inc, runs["inc_all"], runs["inc_all"]])
+  line = train_error(capsys, tmp_path, f"{TINY}:assemble", modules, sources=[runs["inc_all"], other_inc])
+  assert_names(line, "the module sources grew in different meta runs", f"{runs['inc_all']} in {runs['meta']}",
+               f"{other_inc} in {other_meta}", "--config.allow_mixed_meta=True")
+  work = str(tmp_path / "mixed")
+  assert cli.main(["train", f"--config={TINY}:assemble", modules, "--config.allow_mixed_meta=True",
+                   f"--workdir={work}"]) == 0
+  with open(os.path.join(work, "config.json")) as f:
+    assert json.load(f)["allow_mixed_meta"] is True
+  r = report.write([work], str(tmp_path / "report"))
+  assert r["meta_runs"] == [runs["meta"], other_meta]
+  with open(tmp_path / "report" / "report.md") as f:
+    assert f"The modules grew in 2 meta runs ({runs['meta']}, {other_meta})" in f.read()
 
 
 # --- A loss that is not finite ----------------------------------------------

@@ -61,7 +61,8 @@ def test_a_hand_run_demo_with_one_incubation_run_per_module(hand_run, capsys):
   inc = r["phases"]["incubate"]
   assert inc["train_flops"] == 4e10 and inc["wall_s"] == 20.0 and inc["steps"] == 40
   assert inc["top1"] == pytest.approx(41.5) and inc["top5"] == pytest.approx(81.5)
-  assert inc["workdir"] == ",".join(f"runs/demo/inc{k}" for k in range(4))
+  # Recorded relative by an older modassem, from where its commands ran: found from there, and named absolute.
+  assert inc["workdir"] == ",".join(str(hand_run / f"inc{k}") for k in range(4))
   assert r["incubated_modules"]["module_3/top1"] == 43.0
   assert r["assembled"]["train_flops"] == pytest.approx(9e10)
   assert r["top1_gain"] == pytest.approx(5.0)
@@ -90,3 +91,15 @@ def test_what_cannot_be_reported_is_one_line(hand_run, capsys, args, needle):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("modassem report: error: ") and needle in err[0], err
   assert not (hand_run / "report.json").exists()
+
+
+def test_a_run_named_by_another_is_matched_by_whole_path_components(tmp_path):
+  """A recorded run that is not where it was recorded is looked for among the given runs by its last path
+  components: whole components, leading dots kept, never a same-named folder's tail."""
+  given = {str(tmp_path / "x" / n / "meta"): None for n in ("ab", "hidden", "b2")}
+  given[str(tmp_path / "y" / "runs" / "meta")] = None
+  where = str(tmp_path / "elsewhere" / "inc")
+  assert report._resolve("runs/meta", given, "the meta run of inc", where) == str(tmp_path / "y" / "runs" / "meta")
+  for recorded in ("b/meta", ".hidden/meta", "2/meta"):
+    with pytest.raises(report.ModassemError, match=f"the meta run of inc {recorded} .* is not found"):
+      report._resolve(recorded, given, "the meta run of inc", where)

@@ -3,6 +3,7 @@ stopped, bit for bit: SIGTERM (preemption) and Ctrl-C save a checkpoint where th
 SIGKILL loses what came after the last checkpoint; a latest checkpoint cut short is moved aside and the one before
 it used. (Two processes preempted together: test_multiprocess.py.)"""
 
+import gc
 import os
 import random
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import jax
 import numpy as np
@@ -210,3 +212,41 @@ def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_p
   _assert_same(_params(work), reference)
   assert cli.main([*RUN, f"--workdir={work}", f"--config.checkpoint_every_steps={every}"]) == 0
   assert "already finished" in capsys.readouterr().out
+
+
+def test_an_assembly_resumes_without_its_incubation_runs_and_holds_no_second_copy_of_them(
+    pipeline_dir, tmp_path, monkeypatch, capsys):
+  """An assembly of a copy of the session pipeline's incubation run, stopped after step 3 (by a stop request, as
+  SIGTERM makes one): once its state is initialised, the modules it read are gone from memory (weak references
+  to them are dead when the loop starts); resumed after the incubation run has moved away, it ends at the session
+  pipeline's assembly, bit for bit."""
+  inc = str(tmp_path / "incubate")
+  shutil.copytree(os.path.join(pipeline_dir, "incubate"), inc)
+  work = str(tmp_path / "assemble")
+  argv = ["train", f"--config={TINY}:assemble", f"--config.modules={','.join([inc] * 4)}", f"--workdir={work}"]
+  read, alive_at_loop = [], []
+  real_read, real_loop = train.prepare.read_sources, train._loop
+
+  def read_sources(*args):
+    out = real_read(*args)
+    read.extend(weakref.ref(x) for x in jax.tree_util.tree_leaves(out))
+    return out
+
+  def loop(s, compiled, state, start, key, mngr, writer, wall_before, stop, info):
+    gc.collect()
+    alive_at_loop.append(sum(r() is not None for r in read))
+    stop.requested = lambda step: (setattr(stop, "signame", "SIGTERM") or True) if step == 3 else False
+    return real_loop(s, compiled, state, start, key, mngr, writer, wall_before, stop, info)
+
+  monkeypatch.setattr(train.prepare, "read_sources", read_sources)
+  monkeypatch.setattr(train, "_loop", loop)
+  assert cli.main(argv) == 75
+  assert read and alive_at_loop == [0], (len(read), alive_at_loop)
+  assert _steps(work) == [3]
+
+  shutil.move(inc, str(tmp_path / "moved"))
+  monkeypatch.setattr(train, "_loop", real_loop)
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  assert "resuming assemble from step 3/6" in capsys.readouterr().out
+  _assert_same(_params(work), _params(os.path.join(pipeline_dir, "assemble")))

@@ -116,7 +116,7 @@ def model_from_run(run_dir: str, module: int | None = None) -> Model:
                           f"{run['stitches']['meta']['width']}, joined by stitch layers that no official layout "
                           "holds: load or export the assembly of these modules instead")
     depths = [run["depths"][i] if k == i else 1 for k in range(num)]
-    meta = (run.get("sources") or [""])[0]
+    meta = files.recorded((run.get("sources") or [""])[0], run_dir)
     mods = _load_modules(run_dir, run, [i], depths, "run")
     others = [k for k in range(num) if k != i]
     if meta and files.path(meta).is_file():
