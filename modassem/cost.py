@@ -29,7 +29,7 @@ import time
 
 import jax
 
-from modassem import checkpoints, config as config_lib, files, flags, phases, prepare, sharding
+from modassem import checkpoints, checks, config as config_lib, files, flags, phases, prepare, sharding
 from modassem.errors import ModassemError
 from modassem.models.vit import abstract_params, unstack_blocks
 
@@ -173,7 +173,7 @@ def phase_step_flops(config, total_steps: int, warmup_steps: int) -> float:
   """FLOPs of one train step of `config`, from its lowered step; reads no data, allocates no parameters."""
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
-  prepare.check_config(config, plan, mesh.size, load_sources=False)
+  checks.check_config(config, plan, mesh.size, load_sources=False)
   if plan.phase == "incubate" and config.get("teacher", ""):
     # m2mKD: the teacher hybrid's forward pass is part of every incubation step.
     plan = dataclasses.replace(plan, teacher_depths=teacher_cut(config, plan))

@@ -1,5 +1,5 @@
-"""A run before its first step: the config checked, the runs it builds on read and placed on the mesh, the
-sharded state's init, and the train step lowered against abstract values.
+"""A run before its first step: the config checked (`checks.py`), the runs it builds on read and placed on the
+mesh, the sharded state's init, and the train step lowered against abstract values.
 
 Set-up reads and checks everything (config, data, the runs this one builds
 on) before anything is written, so bad input leaves no trace in a run
@@ -12,20 +12,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from modassem import checkpoints, data as data_lib, files, phases, sharding, steps
+from modassem import checkpoints, checks, data as data_lib, files, phases, sharding, steps
 from modassem.distributed import say
 from modassem.errors import ModassemError
-from modassem.models.vit import REMAT_POLICIES, abstract_params, stack_blocks, unstack_blocks
+from modassem.models.vit import abstract_params, stack_blocks, unstack_blocks
 from modassem.optim import lr_schedule, make_optimizer
 from modassem.phases import Plan, module_name
 
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -46,84 +44,6 @@ class Setup:
   def eval_fn(self):
     # Built once per run: a fresh jit per evaluation would retrace every time.
     return jax.jit(functools.partial(steps.eval_step, plan=self.plan, model_of=self.model_of))
-
-
-# Numeric fields a user can set to a value no run can use: (field, lowest, highest, lowest allowed itself?).
-# Checked before anything is built, so `--config.optim.lr=nan` stops at once, not at the first NaN loss.
-_RANGES = (
-    ("optim.lr", 0.0, math.inf, False), ("optim.lr_base_batch", 0.0, math.inf, False),
-    ("optim.warmup_lr", 0.0, math.inf, True), ("optim.min_lr", 0.0, math.inf, True),
-    ("optim.weight_decay", 0.0, math.inf, True), ("optim.clip_norm", 0.0, math.inf, True),
-    ("optim.b1", 0.0, 1.0, True), ("optim.b2", 0.0, 1.0, True), ("optim.eps", 0.0, math.inf, False),
-    ("batch_size", 1, math.inf, True), ("eval_batch_size", 1, math.inf, True), ("accum_steps", 1, math.inf, True),
-    ("total_steps", 0, math.inf, True), ("warmup_steps", -1, math.inf, True), ("epochs", 0.0, math.inf, False),
-    ("warmup_epochs", 0.0, math.inf, True), ("log_every_steps", 1, math.inf, True),
-    ("checkpoint_every_steps", 1, math.inf, True), ("eval_every_steps", 0, math.inf, True),
-    ("keep_checkpoints", 1, math.inf, True), ("label_smoothing", 0.0, 1.0, True), ("mixup", 0.0, math.inf, True),
-    ("cutmix", 0.0, math.inf, True), ("mixup_prob", 0.0, 1.0, True), ("mixup_group", 0, math.inf, True),
-    ("mixup_switch_prob", 0.0, 1.0, True),
-    ("model.width", 1, math.inf, True), ("model.heads", 1, math.inf, True), ("model.depth", 1, math.inf, True),
-    ("model.patch", 1, math.inf, True), ("model.image_size", 1, math.inf, True),
-    ("model.num_classes", 1, math.inf, True), ("model.mlp_ratio", 0.0, math.inf, False),
-    ("model.drop_path", 0.0, 1.0, True), ("model.dropout", 0.0, 1.0, True), ("model.ln_eps", 0.0, math.inf, False),
-)
-
-
-def check_numbers(config) -> None:
-  """Each field of `_RANGES` is a finite number in its range (an int where the default is one)."""
-  for field, low, high, closed in _RANGES:
-    node = config
-    for part in field.split("."):
-      node = node.get(part) if node is not None and hasattr(node, "get") else None
-    if node is None:
-      continue
-    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
-      raise ModassemError(f"{field}={node!r} is not a finite number: pass one, e.g. --config.{field}=VALUE")
-    above = node >= low if closed else node > low
-    if not (above and node <= high):
-      bound = f"{'>=' if closed else '>'} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
-      raise ModassemError(f"{field}={node!r} is out of range: it must be {bound}")
-
-
-def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = True) -> None:
-  check_numbers(config)
-  m = config.model
-  if m.image_size % m.patch:
-    raise ModassemError(f"model.image_size={m.image_size} is not divisible by model.patch={m.patch}: "
-                        f"use an image size that is a multiple of {m.patch}")
-  if m.width % m.heads:
-    raise ModassemError(f"model.width={m.width} is not divisible by model.heads={m.heads}")
-  if m.get("attention", "auto") not in ("auto", "xla", "cudnn"):
-    raise ModassemError(f"model.attention={m.attention!r} is unknown: use auto, xla or cudnn")
-  if not isinstance(m.get("scan", False), bool):
-    raise ModassemError(f"model.scan={m.scan!r} is not a boolean: use True or False")
-  if m.get("remat", "none") not in REMAT_POLICIES:
-    raise ModassemError(f"model.remat={m.remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
-  if str(m.dtype) not in _DTYPES:
-    raise ModassemError(f"model.dtype={m.dtype!r} is unknown: use one of {', '.join(_DTYPES)}")
-  per = num_devices * config.accum_steps
-  if config.batch_size % per:
-    raise ModassemError(f"batch_size={config.batch_size} is not divisible by devices x accum_steps = "
-                        f"{num_devices} x {config.accum_steps}: use a multiple of {per}")
-  group = int(config.get("mixup_group", 0))
-  if (config.mixup > 0 or config.cutmix > 0) and 0 < group < config.batch_size and config.batch_size % group:
-    raise ModassemError(f"batch_size={config.batch_size} is not a multiple of mixup_group={group} (examples per "
-                        f"Mixup/CutMix draw): use a multiple of {group}, or set mixup_group to 0 (one draw per batch)")
-  if config.eval_batch_size % num_devices:
-    raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
-  if plan.phase == "incubate" and not config.meta:
-    raise ModassemError("incubation needs the meta run: pass --config.meta=WORKDIR_OF_THE_META_RUN")
-  if config.get("teacher", ""):
-    alpha, tau = config.distill.alpha, config.distill.tau
-    if not 0.0 <= alpha <= 1.0:
-      raise ModassemError(f"distill.alpha={alpha} is out of range: use a weight in [0, 1] (0.5 by default)")
-    if not tau > 0.0:
-      raise ModassemError(f"distill.tau={tau} must be positive (1.0 by default)")
-  if plan.phase == "assemble" and load_sources:
-    listed = [s for s in str(config.modules).split(",") if s]
-    if len(listed) != plan.num_modules:
-      raise ModassemError(f"config.modules lists {len(listed)} run(s), the model has {plan.num_modules} modules: "
-                          f"pass one incubation run per module, comma-separated, in module order")
 
 
 def module_sources(config, plan: Plan) -> list[str]:
@@ -290,13 +210,13 @@ def check_one_meta(config, dirs: list[str]) -> None:
 def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   """Checks `config` and reads what the run builds on; `load_sources=False` skips assembly's module
   sources (evaluating a run restores its own parameters). The Setup's config has absolute run paths."""
-  check_numbers(config)
+  checks.check_numbers(config)
   config = with_absolute_paths(config)
   if workdir is not None:
     checkpoints.check_not_a_file(workdir)
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
-  check_config(config, plan, mesh.size, load_sources=load_sources)
+  checks.check_config(config, plan, mesh.size, load_sources=load_sources)
   model_of = functools.partial(phases.model_for, config)
   teacher = {}
   if plan.phase == "incubate":
