@@ -1,7 +1,7 @@
 """Input pipelines: `build(config.data, image_size)` returns a `Dataset`.
 
 Sources (`data.name`):
-  digits: scikit-learn's 8x8 digits, built in (no files, no download); a
+  digits: scikit-learn's 8x8 digits, stored in modassem (no download); a
     fixed stratified 80/20 train/eval split. For demos and tests.
   folder: images in `data.path`/train/<class>/* and val/<class>/* (or
     test/<class>/*), the layout of the official Deep Incubation code.

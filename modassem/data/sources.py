@@ -111,7 +111,7 @@ def _fraction(data) -> float:
 
 
 def digits(data, image_size: int) -> IndexedSource:
-  """scikit-learn's 8x8 digits (ships with sklearn), upscaled in memory."""
+  """scikit-learn's 8x8 digits (stored in modassem: `DIGITS_FILE`), upscaled in memory."""
   labels, images = _digits_arrays(image_size)
   train_ids, eval_ids = digits_split(labels)
   train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data), int(data.get("subset_seed", 0)))
@@ -127,25 +127,36 @@ def digits(data, image_size: int) -> IndexedSource:
       eval_ids=eval_ids, load=load, eval_centre_crop=False)
 
 
+# scikit-learn's copy of the UCI optical digits (CC BY 4.0), and its stratified 80/20 split (`train_test_split`,
+# random_state=SPLIT_SEED), stored here: importing scikit-learn and SciPy to read 46 KB costs every process that
+# trains on the digits almost two seconds. tests/test_data.py checks the file against scikit-learn.
+DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_file() -> dict:
+  with np.load(DIGITS_FILE) as f:
+    return {k: f[k] for k in f.files}
+
+
 @functools.lru_cache(maxsize=2)
 def _digits_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """(labels, uint8 images at `image_size`), read-only; kept for the next build in this process (the phases of a
   pipeline, the runs of a test session), since upscaling the set takes most of a second."""
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  bunch = sk_datasets.load_digits()
-  labels = bunch.target.astype(np.int32)
-  images = _upscale_digits(bunch.images, image_size)
+  d = _digits_file()
+  labels = d["labels"].astype(np.int32)
+  images = _upscale_digits(d["images"], image_size)
   labels.flags.writeable = images.flags.writeable = False
   return labels, images
 
 
 def digits_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Fixed stratified 80/20 split of the digits ids, independent of any run."""
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  """Fixed stratified 80/20 split of the digits ids, independent of any run (scikit-learn's, as stored)."""
+  is_eval = _digits_file()["is_eval"]
+  if len(is_eval) != len(labels):
+    raise ValueError(f"{len(labels)} digit labels, {len(is_eval)} in the stored split")
   ids = np.arange(len(labels))
-  train_ids, eval_ids = model_selection.train_test_split(
-      ids, test_size=0.2, stratify=labels, random_state=SPLIT_SEED)
-  return np.sort(train_ids), np.sort(eval_ids)
+  return ids[~is_eval], ids[is_eval]
 
 
 def _upscale_digits(images: np.ndarray, size: int) -> np.ndarray:
