@@ -82,6 +82,21 @@ def test_digits_shapes_dtypes_and_normalisation(digits):
   assert eval_batch["mask"].dtype == np.float32
 
 
+def test_the_stored_digits_are_scikit_learns_with_its_stratified_split():
+  """modassem/data/digits.npz holds scikit-learn's digits and its `train_test_split` of them (stratified, 20 %
+  held out, random_state=SPLIT_SEED), so that training on the digits needs no scikit-learn."""
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  bunch = datasets.load_digits()
+  stored = np.load(sources.DIGITS_FILE)
+  np.testing.assert_array_equal(stored["images"], bunch.images)
+  np.testing.assert_array_equal(stored["labels"], bunch.target)
+  train_ids, eval_ids = model_selection.train_test_split(np.arange(1797), test_size=0.2, stratify=bunch.target,
+                                                         random_state=sources.SPLIT_SEED)
+  ours = sources.digits_split(bunch.target)
+  np.testing.assert_array_equal(ours[0], np.sort(train_ids))
+  np.testing.assert_array_equal(ours[1], np.sort(eval_ids))
+
+
 def test_digits_split_is_fixed_stratified_and_disjoint(digits):
   labels = digits.source.labels
   train_ids, eval_ids = sources.digits_split(labels)
@@ -405,3 +420,20 @@ def test_tfds_errors(tmp_path):
 def test_config_errors():
   assert "data.name" in _error(_config(name="imagenet"))
   assert "data.augment" in _error(_config(augment="randaugment"))
+
+
+def test_a_corrupt_tfrecord_file_is_one_error_naming_it(tmp_path):
+  """64 bytes zeroed in the middle of the train split's TFRecord file: TF's DataLossError names no file; the
+  error names it, and says to prepare the dataset again."""
+  from reads import write_tiny_tfds  # pylint: disable=g-import-not-at-top
+  root = write_tiny_tfds(str(tmp_path / "tfds"), "tfrecord")
+  train_file, = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if "-train.tfrecord" in f]
+  with open(train_file, "r+b") as f:
+    f.seek(os.path.getsize(train_file) // 2)
+    f.write(b"\0" * 64)
+  ds = data_lib.build(_config(name="tfds", tfds_name=TFDS_NAME, tfds_data_dir=root, augment="none"), image_size=8)
+  with pytest.raises(ModassemError) as e:
+    _take(ds.train_batches(10, seed=2), 3)
+  message = str(e.value)
+  assert message.startswith(f"the TFRecord file {train_file} is damaged (corrupted record at ")
+  assert "prepare the dataset again" in message and "\n" not in message

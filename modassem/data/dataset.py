@@ -237,7 +237,7 @@ class Dataset:
         yield from ds.as_numpy_iterator()
         e, first = e + 1, 0
 
-    return _named_errors(batches())
+    return _named_errors(batches(), self.source_files("train"))
 
   def eval_batches(self, batch_size: int, *, process_index: int = 0,
                    process_count: int = 1) -> Iterator[Batch]:
@@ -273,13 +273,23 @@ class Dataset:
     }).repeat(num_pad)
     ds = ds.concatenate(padding)
     ds = ds.batch(local, drop_remainder=True).prefetch(self.prefetch)
-    return _named_errors(ds.with_options(self._options()).as_numpy_iterator())
+    return _named_errors(ds.with_options(self._options()).as_numpy_iterator(), self.source_files("eval"))
+
+  def source_files(self, which: str) -> list[str]:
+    """The record files of the train or eval split, where the source reads records from files."""
+    files = getattr(self.source, "record_files", None)
+    return files(which) if files is not None else []
 
 
-def _named_errors(batches):
-  """`batches`, with a file that cannot be decoded reported as one ModassemError naming it."""
+def _named_errors(batches, record_files=()):
+  """`batches`, with a file that cannot be decoded, and a corrupt TFRecord file among `record_files`, reported as
+  one ModassemError naming it."""
   try:
     yield from batches
+  except tf().errors.DataLossError as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split("}}")[-1].strip()
+    raise ModassemError(f"{_corrupt_file(record_files)} is damaged ({first}): prepare the dataset again "
+                        "(`tfds build`), or restore the file from a copy") from None
   except tf().errors.InvalidArgumentError as e:
     message = sources.bad_image(e)
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -290,3 +300,24 @@ def _named_errors(batches):
     if message is None:
       raise
     raise ModassemError(message) from None
+
+
+# Checking every file costs a read of the whole split: done on the error path only, and only up to this size.
+_SCAN_BYTES = 4 << 30
+
+
+def _corrupt_file(record_files: list) -> str:
+  """The first of `record_files` whose records do not read back whole, found by reading them; the files' folder
+  where there are too many bytes to read, or none is found."""
+  if len(record_files) == 1:
+    return f"the TFRecord file {record_files[0]}"
+  t = tf()
+  if record_files and sum(t.io.gfile.stat(f).length for f in record_files) <= _SCAN_BYTES:
+    for f in record_files:
+      try:
+        for _ in t.data.TFRecordDataset(f):
+          pass
+      except t.errors.DataLossError:
+        return f"the TFRecord file {f}"
+  where = os.path.dirname(record_files[0]) if record_files else "the dataset"
+  return f"a TFRecord file of the {len(record_files)} in {where}"

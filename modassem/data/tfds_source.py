@@ -29,6 +29,7 @@ pipeline has dropped the records it skips.
 
 import dataclasses
 import functools
+import os
 
 import numpy as np
 
@@ -194,6 +195,12 @@ class TfdsSource:
   keep_ids: np.ndarray | None = None
   eval_centre_crop: bool = True
   random_access = False
+
+  def record_files(self, which: str) -> list[str]:
+    """The TFRecord files of the train or eval split, for naming a corrupt one."""
+    split = self.train_split if which == "train" else self.eval_split
+    info = self.builder.info.splits[split]
+    return [os.path.join(self.builder.data_dir, name) for name in info.filenames]
 
   def _read(self, split, shuffle_seed=None, add_tfds_id=False):
     return self.builder.as_dataset(
