@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _SCRATCH = tempfile.mkdtemp(prefix="modassem-tests-")
@@ -53,6 +54,9 @@ class _Job:
   returncode: int | None = None
   stdout: str = ""
   stderr: str = ""
+  start: float | None = None   # time.monotonic() at its start and end, for the session's timeline
+  end: float | None = None
+  waited: float = 0.0          # seconds tests spent waiting for it
 
 
 class Jobs:
@@ -82,11 +86,13 @@ class Jobs:
     for name in order:
       job = self._jobs[name]
       if not self._stopped:
+        job.start = time.monotonic()
         proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         self._procs.append(proc)
         job.stdout, job.stderr = proc.communicate()
         job.returncode = proc.returncode
+        job.end = time.monotonic()
       job.done.set()
 
   def modules(self) -> set:
@@ -96,9 +102,17 @@ class Jobs:
   def result(self, name: str, timeout: float = 1200) -> str:
     """The stdout of job `name` once it has finished; fails the test with its stderr if it failed."""
     job = self._jobs[name]
-    assert job.done.wait(timeout), f"{name} did not finish in {timeout} s"
+    t = time.monotonic()
+    finished = job.done.wait(timeout)
+    job.waited += time.monotonic() - t
+    assert finished, f"{name} did not finish in {timeout} s"
     assert job.returncode == 0, f"{name} failed:\n{job.stdout[-2000:]}\n{job.stderr[-3000:]}"
     return job.stdout
+
+  def timeline(self, t0: float) -> list[str]:
+    """Each job's start and end (seconds into the session) and how long tests waited for it."""
+    return [f"{name}: {job.start - t0:.0f} s to {job.end - t0:.0f} s ({job.end - job.start:.0f} s), tests waited "
+            f"{job.waited:.0f} s" for name, job in self._jobs.items() if job.start is not None and job.end is not None]
 
   def stop(self):
     self._stopped = True
@@ -121,6 +135,17 @@ def pytest_collection_modifyitems(session, config, items):
   needs = lambda item: (any(name in getattr(item, "fixturenames", ()) for name in _SESSION_RUNS)
                         or os.path.basename(str(item.fspath)) in waits)
   items.sort(key=needs)   # stable: file order otherwise
+
+
+_T0 = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter):
+  lines = JOBS.timeline(_T0)
+  if lines:
+    terminalreporter.write_sep("=", "background jobs")
+    for line in lines:
+      terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session, exitstatus):

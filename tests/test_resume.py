@@ -153,10 +153,10 @@ def _signal_during_a_save(work, signum, skip, delay, pid, running):
 
 
 def test_ctrl_c_during_asynchronous_saves_stops_the_same_way_every_time(reference, tmp_path, capsys):
-  """5 times at seeded moments, in this process (a real SIGINT, to this process's own handlers)."""
+  """3 times at seeded moments, in this process (a real SIGINT, to this process's own handlers)."""
   work, rng, stops = str(tmp_path / "run"), random.Random(0), []
   args = [*RUN, f"--workdir={work}", "--config.checkpoint_every_steps=4"]
-  for _ in range(5):
+  for _ in range(3):
     done = threading.Event()
     sender = threading.Thread(target=_signal_during_a_save, args=(
         work, signal.SIGINT, rng.randint(0, 1), rng.uniform(0, 0.01), os.getpid(), lambda: not done.is_set()))
@@ -179,11 +179,11 @@ def test_ctrl_c_during_asynchronous_saves_stops_the_same_way_every_time(referenc
 
 
 def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_path, capsys):
-  """SIGKILL 5 times, each in the rerun of the run killed before it, once it has committed a checkpoint of its own:
-  a seeded number of steps later, or (the third time) a seeded moment into its next asynchronous save. The last
+  """SIGKILL 3 times, each in the rerun of the run killed before it, once it has committed a checkpoint of its own:
+  a seeded number of steps later, or (the second time) a seeded moment into its next asynchronous save. The last
   rerun (here, in this process) finishes."""
   work, rng, every = str(tmp_path / "run"), random.Random(0), 4
-  for i in range(5):
+  for i in range(3):
     start = (_steps(work) or [0])[-1]
     proc = _start(work, every, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out, more = "", rng.randint(0, 4)
@@ -191,7 +191,7 @@ def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_p
       for line in proc.stdout:
         out += line
         if (_steps(work) or [0])[-1] > start:
-          if i == 2:
+          if i == 1:
             _signal_during_a_save(work, signal.SIGKILL, 0, rng.uniform(0, 0.01), proc.pid,
                                   lambda: proc.poll() is None)
             break
