@@ -85,7 +85,8 @@ def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mo
     frozen = {phases.module_name(k): meta[phases.module_name(k)] for k in phases.frozen_slots(plan)}
   if phase == "assemble":
     sources = _random_modules(model_of(plan.depths), jax.random.key(2), mesh, mode)
-  return prepare.Setup(config, plan, None, mesh, model_of, {}, 1000, 10, frozen, sources)
+  return prepare.Setup(config=config, plan=plan, dataset=None, mesh=mesh, model_of=model_of, run={}, total_steps=1000,
+                       warmup_steps=10, frozen=frozen, sources=sources)
 
 
 def measure(s: prepare.Setup, repeats: int) -> dict:

@@ -29,9 +29,9 @@ import time
 
 import jax
 
-from modassem import checkpoints, checks, config as config_lib, files, flags, phases, prepare, sharding
+from modassem import config as config_lib, files, flags, phases, prepare
 from modassem.errors import ModassemError
-from modassem.models.vit import abstract_params, unstack_blocks
+from modassem.models.vit import unstack_blocks
 
 
 # --- FLOPs of a step ----------------------------------------------------------
@@ -147,42 +147,10 @@ def phase_config(path: str, name: str, overrides: dict):
   return config
 
 
-def frozen_abstract(config, plan, mesh, model_of) -> dict:
-  """The frozen meta modules (and a teacher's) as shapes with shardings: the lowered step is the same as with real
-  ones."""
-  slots = phases.frozen_slots(plan)
-  abstract = abstract_params(model_of(plan.meta_depths))
-  out = {phases.module_name(k): prepare.placed(abstract[phases.module_name(k)], mesh, config) for k in slots}
-  if plan.teacher_depths is not None:
-    teacher = abstract_params(model_of(plan.teacher_depths))
-    out.update({phases.teacher_name(k): prepare.placed(teacher[phases.module_name(k)], mesh, config)
-                for k in plan.trained})
-  return out
-
-
-def teacher_cut(config, plan) -> tuple[int, ...]:
-  """The module depths of `config.teacher` for a plan: its run's, where it can be read; otherwise (a .pth, or a
-  teacher not trained yet) the target's own cut, a teacher of the same size."""
-  where = str(config.teacher)
-  run = None if where.endswith(".pth") else files.read_json(files.path(where) / checkpoints.RUN_FILE)
-  depths = tuple((run or {}).get("depths", ())) or tuple(plan.depths)
-  return prepare.check_teacher_cut(where, depths, plan)
-
-
 def phase_step_flops(config, total_steps: int, warmup_steps: int) -> float:
-  """FLOPs of one train step of `config`, from its lowered step; reads no data, allocates no parameters."""
-  plan = phases.make_plan(config)
-  mesh = sharding.make_mesh()
-  checks.check_config(config, plan, mesh.size, load_sources=False)
-  if plan.phase == "incubate" and config.get("teacher", ""):
-    # m2mKD: the teacher hybrid's forward pass is part of every incubation step.
-    plan = dataclasses.replace(plan, teacher_depths=teacher_cut(config, plan))
-  sharding.check_mode(config.sharding)
-  model_of = functools.partial(phases.model_for, config)
-  frozen = frozen_abstract(config, plan, mesh, model_of)
-  # sources=None: assembly from a fresh init compiles to the same step as from incubated modules.
-  s = prepare.Setup(config, plan, None, mesh, model_of, {}, total_steps, warmup_steps, frozen, None)
-  return train_step_flops(s)
+  """FLOPs of one train step of `config`, from its lowered step; reads no data, allocates no parameters. The step is
+  set up by the trainer's own code (`prepare.abstract_setup`), so a plan prices what a run trains."""
+  return train_step_flops(prepare.abstract_setup(config, total_steps, warmup_steps))
 
 
 def summarize(preset: str, num_modules: int, flops: dict, steps: dict) -> dict:

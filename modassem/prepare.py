@@ -26,9 +26,10 @@ from modassem.phases import Plan, module_name
 
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Setup:
-  """Everything a run needs, built and checked before anything is written."""
+  """Everything a run needs, built and checked before anything is written (`setup`), or its shapes alone
+  (`abstract_setup`: no data, no modules)."""
   config: Any
   plan: Plan
   dataset: Any
@@ -83,6 +84,32 @@ def meta_arch(config):
   return tuple((f, arch[f]) for f in STITCHED_FIELDS if f in arch)
 
 
+def plan_of(config) -> Plan:
+  """The whole plan of `config`'s run, the one place it is made: `phases.make_plan`'s, with what an incubation takes
+  from the runs it builds on: the meta run's architecture where stitch layers join it, and the teacher's cut."""
+  return _completed(config, phases.make_plan(config))
+
+
+def _completed(config, plan: Plan) -> Plan:
+  if plan.phase != "incubate":
+    return plan
+  plan = dataclasses.replace(plan, meta_arch=meta_arch(config))
+  if config.get("teacher", ""):
+    plan = dataclasses.replace(plan, teacher_depths=teacher_cut(config, plan))
+  return plan
+
+
+def teacher_cut(config, plan: Plan) -> tuple[int, ...]:
+  """The module depths of `config.teacher`: its run's, or an official .pth's; a run directory not trained yet (a
+  plan made before the teacher) has the target's own cut."""
+  where = str(config.teacher)
+  if where.endswith(".pth"):
+    from modassem import convert  # pylint: disable=g-import-not-at-top  (torch, only for a .pth teacher)
+    return check_teacher_cut(where, convert.pth_depths(where), plan)
+  run = files.read_json(files.path(where) / checkpoints.RUN_FILE)
+  return check_teacher_cut(where, (run or {}).get("depths") or plan.depths, plan)
+
+
 def check_teacher_cut(where: str, depths, plan: Plan) -> tuple[int, ...]:
   depths = tuple(int(d) for d in depths)
   if len(depths) != plan.num_modules:
@@ -92,17 +119,17 @@ def check_teacher_cut(where: str, depths, plan: Plan) -> tuple[int, ...]:
   return depths
 
 
-def load_teacher(config, plan: Plan, mesh, model_of) -> tuple[tuple[int, ...], dict]:
-  """(module depths, {teacher_k: module k placed on the mesh} for the trained slots) of `config.teacher`: a
-  finished run directory, or an official `.pth` imported on the fly with the checks of `modassem convert`."""
+def load_teacher(config, plan: Plan, mesh, model_of) -> dict:
+  """{teacher_k: module k placed on the mesh} for the trained slots, of `config.teacher` (cut as
+  `plan.teacher_depths`): a finished run directory, or an official `.pth` imported on the fly with the checks of
+  `modassem convert`."""
   where = str(config.teacher)
   meta = dict(plan.meta_arch or ())   # the teacher's modules sit in the meta model as they are: its width
+  depths = plan.teacher_depths
   if not where.endswith(".pth"):
-    run = files.read_json(files.path(where) / checkpoints.RUN_FILE)
-    if run is None:
+    if files.read_json(files.path(where) / checkpoints.RUN_FILE) is None:
       raise ModassemError(f"teacher {where!r} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir "
                           f"of a finished assembly, e2e or imported run, or an official .pth")
-    depths = check_teacher_cut(where, run.get("depths", []), plan)
     modules = load_modules(config, plan, mesh, model_of, plan.trained, depths, [where] * len(plan.trained), "teacher",
                            arch=meta)
   else:
@@ -110,7 +137,6 @@ def load_teacher(config, plan: Plan, mesh, model_of) -> tuple[tuple[int, ...], d
     expected = {**checkpoints.arch_of(config), **meta}
     # Heads and eps leave no trace in the weights: the teacher's are this model's (its shapes are checked below).
     model = convert.model_from_pth(where, heads=expected["heads"], ln_eps=expected["ln_eps"])
-    depths = check_teacher_cut(where, model.depths, plan)
     detail = checkpoints.arch_difference(model.arch, expected)
     if detail:
       raise ModassemError(f"teacher {where!r} has another architecture than this config ({detail}): pass a "
@@ -124,7 +150,7 @@ def load_teacher(config, plan: Plan, mesh, model_of) -> tuple[tuple[int, ...], d
                                                        model.modules[k], target)
     modules = _in_model_layout(config, mesh, modules)
   # The teacher's modules are frozen like the meta modules: inputs of the step, never differentiated.
-  return depths, {phases.teacher_name(k): modules[module_name(k)] for k in plan.trained}
+  return {phases.teacher_name(k): modules[module_name(k)] for k in plan.trained}
 
 
 def _with_shardings(abstract, shardings):
@@ -214,20 +240,15 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   config = with_absolute_paths(config)
   if workdir is not None:
     checkpoints.check_not_a_file(workdir)
-  plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
-  checks.check_config(config, plan, mesh.size, load_sources=load_sources)
+  plan = checked_plan(config, mesh, load_sources=load_sources)
   model_of = functools.partial(phases.model_for, config)
   teacher = {}
-  if plan.phase == "incubate":
-    plan = dataclasses.replace(plan, meta_arch=meta_arch(config))
-    if plan.stitched:
-      say(f"the meta run {config.meta} has width {dict(plan.meta_arch)['width']}, this model {config.model.width}: "
-          f"each incubated module gets stitch layers at its entry and exit (assembly drops them)")
-    if config.get("teacher", ""):
-      depths, teacher = load_teacher(config, plan, mesh, model_of)
-      plan = dataclasses.replace(plan, teacher_depths=depths)
-  sharding.check_mode(config.sharding)
+  if plan.stitched:
+    say(f"the meta run {config.meta} has width {dict(plan.meta_arch)['width']}, this model {config.model.width}: "
+        f"each incubated module gets stitch layers at its entry and exit (assembly drops them)")
+  if plan.teacher_depths is not None:
+    teacher = load_teacher(config, plan, mesh, model_of)
   dataset = data_lib.build(config.data, config.model.image_size)
   if dataset.num_classes != config.model.num_classes:
     raise ModassemError(f"the dataset has {dataset.num_classes} classes, model.num_classes={config.model.num_classes}: "
@@ -254,7 +275,38 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
     else:
       check_one_meta(config, module_sources(config, plan))
       sources = read_sources(config, plan, mesh, model_of)
-  return Setup(config, plan, dataset, mesh, model_of, run, total, warmup, frozen, sources)
+  return Setup(config=config, plan=plan, dataset=dataset, mesh=mesh, model_of=model_of, run=run, total_steps=total,
+               warmup_steps=warmup, frozen=frozen, sources=sources)
+
+
+def checked_plan(config, mesh, *, load_sources: bool = True) -> Plan:
+  """`plan_of(config)`, once the config has passed every check that needs no data (before the runs it builds on
+  are read: a bad value is named first)."""
+  plan = phases.make_plan(config)
+  checks.check_config(config, plan, mesh.size, load_sources=load_sources)
+  sharding.check_mode(config.sharding)
+  return _completed(config, plan)
+
+
+def abstract_setup(config, total_steps: int, warmup_steps: int) -> Setup:
+  """What `setup` builds, as shapes: the same checks and plan, the frozen modules (meta and teacher) as shapes with
+  shardings, no data read and no module loaded. For pricing a step (`modassem plan`): it lowers to the step that
+  `setup`'s does, sources or not (a fresh init lowers to the same assembly step)."""
+  checks.check_numbers(config)
+  config = with_absolute_paths(config)
+  mesh = sharding.make_mesh()
+  plan = checked_plan(config, mesh, load_sources=False)
+  model_of = functools.partial(phases.model_for, config)
+  # In the model's layout (stacked blocks where it scans), at the meta model's width, as `setup` places them.
+  arch = dict(plan.meta_arch or ())
+  meta = abstract_params(model_of(plan.meta_depths, **arch))
+  frozen = {module_name(k): placed(meta[module_name(k)], mesh, config) for k in phases.frozen_slots(plan)}
+  if plan.teacher_depths is not None:
+    teacher = abstract_params(model_of(plan.teacher_depths, **arch))
+    frozen.update({phases.teacher_name(k): placed(teacher[module_name(k)], mesh, config) for k in plan.trained})
+  return Setup(config=config, plan=plan, dataset=None, mesh=mesh, model_of=model_of, run={},
+               total_steps=total_steps, warmup_steps=warmup_steps, frozen=frozen, sources=None)
+
 
 
 def read_sources(config, plan: Plan, mesh, model_of) -> dict:

@@ -177,7 +177,10 @@ def test_students_deeper_than_their_teacher_and_wider_than_the_meta_model(runs, 
 
   inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
   common = {"meta": runs["meta"], "teacher": runs["meta"], "total_steps": 3, "stitch": True, **wide}
-  train.train(tiny("incubate", module="all", **common), inc)
+  trained = train.train(tiny("incubate", module="all", **common), inc)
+  # `modassem plan` prices the step the run trained: stitch layers and a meta model of width 16 included.
+  from modassem import cost  # pylint: disable=g-import-not-at-top
+  assert cost.phase_step_flops(tiny("incubate", module="all", **common), 3, 2) == trained["step_flops"]
   run = files.read_json(os.path.join(inc, "run.json"))
   assert run["teacher"]["depths"] == [1, 1, 1, 1]
   assert run["stitches"]["meta"] == {"width": 16, "heads": 2, "mlp_ratio": 4.0}

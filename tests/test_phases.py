@@ -135,7 +135,8 @@ def test_assembly_init_takes_its_modules_as_arguments():
     plan, mesh = phases.make_plan(config), prepare.sharding.make_mesh()
     model_of = functools.partial(phases.model_for, config)
     sources = model_of(plan.depths).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
-    s = prepare.Setup(config, plan, None, mesh, model_of, {}, 6, 2, {}, sources)
+    s = prepare.Setup(config=config, plan=plan, dataset=None, mesh=mesh, model_of=model_of, run={}, total_steps=6,
+                      warmup_steps=2, frozen={}, sources=sources)
     init_fn = prepare.state_spec(s)[2]   # the jitted init, its sources bound as arguments
     sizes[width] = len(init_fn.func.lower(*init_fn.args, jax.random.key(0)).as_text())
   assert sizes[32] < 1.05 * sizes[16], sizes

@@ -242,6 +242,12 @@ def read_pth(path: str) -> list[dict]:
   return out
 
 
+def pth_depths(path: str) -> list[int]:
+  """The module depths of an official checkpoint (for a plan: the file is read and checked as `read_pth` does)."""
+  stages = read_pth(path)
+  return [_stage_depth(stage, k, len(stages), path) for k, stage in enumerate(stages)]
+
+
 def write_pth(path: str, stages: list[dict]) -> None:
   """An official checkpoint: `model` (global keys) and `model_stages` (module-local keys)."""
   torch = _torch()
