@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from modassem import files
 from modassem.errors import ModassemError
 from modassem.models.presets import ARCH_FIELDS
+from modassem.names import module_name
 
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
@@ -222,7 +223,7 @@ def restore_newest_intact(workdir: str, mngr: ocp.CheckpointManager, abstract_st
 
 
 def module_dir(run_dir, k: int) -> files.Path:
-  return files.path(run_dir) / "modules" / f"module_{k}"
+  return files.path(run_dir) / "modules" / module_name(k)
 
 
 def save_modules(workdir: str, params: dict) -> None:

@@ -17,12 +17,9 @@ import jax.numpy as jnp
 
 from modassem.errors import ModassemError
 from modassem.models.vit import Stitch, ViT, stack_blocks
+from modassem.names import module_name, teacher_name  # noqa: F401  (phases.module_name, as it was)
 
 Params = Mapping[str, Any]
-
-
-def module_name(k: int) -> str:
-  return f"module_{k}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +159,6 @@ def _stitch(model: ViT, width: int) -> Stitch:
 def stitch_name(k: int) -> str:
   """The stitch layers of incubated module k among the trained parameters: {"entry": ..., "exit": ...}."""
   return f"stitch_{k}"
-
-
-def teacher_name(k: int) -> str:
-  """The teacher's module k among the frozen modules the step receives."""
-  return f"teacher_{k}"
 
 
 def frozen_slots(plan: Plan) -> list[int]:

@@ -19,6 +19,7 @@ from modassem import checkpoints, cost, files, lock, preempt, prepare, sharding,
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
+from modassem.names import module_name
 from modassem.prepare import Setup, place_batch
 
 
@@ -153,7 +154,7 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
 def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
   """A finished run whose modules are missing or damaged: exports them again from its final checkpoint (the
   damaged items are moved aside, not deleted)."""
-  names = ", ".join(f"module_{k}" for k in damaged)
+  names = ", ".join(module_name(k) for k in damaged)
   mngr = checkpoints.manager(workdir, s.config) if checkpoints.state_dir(workdir).is_dir() else None
   try:
     if mngr is None or mngr.latest_step() != s.total_steps:
@@ -167,7 +168,7 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
   moved = checkpoints.move_aside_together(workdir, [checkpoints.module_dir(workdir, k) for k in damaged
                                                     if checkpoints.module_dir(workdir, k).exists()])
   params = prepare.saved_layout(s.config, state.params)
-  checkpoints.save_modules(workdir, {f"module_{k}": params[f"module_{k}"] for k in damaged})
+  checkpoints.save_modules(workdir, {module_name(k): params[module_name(k)] for k in damaged})
   where = f" (the damaged items are in {moved[0].parent})" if moved else ""
   say(f"{workdir}: the {s.plan.phase} run finished at step {s.total_steps}, but {names} in modules/ were missing or "
       f"damaged: exported them again from its final checkpoint{where}")

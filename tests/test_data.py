@@ -437,3 +437,19 @@ def test_a_corrupt_tfrecord_file_is_one_error_naming_it(tmp_path):
   message = str(e.value)
   assert message.startswith(f"the TFRecord file {train_file} is damaged (corrupted record at ")
   assert "prepare the dataset again" in message and "\n" not in message
+
+
+def test_the_corrupt_file_among_several_is_found_by_reading_them(tmp_path):
+  """With more than one file in a split, the first one whose records do not read back whole is named."""
+  from modassem.data import dataset  # pylint: disable=g-import-not-at-top
+  from modassem.data._tf import tf  # pylint: disable=g-import-not-at-top
+  paths = [str(tmp_path / f"train.tfrecord-{i:05d}-of-00003") for i in range(3)]
+  for path in paths:
+    with tf().io.TFRecordWriter(path) as w:
+      for j in range(20):
+        w.write(bytes([j]) * 100)
+  assert dataset._corrupt_file(paths) == f"a TFRecord file of the 3 in {tmp_path}"   # all whole: the folder
+  with open(paths[1], "r+b") as f:
+    f.seek(1000)
+    f.write(b"\xff" * 8)
+  assert dataset._corrupt_file(paths) == f"the TFRecord file {paths[1]}"

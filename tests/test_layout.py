@@ -123,3 +123,36 @@ def test_each_module_imports_on_its_own():
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
+
+
+def _called(path: str) -> set:
+  """The names of the functions and classes `path` calls (`f(...)` and `x.f(...)` alike)."""
+  calls = set()
+  for node in ast.walk(ast.parse(open(path).read(), path)):
+    if isinstance(node, ast.Call):
+      f = node.func
+      calls.add(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None))
+  return calls
+
+
+def test_cost_prices_through_the_trainers_set_up():
+  """`modassem plan` makes no plan or set-up of its own: the trainer's (`prepare.abstract_setup`) stands in."""
+  calls = _called(MODULES["modassem.cost"])
+  assert "abstract_setup" in calls
+  own = calls & {"make_plan", "plan_of", "Setup", "make_mesh", "check_config", "frozen_slots", "abstract_params",
+                 "load_modules", "meta_arch", "teacher_cut", "check_teacher_cut"}
+  assert not own, f"modassem/cost.py builds its own {sorted(own)}: use prepare.abstract_setup"
+
+
+def test_module_names_come_from_one_function():
+  """No f-string spells a module's or a teacher module's name outside modassem/names.py."""
+  raw = []
+  for name, path in MODULES.items():
+    if name == "modassem.names":
+      continue
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        head = str(node.values[0].value)
+        if head.endswith(("module_", "teacher_")) and len(node.values) > 1:
+          raw.append(f"{path}:{node.lineno}")
+  assert not raw, f"spell names with modassem.names.module_name / teacher_name: {raw}"

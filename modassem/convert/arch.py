@@ -9,6 +9,7 @@ import numpy as np
 
 from modassem.errors import ModassemError
 from modassem.models.presets import ARCH_FIELDS, PRESETS
+from modassem.names import module_name
 
 _MLP_RATIO = 4.0  # every preset's; the checkpoint's own ratio is read from its fc1
 
@@ -26,7 +27,7 @@ class Model:
     return kind_of(self.depths)
 
   def params(self) -> dict:
-    return {f"module_{k}": tree for k, tree in enumerate(self.modules)}
+    return {module_name(k): tree for k, tree in enumerate(self.modules)}
 
 
 # --- what a checkpoint is, from its depths ---------------------------------

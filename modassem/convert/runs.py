@@ -17,6 +17,7 @@ from modassem.convert.official import infer_arch, module_to_stage, read_pth, sta
 from modassem.errors import ModassemError
 from modassem.models.presets import ARCH_FIELDS, PRESETS
 from modassem.models.vit import ViT, abstract_params
+from modassem.names import module_name
 
 
 # The official code's LayerNorm eps (timm's ViT with `partial(nn.LayerNorm, eps=1e-6)`), for a checkpoint of an
@@ -85,7 +86,7 @@ def _load_modules(run_dir: str, run: dict, slots, depths, what: str) -> dict:
   abstract = abstract_params(ViT(depths=tuple(depths), **run["arch"]))
   expect = {"arch": run["arch"], "num_modules": len(depths)}
   return {k: checkpoints.load_module(run_dir, k, expect={**expect, "depth": depths[k]},
-                                     abstract=abstract[f"module_{k}"], what=what) for k in slots}
+                                     abstract=abstract[module_name(k)], what=what) for k in slots}
 
 
 def model_from_run(run_dir: str, module: int | None = None) -> Model:
@@ -145,7 +146,7 @@ def write_run(model: Model, run_dir: str, sources: list[str]) -> dict:
          "depths": run_depths(model.depths), "trained": trained, "total_steps": 0,
          "sources": [os.fspath(files.path(s)) for s in sources]}
   files.path(run_dir).mkdir(parents=True, exist_ok=True)
-  checkpoints.save_modules(run_dir, {f"module_{k}": model.modules[k] for k in trained})
+  checkpoints.save_modules(run_dir, {module_name(k): model.modules[k] for k in trained})
   # run.json last: a run directory with it is complete.
   files.write_json(files.path(run_dir) / checkpoints.RUN_FILE, run)
   return run
@@ -180,5 +181,5 @@ def convert(src: str, dst: str, preset: str | None = None, heads: int | None = N
     raise ModassemError(f"{src} does not exist: pass an official .pth checkpoint or a run directory")
   model = model_from_pth(src, preset, heads=heads, ln_eps=ln_eps)
   run = write_run(model, dst, [src])
-  written = ", ".join(f"module_{k}" for k in run["trained"])
+  written = ", ".join(module_name(k) for k in run["trained"])
   return f"{src}: {_summary(model)} -> {dst} (phase {run['phase']}, {written})"

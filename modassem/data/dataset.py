@@ -35,6 +35,7 @@ process count.
 import math
 
 import dataclasses
+import os
 from typing import Any, Iterator
 
 import numpy as np

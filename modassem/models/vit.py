@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from modassem.names import module_name
 
 
 def timm_trunc_normal(std: float = 0.02, a: float = -2.0, b: float = 2.0):
@@ -331,7 +332,7 @@ class ViT(nn.Module):
   def __call__(self, images, train: bool = False):
     x = images
     for k in range(self.num_modules):
-      x = self.module(k, name=f"module_{k}")(x, train)
+      x = self.module(k, name=module_name(k))(x, train)
     return x
 
 
