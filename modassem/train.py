@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from modassem import checkpoints, cost, files, lock, preempt, prepare, sharding, summary
 from modassem.distributed import is_main, say
@@ -74,8 +75,11 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   config = s.config
   wd = files.path(workdir)
   done = files.read_json(wd / checkpoints.RESULTS_FILE)
-  if done is not None and done.get("steps") == s.total_steps:
-    damaged = [k for k in s.plan.trained if not checkpoints.module_intact(workdir, k)]
+  finished = done is not None and done.get("steps") == s.total_steps
+  damaged = [k for k in s.plan.trained if not checkpoints.module_intact(workdir, k)] if finished else []
+  finished, damaged = _agreed(finished, damaged, s.plan.num_modules)
+  if finished:
+    done = done or files.read_json(wd / checkpoints.RESULTS_FILE)
     if damaged:
       _export_again(s, workdir, damaged)
     else:
@@ -149,6 +153,20 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   say(f"{workdir}: {s.plan.phase} done in {wall:.0f} s: top-1 {result['top1']:.2f} %, "
        f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}")
   return result
+
+
+def _agreed(finished: bool, damaged: list[int], num_modules: int) -> tuple[bool, list[int]]:
+  """Process 0's view of a finished run's state, for every process: each one reads the shared run directory, and a
+  filesystem may show them different states for a while (NFS attribute caches, object listings); since training and
+  exporting again are collective, every process must take the same branch."""
+  if jax.process_count() == 1:
+    return finished, damaged
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  view = np.zeros(num_modules + 1, np.int32)
+  view[0] = finished
+  view[[1 + k for k in damaged]] = 1
+  view = np.asarray(multihost_utils.broadcast_one_to_all(view))
+  return bool(view[0]), [k for k in range(num_modules) if view[1 + k]]
 
 
 def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
