@@ -21,11 +21,16 @@ def test_the_study_writes_its_table_and_plot_and_resumes():
   with open(os.path.join(OUT, "results.json")) as f:
     r = json.load(f)
   assert sorted(r["runs"]) == ["depth4_seed0", "depth8_seed0"]
-  for run in r["runs"].values():
-    assert 0 <= run["assembled"] <= 100 and 0 <= run["e2e"] <= 100
-    assert run["gain"] == run["assembled"] - run["e2e"]
-    assert run["method_wall_s"] > 0 and run["method_flops"] > 0
-    assert 0 <= run["meta"] <= 100 and run["e2e_steps"] > 0
+  # Each row is its runs' own results: the assembly's and e2e's top-1, the shared meta run's, and the FLOPs of the
+  # three phases of the method.
+  done = lambda *path: json.load(open(os.path.join(OUT, "runs", *path, "results.json")))
+  meta = done("meta_seed0")
+  for name, run in r["runs"].items():
+    assemble, e2e, incubate = done(name, "assemble"), done(name, "e2e"), done(name, "incubate")
+    assert (run["assembled"], run["e2e"], run["meta"]) == (assemble["top1"], e2e["top1"], meta["top1"]), name
+    assert run["gain"] == assemble["top1"] - e2e["top1"] and run["e2e_steps"] == e2e["steps"]
+    assert run["method_flops"] == meta["train_flops"] + incubate["train_flops"] + assemble["train_flops"]
+    assert run["method_wall_s"] == meta["wall_s"] + incubate["wall_s"] + assemble["wall_s"]
   # The meta model is one block per module whatever the depth: the same run at both depths of a seed.
   assert r["runs"]["depth4_seed0"]["meta"] == r["runs"]["depth8_seed0"]["meta"]
   assert sorted(r["by_depth"]) == ["4", "8"] and r["by_depth"]["8"]["seeds"] == 1
