@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from modassem import convert
 
 PACKAGE = os.path.join(REPO, "modassem")
 MAX_LINES = 400
@@ -156,3 +157,17 @@ def test_module_names_come_from_one_function():
         if head.endswith(("module_", "teacher_")) and len(node.values) > 1:
           raw.append(f"{path}:{node.lineno}")
   assert not raw, f"spell names with modassem.names.module_name / teacher_name: {raw}"
+
+
+# Conversion's torch-free parts: they run where torch is not installed (test_convert.py needs it throughout).
+
+def test_detection_from_depths():
+  assert convert.kind_of([1, 1, 1, 1]) == ("meta", [0, 1, 2, 3])
+  assert convert.kind_of([1, 1, 6, 1]) == ("incubate", [2])
+  assert convert.kind_of([3, 3, 3, 3]) == ("assemble", [0, 1, 2, 3])
+  assert convert.run_depths([1, 3, 1, 1]) == [3, 3, 3, 3]
+
+
+def test_import_modassem_does_not_import_torch():
+  code = "import sys, modassem, modassem.cli, modassem.convert, modassem.api; assert 'torch' not in sys.modules"
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

@@ -11,7 +11,6 @@ import pytest
 from modassem.mixup import mix_groups
 from modassem.models.vit import ViT
 
-torch = pytest.importorskip("torch")
 
 
 def test_the_residual_stream_is_float32_under_bf16():
@@ -39,6 +38,7 @@ def test_the_residual_stream_is_float32_under_bf16():
 
 def test_the_patch_embedding_starts_as_pytorchs_conv2d():
   """Kernel and bias uniform in +-1/sqrt(fan_in), as `torch.nn.Conv2d(3, width, p, stride=p)` initialises them."""
+  torch = pytest.importorskip("torch")   # the reference; the tests of this file without it run without torch
   width, patch = 768, 8
   model = ViT(depths=(1,), image_size=16, patch=patch, width=width, heads=12, num_classes=2)
   conv = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]["module_0"]["patch_embed"]
@@ -61,6 +61,7 @@ def test_dense_kernels_and_tokens_start_as_timms_trunc_normal():
   Flax's default truncated normal makes, leaves 0.0176). Compared with PyTorch's own sampler: the standard
   deviations, and a two-sample Kolmogorov-Smirnov test of the whole distribution."""
   stats = pytest.importorskip("scipy.stats")
+  torch = pytest.importorskip("torch")
   model = ViT(depths=(1,), image_size=16, patch=8, width=192, heads=3, num_classes=10)
   p = model.init(jax.random.key(2), jnp.zeros((1, 16, 16, 3)))["params"]["module_0"]
   leaves = {"qkv": p["blocks_0"]["attn"]["qkv"]["kernel"], "proj": p["blocks_0"]["attn"]["proj"]["kernel"],
