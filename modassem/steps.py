@@ -19,6 +19,7 @@ import optax
 
 from modassem import phases
 from modassem.mixup import mix_groups, smooth_labels
+from modassem.names import metric_name
 from modassem.phases import Plan
 
 
@@ -56,7 +57,7 @@ def _losses(plan, model_of, distill, params, frozen, images, targets, key):
   losses, terms = {}, {}
   for g in plan.groups:
     if distilled:
-      losses[g], terms[f"ce/{g}"], terms[f"kl/{g}"] = distill_loss(
+      losses[g], terms[metric_name(g, "ce")], terms[metric_name(g, "kl")] = distill_loss(
           logits[g], logits[f"teacher/{g}"], targets, alpha=distill.alpha, tau=distill.tau)
     else:
       losses[g] = optax.softmax_cross_entropy(logits[g], targets).mean()
@@ -88,7 +89,8 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
       (_, l), g = grad_fn(state.params, frozen, imgs, tgts, jax.random.fold_in(drop_key, i))
       return jax.tree_util.tree_map(jnp.add, carry, (l, g)), None
 
-    terms0 = {f"{t}/{g}": jnp.zeros(()) for g in plan.groups for t in ("ce", "kl")} if plan.teacher_depths else {}
+    terms0 = ({metric_name(g, t): jnp.zeros(()) for g in plan.groups for t in ("ce", "kl")} if plan.teacher_depths
+              else {})
     zeros = (({g: jnp.zeros(()) for g in plan.groups}, terms0), jax.tree_util.tree_map(jnp.zeros_like, state.params))
     ((losses, terms), grads), _ = jax.lax.scan(body, zeros, (micro(images), micro(targets), jnp.arange(accum)))
     losses, terms, grads = jax.tree_util.tree_map(lambda x: x / accum, (losses, terms, grads))
@@ -100,8 +102,8 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
     updates, opt_state[g] = tx.update(gr, state.opt_state[g], p)
     params.update(optax.apply_updates(p, updates))
     if plan.incubate:
-      metrics[f"loss/{g}"] = losses[g]
-      metrics[f"grad_norm/{g}"] = optax.tree.norm(gr)
+      metrics[metric_name(g, "loss")] = losses[g]
+      metrics[metric_name(g, "grad_norm")] = optax.tree.norm(gr)
     else:
       metrics["grad_norm"] = optax.tree.norm(gr)
   metrics.update(terms)
@@ -119,7 +121,7 @@ def eval_step(params, frozen, batch, *, plan: Plan, model_of: Callable):
     k = min(5, l.shape[-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(l, labels)
     top = jax.lax.top_k(l, k)[1]
-    out[f"{g}/loss"] = (ce * mask).sum()
-    out[f"{g}/top1"] = ((top[:, 0] == labels) * mask).sum()
-    out[f"{g}/top5"] = ((top == labels[:, None]).any(-1) * mask).sum()
+    out[metric_name(g, "loss")] = (ce * mask).sum()
+    out[metric_name(g, "top1")] = ((top[:, 0] == labels) * mask).sum()
+    out[metric_name(g, "top5")] = ((top == labels[:, None]).any(-1) * mask).sum()
   return out

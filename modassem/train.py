@@ -20,7 +20,7 @@ from modassem import checkpoints, cost, files, lock, preempt, prepare, sharding,
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
-from modassem.names import module_name
+from modassem.names import metric_name, module_name
 from modassem.prepare import Setup, place_batch
 
 
@@ -48,7 +48,7 @@ def evaluate(s: Setup, params) -> dict:
   res = {k: float(v) / count * (100.0 if not k.endswith("loss") else 1.0) for k, v in sums.items()}
   groups = list(plan.groups)
   for metric in ("loss", "top1", "top5"):
-    res[metric] = sum(res[f"{g}/{metric}"] for g in groups) / len(groups)
+    res[metric] = sum(res[metric_name(g, metric)] for g in groups) / len(groups)
   if not plan.incubate:
     res = {k: v for k, v in res.items() if "/" not in k}
   return res

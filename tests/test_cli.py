@@ -151,3 +151,14 @@ def test_runs_started_with_relative_paths_are_read_from_anywhere(runs, monkeypat
   for k in range(4):
     for a, b in zip(jax.tree.leaves(params[f"module_{k}"]), jax.tree.leaves(theirs[f"module_{k}"]), strict=True):
       np.testing.assert_array_equal(a, b)
+
+
+def test_training_and_evaluation_log_a_modules_metrics_under_one_key(pipeline_dir):
+  """An incubation of every module logs each module's loss as `module_k/loss` in its train and eval records alike."""
+  with open(os.path.join(pipeline_dir, "incubate", "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  train_keys = set().union(*(r for r in records if r["kind"] == "train"))
+  eval_keys = set().union(*(r for r in records if r["kind"] in ("eval", "final")))
+  for k in range(4):
+    assert f"module_{k}/loss" in train_keys and f"module_{k}/loss" in eval_keys, k
+  assert not [key for key in train_keys | eval_keys if key.startswith(("loss/", "ce/", "kl/", "grad_norm/"))]
