@@ -66,10 +66,10 @@ def recorded(p: str, run_dir) -> str:
   return os.path.abspath(p)
 
 
-def same_run(a: str, b: str) -> bool:
-  """Whether two absolute run paths (or URLs) name the same run directory."""
-  key = lambda p: os.path.normpath(p).rstrip("/") if is_remote(p) else os.path.realpath(p)
-  return key(a) == key(b)
+def run_key(p: str) -> str:
+  """What two paths of the same run directory have in common: a local path resolved (links, `..`), a URL
+  normalised."""
+  return os.path.normpath(p) if is_remote(p) else os.path.realpath(p)
 
 
 def join(base, *parts) -> str:

@@ -9,7 +9,8 @@ error naming the holder. The holder
 refreshes its heartbeat every `HEARTBEAT_S` seconds and removes the file when
 it ends. A lock left by a crashed run does not block its rerun: it is stale
 when its heartbeat is older than `LEASE_S` seconds, or at once when its holder
-is a process of this host that no longer exists, and is then taken over. A multi-process run is one writer: process 0 holds the lock
+is a process of this host that no longer exists, and is then taken over. A
+multi-process run is one writer: process 0 holds the lock
 for all of them.
 
 Written by hand because neither Orbax nor etils offers a lease on a

@@ -225,7 +225,7 @@ def check_one_meta(config, dirs: list[str]) -> None:
     if not meta:
       continue   # not an incubation run: loading its modules names what is wrong
     meta = files.recorded(meta, d)
-    if not any(files.same_run(meta, m) for _, m in seen):
+    if not any(files.run_key(meta) == files.run_key(m) for _, m in seen):
       seen.append((d, meta))
   if len(seen) > 1:
     (a, ma), (b, mb) = seen[:2]

@@ -40,8 +40,7 @@ def _read(run_dir: str) -> dict:
           "config": files.read_json(wd / CONFIG_FILE) or {}}
 
 
-def _key(path: str) -> str:
-  return os.path.normpath(path) if files.is_remote(path) else os.path.realpath(path)
+_key = files.run_key
 
 
 def _resolve(path: str, given: dict, what: str, base: str) -> str:
