@@ -42,7 +42,9 @@ FREE_FIELDS = frozenset({
 
 
 # Config fields added after runs could already be started: a config.json without one was written by a run that
-# had this value (so resuming it with the value is no change).
+# had this value (so resuming it with the value is no change). The one place that knows about older runs' configs:
+# every reader of a config.json goes through `recorded_config`; live configs have every field from their preset
+# (configs/common.py, modassem.data.default_config) and the code reads them without fallbacks.
 ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0, "stitch": False, "mixup_group": 0,
                 "allow_mixed_meta": False}
 # Fields that name other runs: recorded absolute (`files.absolute`).
@@ -100,6 +102,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+def recorded_config(workdir) -> dict | None:
+  """The config the run in `workdir` was started with (its config.json) as flat fields ("optim.lr"), the fields
+  older runs lack filled in as those runs behaved (`ADDED_FIELDS`); None where there is no config.json."""
+  old = files.read_json(files.path(workdir) / CONFIG_FILE)
+  return None if old is None else {**ADDED_FIELDS, **_flat(old)}
+
+
 def check_config(workdir: str, config, allow_changed=()) -> list[str]:
   """The fields of `config` that differ from the `config.json` the run in `workdir` was started with.
 
@@ -107,7 +116,7 @@ def check_config(workdir: str, config, allow_changed=()) -> list[str]:
   the field and both values, unless `allow_changed` names it; `FREE_FIELDS`
   may differ. Returns the fields that differ (free or allowed).
   """
-  old = files.read_json(files.path(workdir) / CONFIG_FILE)
+  old = recorded_config(workdir)
   new = _flat(config_record(config))
   unknown = [f for f in allow_changed if f not in new]
   if unknown:
@@ -115,7 +124,7 @@ def check_config(workdir: str, config, allow_changed=()) -> list[str]:
                         f"--config.FIELD, e.g. --allow_changed=optim.lr")
   if old is None:
     return []
-  old, missing = {**ADDED_FIELDS, **_flat(old)}, object()
+  missing = object()
   # Runs of older versions recorded run paths as typed, relative to where their command ran (as a resume runs).
   old.update({f: files.absolute(old[f]) for f in PATH_FIELDS if isinstance(old.get(f), str)})
   changed = sorted(f for f in set(old) | set(new) if old.get(f, missing) != new.get(f, missing))

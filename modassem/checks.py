@@ -57,11 +57,11 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
                         f"use an image size that is a multiple of {m.patch}")
   if m.width % m.heads:
     raise ModassemError(f"model.width={m.width} is not divisible by model.heads={m.heads}")
-  if m.get("attention", "auto") not in ("auto", "xla", "cudnn"):
+  if m.attention not in ("auto", "xla", "cudnn"):
     raise ModassemError(f"model.attention={m.attention!r} is unknown: use auto, xla or cudnn")
-  if not isinstance(m.get("scan", False), bool):
+  if not isinstance(m.scan, bool):
     raise ModassemError(f"model.scan={m.scan!r} is not a boolean: use True or False")
-  if m.get("remat", "none") not in REMAT_POLICIES:
+  if m.remat not in REMAT_POLICIES:
     raise ModassemError(f"model.remat={m.remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
   if str(m.dtype) not in _DTYPES:
     raise ModassemError(f"model.dtype={m.dtype!r} is unknown: use one of {', '.join(_DTYPES)}")
@@ -69,7 +69,7 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
   if config.batch_size % per:
     raise ModassemError(f"batch_size={config.batch_size} is not divisible by devices x accum_steps = "
                         f"{num_devices} x {config.accum_steps}: use a multiple of {per}")
-  group = int(config.get("mixup_group", 0))
+  group = int(config.mixup_group)
   if (config.mixup > 0 or config.cutmix > 0) and 0 < group < config.batch_size and config.batch_size % group:
     raise ModassemError(f"batch_size={config.batch_size} is not a multiple of mixup_group={group} (examples per "
                         f"Mixup/CutMix draw): use a multiple of {group}, or set mixup_group to 0 (one draw per batch)")
@@ -77,7 +77,7 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
     raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
   if plan.phase == "incubate" and not config.meta:
     raise ModassemError("incubation needs the meta run: pass --config.meta=WORKDIR_OF_THE_META_RUN")
-  if config.get("teacher", ""):
+  if config.teacher:
     alpha, tau = config.distill.alpha, config.distill.tau
     if not 0.0 <= alpha <= 1.0:
       raise ModassemError(f"distill.alpha={alpha} is out of range: use a weight in [0, 1] (0.5 by default)")

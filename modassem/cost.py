@@ -74,8 +74,8 @@ def train_step_flops(s: prepare.Setup, lowered=None) -> float:
   """
   twin = unrolled(s)
   if twin is not None:
-    return lowered_flops(prepare.lower_train_step(twin)[0])
-  return lowered_flops(lowered if lowered is not None else prepare.lower_train_step(s)[0])
+    return lowered_flops(prepare.lower_train_step(twin).step)
+  return lowered_flops(lowered if lowered is not None else prepare.lower_train_step(s).step)
 
 
 def step_flops(config) -> float:
@@ -120,7 +120,7 @@ def num_train_of(data, override: int | None = None) -> int:
     raise ModassemError(f"the train-set size of dataset {key!r} is unknown: pass --num_train=N "
                         f"(known: {', '.join(sorted(KNOWN_TRAIN_SIZES))})")
   # The subset is class-balanced, so its size is the fraction to within a few examples.
-  return int(round(KNOWN_TRAIN_SIZES[key] * float(data.get("train_fraction", 1.0))))
+  return int(round(KNOWN_TRAIN_SIZES[key] * float(data.train_fraction)))
 
 
 def phase_steps(config, num_train: int) -> tuple[int, int]:

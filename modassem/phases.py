@@ -92,7 +92,7 @@ def make_plan(config) -> Plan:
     raise ModassemError(f"model.depths={depths} adds up to {sum(depths)} but preset {config.preset} has depth {m.depth}: "
                         f"give {k} positive depths that sum to {m.depth}")
   phase = config.phase
-  if config.get("teacher", "") and phase != "incubate":
+  if config.teacher and phase != "incubate":
     raise ModassemError(f"config.teacher is set, but a teacher only applies to incubation (this is a {phase} run): "
                         f"drop --config.teacher, or run the incubate phase")
   if phase == "meta":
@@ -113,7 +113,7 @@ def make_plan(config) -> Plan:
 
 def scans(config) -> bool:
   """Whether `config`'s model runs each module's blocks under `nn.scan` (stacked parameter layout)."""
-  return bool(config.model.get("scan", False))
+  return bool(config.model.scan)
 
 
 def model_for(config, depths, *, dtype=None, scan=None, **arch) -> ViT:
@@ -123,8 +123,8 @@ def model_for(config, depths, *, dtype=None, scan=None, **arch) -> ViT:
   shape = {"width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio, **arch}
   return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps,
              num_classes=m.num_classes, **shape,
-             drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype), remat=m.get("remat", "none"),
-             attention=m.get("attention", "auto"), scan=scans(config) if scan is None else bool(scan))
+             drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype), remat=m.remat,
+             attention=m.attention, scan=scans(config) if scan is None else bool(scan))
 
 
 def init_trained(plan: Plan, model: ViT, key) -> dict:

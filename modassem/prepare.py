@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,6 @@ from modassem.errors import ModassemError
 from modassem.models.vit import abstract_params, stack_blocks, unstack_blocks
 from modassem.optim import lr_schedule, make_optimizer
 from modassem.phases import Plan, module_name
-
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -75,7 +74,7 @@ STITCHED_FIELDS = ("width", "heads", "mlp_ratio")
 def meta_arch(config):
   """With `config.stitch`, the meta run's (width, heads, mlp_ratio) where its width differs from this model's (an
   incubation with stitch layers), else None. Anything else that differs is an error when the meta modules load."""
-  if not config.get("stitch", False):
+  if not config.stitch:
     return None
   run = files.read_json(files.path(config.meta) / checkpoints.RUN_FILE) or {}
   arch = run.get("arch") or {}
@@ -94,7 +93,7 @@ def _completed(config, plan: Plan) -> Plan:
   if plan.phase != "incubate":
     return plan
   plan = dataclasses.replace(plan, meta_arch=meta_arch(config))
-  if config.get("teacher", ""):
+  if config.teacher:
     plan = dataclasses.replace(plan, teacher_depths=teacher_cut(config, plan))
   return plan
 
@@ -208,7 +207,7 @@ def with_absolute_paths(config):
   config = copy.deepcopy(config)
   with config.unlocked():
     for f in checkpoints.PATH_FIELDS:
-      if isinstance(config.get(f), str):
+      if isinstance(config[f], str):
         config[f] = files.absolute(config[f])
   return config
 
@@ -216,7 +215,7 @@ def with_absolute_paths(config):
 def check_one_meta(config, dirs: list[str]) -> None:
   """The incubation runs an assembly stacks grew their modules in one meta model, the method's premise: sources of
   different meta runs are refused, naming both, unless `allow_mixed_meta` is set."""
-  if config.get("allow_mixed_meta", False):
+  if config.allow_mixed_meta:
     return
   seen = []   # (incubation run, its meta run), one per meta run
   for d in dict.fromkeys(dirs):
@@ -346,8 +345,24 @@ def _init(s: Setup, tx):
   return (lambda k: steps.init_state(plan, tx, phases.init_trained(plan, s.model_of(plan.depths), k))), ()
 
 
-def state_spec(s: Setup):
-  """The optimizer, its schedule, the state's init (`init_fn(key)`) and its abstract value carrying shardings."""
+class StateSpec(NamedTuple):
+  """A run's optimizer, its schedule, the state's init (`init_fn(key)`), its abstract value with shardings."""
+  tx: Any
+  schedule: Any
+  init_fn: Any
+  abstract: Any
+
+
+class TrainStep(NamedTuple):
+  """The train step, lowered (or compiled) for the mesh, with the state's init, its abstract value and the key."""
+  step: Any
+  init_fn: Any
+  abstract: Any
+  key: Any
+
+
+def state_spec(s: Setup) -> StateSpec:
+  """The optimizer, its schedule, the state's init and its abstract value carrying shardings."""
   config, mesh = s.config, s.mesh
   tx = make_optimizer(config, s.total_steps, s.warmup_steps)
   schedule = lr_schedule(config, s.total_steps, s.warmup_steps)
@@ -356,11 +371,11 @@ def state_spec(s: Setup):
   abstract = jax.eval_shape(init, *args, key)
   state_sh = sharding.tree_shardings(abstract, mesh, config.sharding)
   init_fn = functools.partial(jax.jit(init, out_shardings=state_sh), *args)
-  return tx, schedule, init_fn, _with_shardings(abstract, state_sh)
+  return StateSpec(tx=tx, schedule=schedule, init_fn=init_fn, abstract=_with_shardings(abstract, state_sh))
 
 
-def lower_train_step(s: Setup):
-  """The jitted, donated train step lowered for the mesh, with the state's init and abstract value."""
+def lower_train_step(s: Setup) -> TrainStep:
+  """The jitted, donated train step lowered for the mesh (`.step`), with the state's init and abstract value."""
   config, plan, mesh = s.config, s.plan, s.mesh
   tx, schedule, init_fn, abstract = state_spec(s)
   state_sh = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
@@ -374,12 +389,12 @@ def lower_train_step(s: Setup):
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
   key = jax.random.key(config.seed)
-  return jitted.lower(abstract, s.frozen, batch, key), init_fn, abstract, key
+  return TrainStep(step=jitted.lower(abstract, s.frozen, batch, key), init_fn=init_fn, abstract=abstract, key=key)
 
 
-def compile_train_step(s: Setup):
+def compile_train_step(s: Setup) -> TrainStep:
   """The jitted, donated, AOT-compiled train step, with the state's init and abstract value."""
-  lowered, init_fn, abstract, key = lower_train_step(s)
-  return lowered.compile(), init_fn, abstract, key
+  lowered = lower_train_step(s)
+  return lowered._replace(step=lowered.step.compile())
 
 

@@ -15,7 +15,7 @@ import os
 import statistics
 
 from modassem import files
-from modassem.checkpoints import CONFIG_FILE, RESULTS_FILE, RUN_FILE
+from modassem.checkpoints import CONFIG_FILE, RESULTS_FILE, RUN_FILE, recorded_config
 from modassem.errors import ModassemError
 from modassem.metrics import METRICS_FILE
 
@@ -37,7 +37,7 @@ def _read(run_dir: str) -> dict:
     raise ModassemError(f"{run_dir} ({run.get('phase')} run) has not finished (no {RESULTS_FILE}): rerun its "
                         "command to finish it, then report")
   return {"dir": str(run_dir), "phase": run.get("phase"), "run": run, "results": results,
-          "config": files.read_json(wd / CONFIG_FILE) or {}}
+          "config": recorded_config(wd) or {}}
 
 
 _key = files.run_key
@@ -85,11 +85,11 @@ def _chain(asm: dict, given: dict) -> dict:
     m = _resolve(str(inc["config"].get("meta", "")), given, f"the meta run of {inc['dir']}", inc["dir"])
     if not any(_key(m) == _key(x) for x in metas):
       metas.append(m)
-  if len(metas) > 1 and not asm["config"].get("allow_mixed_meta", False):
+  if len(metas) > 1 and not asm["config"].get("allow_mixed_meta"):
     raise ModassemError(f"{asm['dir']} stacks modules of {len(metas)} meta runs ({', '.join(metas)}) without "
                         "allow_mixed_meta: it is not an assembly modassem made; report the runs of one chain")
   meta_dir = metas[0]
-  teachers = {str(i["config"].get("teacher", "")) for i in incs}
+  teachers = {str(i["config"].get("teacher") or "") for i in incs}
   return {"meta": given.get(_key(meta_dir)) or _read(meta_dir), "metas": metas, "incubate": incs, "assemble": asm,
           "teacher": next(iter(teachers)) if len(teachers) == 1 else ",".join(sorted(teachers))}
 

@@ -71,10 +71,10 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
   key = jax.random.fold_in(base_key, state.step)
   mix_key, drop_key = jax.random.split(key)
   targets = smooth_labels(batch["label"], config.model.num_classes, config.label_smoothing)
-  images, targets = mix_groups(mix_key, batch["image"], targets, group=int(config.get("mixup_group", 0)),
+  images, targets = mix_groups(mix_key, batch["image"], targets, group=int(config.mixup_group),
                                mixup=config.mixup, cutmix=config.cutmix, switch_prob=config.mixup_switch_prob,
                                prob=config.mixup_prob)
-  grad_fn = jax.value_and_grad(functools.partial(_losses, plan, model_of, config.get("distill")), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_losses, plan, model_of, config.distill), has_aux=True)
 
   accum = config.accum_steps
   if accum == 1:

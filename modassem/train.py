@@ -9,8 +9,10 @@ checkpoints and stops on a non-finite loss.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +115,7 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     if s.sources is not None and not prepare.sources_are_read(s):
       # A resume of an assembly whose checkpoints were all damaged: it starts over from its incubation runs.
       s.sources = prepare.read_sources(s.config, s.plan, s.mesh, s.model_of)
-      init_fn = prepare.state_spec(s)[2]
+      init_fn = prepare.state_spec(s).init_fn
     state = init_fn(key)
   # Assembly's loaded modules are in the state now: the step holds no second copy of them.
   s.sources, init_fn = None, None
@@ -129,7 +131,13 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     say(f"{s.plan.phase}: the stacked modules before fine-tuning: top-1 {before['top1']:.2f} %, "
         f"top-5 {before['top5']:.2f} %, loss {before['loss']:.4f}")
   try:
-    state, loop_wall = _loop(s, compiled, state, start, key, mngr, writer, wall_before, stop, info)
+    progress = Progress(s.total_steps, start, config.batch_size, config.progress if is_main() else "off",
+                        label=s.plan.phase, quiet=not is_main(), step_flops=info["step_flops"],
+                        peak_flops=info["peak_flops"], num_devices=info["devices"])
+    loop = _Loop(s=s, compiled=compiled, key=key, mngr=mngr, writer=writer, progress=progress, stop=stop,
+                 wall_before=wall_before)
+    state = loop.run(state, start)
+    loop_wall = time.perf_counter() - loop.t0
     mngr.wait_until_finished()
     result = evaluate(s, state.params)
     # The loop checks each step's loss, which is computed before that step's update: the last update is only
@@ -179,7 +187,7 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
       raise ModassemError(f"{workdir}: the {s.plan.phase} run finished, but {names} in modules/ are missing or "
                           f"damaged and its final checkpoint (step {s.total_steps}) is gone too: rerun the phase "
                           f"in a new --workdir")
-    state = checkpoints.restore_state(mngr, s.total_steps, prepare.state_spec(s)[3])
+    state = checkpoints.restore_state(mngr, s.total_steps, prepare.state_spec(s).abstract)
   finally:
     if mngr is not None:
       mngr.close()
@@ -211,63 +219,102 @@ def _stop_diverged(mngr, first_bad: int, what: str):
   raise ModassemError(f"{what}: training stopped; {kept}; lower --config.optim.lr or check the data")
 
 
-def _loop(s: Setup, compiled, state, start, key, mngr, writer, wall_before, stop, info):
-  config = s.config
-  eval_every = config.eval_every_steps or s.dataset.steps_per_epoch(config.batch_size)
-  shard = sharding.batch_sharding(s.mesh)
-  batches = _device_batches(s.dataset.train_batches(
-      config.batch_size, seed=config.seed, start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count()), shard)
-  progress = Progress(s.total_steps, start, config.batch_size, config.progress if is_main() else "off",
-                      label=s.plan.phase, quiet=not is_main(), step_flops=info["step_flops"],
-                      peak_flops=info["peak_flops"], num_devices=info["devices"])
-  ckpt_dir = checkpoints.state_dir(writer.path.parent)
-  t0 = time.perf_counter()
-  pending = None   # (step, metrics) of the previous step: read one step late to keep the device busy
+@dataclasses.dataclass(kw_only=True)
+class _Loop:
+  """The steps of a run from `start` on. Each step runs the compiled update, then the named steps around it, in
+  MaxText's manner: `record_metrics`, `maybe_evaluate`, `maybe_save_checkpoint`, `maybe_stop`.
 
-  def check(step, metrics):
+  A step's loss is read one step late (`pending`), so that the host never waits on the device between steps; the
+  steps that act on the state (a checkpoint, a stop) check it first.
+  """
+  s: Setup
+  compiled: Any
+  key: Any
+  mngr: Any
+  writer: Writer
+  progress: Progress
+  stop: preempt.Stop
+  wall_before: float
+  t0: float = dataclasses.field(default_factory=time.perf_counter)
+  pending: tuple | None = None   # (step, metrics) of the newest step, not yet checked
+
+  def wall(self) -> float:
+    return self.wall_before + time.perf_counter() - self.t0
+
+  def check(self) -> float:
+    """The pending step's loss; a non-finite one stops the run (`_stop_diverged`)."""
+    step, metrics = self.pending
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
       # The loss of step s comes from the state saved as step s - 1: that
       # checkpoint holds the diverged parameters, and a resume must not start from it.
-      _stop_diverged(mngr, step - 1, f"loss is {loss} at step {step}")
+      _stop_diverged(self.mngr, step - 1, f"loss is {loss} at step {step}")
     return loss
 
-  try:
-    for step in range(start + 1, s.total_steps + 1):
-      state, metrics = compiled(state, s.frozen, next(batches), key)
-      if pending is not None:
-        check(*pending)
-      pending = (step, metrics)
-      if step % config.log_every_steps == 0 or step == s.total_steps:
-        loss = check(*pending)
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        values["wall_s"] = wall_before + time.perf_counter() - t0
-        values.update(progress.rates())
-        writer.write(step, "train", values)
-        progress.log(step, loss=loss, lr=values["lr"])
-        progress.show(loss=loss)
-      progress.update(step)
-      if step % eval_every == 0 and step != s.total_steps:
-        ev = evaluate(s, state.params)
-        writer.write(step, "eval", {**ev, "wall_s": wall_before + time.perf_counter() - t0})
-        progress.evaluation(step, ev)
-        progress.paused()
-      if step % config.checkpoint_every_steps == 0 or step == s.total_steps:
-        check(*pending)
-        checkpoints.save_state(mngr, step, state, force=step == s.total_steps)
-        writer.flush()   # the records up to a checkpoint are kept wherever a resume starts
-        progress.paused()
-      if step < s.total_steps and stop.requested(step):
-        check(*pending)
-        mngr.wait_until_finished()   # a save in flight completes first: never two at once, never half of one
-        if mngr.latest_step() != step:
-          checkpoints.save_state(mngr, step, state, force=True)
-          mngr.wait_until_finished()
-        raise preempt.Preempted(stop.signame, step, s.total_steps, str(ckpt_dir))
-  finally:
-    progress.close()
-  return state, time.perf_counter() - t0
+  def run(self, state, start: int):
+    s, config = self.s, self.s.config
+    batches = _device_batches(s.dataset.train_batches(
+        config.batch_size, seed=config.seed, start_step=start, process_index=jax.process_index(),
+        process_count=jax.process_count()), sharding.batch_sharding(s.mesh))
+    try:
+      for step in range(start + 1, s.total_steps + 1):
+        state, metrics = self.compiled(state, s.frozen, next(batches), self.key)
+        if self.pending is not None:
+          self.check()
+        self.pending = (step, metrics)
+        self.record_metrics(step)
+        self.progress.update(step)
+        self.maybe_evaluate(step, state)
+        self.maybe_save_checkpoint(step, state)
+        self.maybe_stop(step, state)
+    finally:
+      self.progress.close()
+    return state
+
+  def record_metrics(self, step: int) -> None:
+    """Every `log_every_steps` and at the last step: the step's metrics to metrics.jsonl, TensorBoard and the
+    progress line."""
+    if step % self.s.config.log_every_steps and step != self.s.total_steps:
+      return
+    loss = self.check()
+    values = {k: float(v) for k, v in jax.device_get(self.pending[1]).items()}
+    values["wall_s"] = self.wall()
+    values.update(self.progress.rates())
+    self.writer.write(step, "train", values)
+    self.progress.log(step, loss=loss, lr=values["lr"])
+    self.progress.show(loss=loss)
+
+  def maybe_evaluate(self, step: int, state) -> None:
+    """Every `eval_every_steps` (once per epoch where 0) but the last step, which `_train` evaluates."""
+    s = self.s
+    every = s.config.eval_every_steps or s.dataset.steps_per_epoch(s.config.batch_size)
+    if step % every or step == s.total_steps:
+      return
+    ev = evaluate(s, state.params)
+    self.writer.write(step, "eval", {**ev, "wall_s": self.wall()})
+    self.progress.evaluation(step, ev)
+    self.progress.paused()
+
+  def maybe_save_checkpoint(self, step: int, state) -> None:
+    """Every `checkpoint_every_steps` and at the last step, of a state whose loss was finite."""
+    if step % self.s.config.checkpoint_every_steps and step != self.s.total_steps:
+      return
+    self.check()
+    checkpoints.save_state(self.mngr, step, state, force=step == self.s.total_steps)
+    self.writer.flush()   # the records up to a checkpoint are kept wherever a resume starts
+    self.progress.paused()
+
+  def maybe_stop(self, step: int, state) -> None:
+    """After SIGTERM or SIGINT (`preempt.py`): saves this step, unless it was just saved, and stops."""
+    if step == self.s.total_steps or not self.stop.requested(step):
+      return
+    self.check()
+    self.mngr.wait_until_finished()   # a save in flight completes first: never two at once, never half of one
+    if self.mngr.latest_step() != step:
+      checkpoints.save_state(self.mngr, step, state, force=True)
+      self.mngr.wait_until_finished()
+    raise preempt.Preempted(self.stop.signame, step, self.s.total_steps,
+                            str(checkpoints.state_dir(self.writer.path.parent)))
 
 
 def evaluate_run(config, workdir: str) -> dict:
@@ -279,7 +326,7 @@ def evaluate_run(config, workdir: str) -> dict:
   # A converted run has no checkpoints/ folder, and evaluating it must not make one.
   mngr = checkpoints.manager(workdir, config) if checkpoints.state_dir(workdir).is_dir() else None
   try:
-    state, latest = (checkpoints.restore_newest_intact(workdir, mngr, prepare.state_spec(s)[3], say=say)
+    state, latest = (checkpoints.restore_newest_intact(workdir, mngr, prepare.state_spec(s).abstract, say=say)
                      if mngr is not None else (None, None))
     if latest is not None:
       params = state.params

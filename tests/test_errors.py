@@ -322,7 +322,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
   s = prepare.setup(config, workdir)
   mngr = checkpoints.manager(workdir, config)
   assert mngr.latest_step() == good
-  state = checkpoints.restore_state(mngr, good, prepare.state_spec(s)[3])
+  state = checkpoints.restore_state(mngr, good, prepare.state_spec(s).abstract)
   mngr.close()
   assert int(state.step) == good
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))

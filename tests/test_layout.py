@@ -159,6 +159,31 @@ def test_module_names_come_from_one_function():
   assert not raw, f"spell names with modassem.names.module_name / teacher_name: {raw}"
 
 
+
+def test_config_fields_are_read_without_fallbacks():
+  """A live config has every field from its preset, so the code reads fields directly: a `config.get(field,
+  default)` would be a second default that can disagree with the preset's (as `mixup_group` once did: 128 in the
+  preset, 0 in the step). Older runs' config.json files are completed in one place, `checkpoints.ADDED_FIELDS`."""
+  fallbacks = []
+  for name, path in MODULES.items():
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+          and ast.unparse(node.func.value).split(".")[0] in ("config", "c", "data", "m", "model")):
+        fallbacks.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+  assert not fallbacks, f"read config fields directly (their defaults live in the presets): {fallbacks}"
+
+
+def test_fields_older_runs_lack_are_live_fields_and_complete_their_configs(tmp_path):
+  from conftest import tiny  # pylint: disable=g-import-not-at-top
+  from modassem import checkpoints  # pylint: disable=g-import-not-at-top
+  live = checkpoints._flat(checkpoints.config_record(tiny("incubate")))  # pylint: disable=protected-access
+  assert set(checkpoints.ADDED_FIELDS) <= set(live)
+  # A run of an older version, started before mixup_group and the m2mKD fields existed: it mixed once per batch.
+  (tmp_path / "config.json").write_text(json.dumps({"phase": "incubate", "optim": {"lr": 0.004}}))
+  old = checkpoints.recorded_config(tmp_path)
+  assert old["mixup_group"] == 0 and old["teacher"] == "" and old["distill.alpha"] == 0.5
+  assert old["optim.lr"] == 0.004 and old["phase"] == "incubate"
+
 # Conversion's torch-free parts: they run where torch is not installed (test_convert.py needs it throughout).
 
 def test_detection_from_depths():

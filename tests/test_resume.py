@@ -225,27 +225,27 @@ def test_an_assembly_resumes_without_its_incubation_runs_and_holds_no_second_cop
   work = str(tmp_path / "assemble")
   argv = ["train", f"--config={TINY}:assemble", f"--config.modules={','.join([inc] * 4)}", f"--workdir={work}"]
   read, alive_at_loop = [], []
-  real_read, real_loop = train.prepare.read_sources, train._loop
+  real_read, real_run = train.prepare.read_sources, train._Loop.run
 
   def read_sources(*args):
     out = real_read(*args)
     read.extend(weakref.ref(x) for x in jax.tree_util.tree_leaves(out))
     return out
 
-  def loop(s, compiled, state, start, key, mngr, writer, wall_before, stop, info):
+  def run(loop, state, start):
     gc.collect()
     alive_at_loop.append(sum(r() is not None for r in read))
-    stop.requested = lambda step: (setattr(stop, "signame", "SIGTERM") or True) if step == 3 else False
-    return real_loop(s, compiled, state, start, key, mngr, writer, wall_before, stop, info)
+    loop.stop.requested = lambda step: (setattr(loop.stop, "signame", "SIGTERM") or True) if step == 3 else False
+    return real_run(loop, state, start)
 
   monkeypatch.setattr(train.prepare, "read_sources", read_sources)
-  monkeypatch.setattr(train, "_loop", loop)
+  monkeypatch.setattr(train._Loop, "run", run)
   assert cli.main(argv) == 75
   assert read and alive_at_loop == [0], (len(read), alive_at_loop)
   assert _steps(work) == [3]
 
   shutil.move(inc, str(tmp_path / "moved"))
-  monkeypatch.setattr(train, "_loop", real_loop)
+  monkeypatch.setattr(train._Loop, "run", real_run)
   capsys.readouterr()
   assert cli.main(argv) == 0
   assert "resuming assemble from step 3/6" in capsys.readouterr().out

@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _channels(data, field: str) -> tuple[float, float, float]:
-  values = tuple(float(v) for v in data.get(field))
+  values = tuple(float(v) for v in data[field])
   if len(values) != 3 or (field == "std" and min(values) <= 0):
     raise ModassemError(
         f"data.{field}={values} is invalid: give three per-channel values "

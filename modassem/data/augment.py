@@ -166,11 +166,11 @@ def chain(*steps: Transform) -> Transform:
 def with_randaugment(data: ml_collections.ConfigDict,
                      base: Transform) -> Transform:
   """`base` then RandAugment per `data.randaugment` ("" = `base` alone)."""
-  spec = str(data.get("randaugment", "") or "")
+  spec = str(data.randaugment or "")
   if not spec:
     return base
   policy = randaugment.parse(spec)
-  fill = randaugment.fill_colour(data.get("mean", (0.485, 0.456, 0.406)))
+  fill = randaugment.fill_colour(data.mean)
   return chain(base, randaugment.rand_augment(policy, fill))
 
 

@@ -107,14 +107,14 @@ class IndexedSource(IdSplits):
 
 
 def _fraction(data) -> float:
-  return float(data.get("train_fraction", 1.0))
+  return float(data.train_fraction)
 
 
 def digits(data, image_size: int) -> IndexedSource:
   """scikit-learn's 8x8 digits (stored in modassem: `DIGITS_FILE`), upscaled in memory."""
   labels, images = _digits_arrays(image_size)
   train_ids, eval_ids = digits_split(labels)
-  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data), int(data.get("subset_seed", 0)))
+  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data), int(data.subset_seed))
 
   # Captured once: the images stay in host memory as one tensor.
   images_tensor = tf().constant(images)
@@ -266,8 +266,8 @@ def folder(data, image_size: int) -> IndexedSource:
   """Images in root/<split>/<class>/*; classes are the train subfolders."""
   del image_size  # Images are resized per example by the pipeline.
   gfile = tf().io.gfile
-  root = str(data.get("path", "") or "")
-  train_split = str(data.get("train_split", "train") or "train")
+  root = str(data.path or "")
+  train_split = str(data.train_split or "train")
   if not root:
     raise ModassemError(
         "data.path is empty: point --config.data.path at a folder with "
@@ -287,7 +287,7 @@ def folder(data, image_size: int) -> IndexedSource:
         f"{train_dir!r} has no class folders: put each class's images in "
         f"{train_dir}/<class_name>/")
   eval_split = resolve_folder_eval_split(
-      root, str(data.get("eval_split", "") or ""))
+      root, str(data.eval_split or ""))
   eval_classes = _list_classes(os.path.join(root, eval_split))
   if eval_classes != classes:
     missing = sorted(set(classes) - set(eval_classes))
@@ -302,7 +302,7 @@ def folder(data, image_size: int) -> IndexedSource:
   labels = np.asarray(train_labels + eval_labels, np.int32)
   train_ids = np.arange(len(train_paths))
   eval_ids = np.arange(len(train_paths), len(labels))
-  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data), int(data.get("subset_seed", 0)))
+  train_ids = subset_ids(train_ids, labels[train_ids], _fraction(data), int(data.subset_seed))
   paths_tensor = tf().constant(train_paths + eval_paths)
 
   def load(example_id):

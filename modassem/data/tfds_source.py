@@ -61,12 +61,12 @@ def _read_config(shuffle_seed=None, add_tfds_id=False):
 
 
 def _builder(data):
-  name = str(data.get("tfds_name", "") or "")
+  name = str(data.tfds_name or "")
   if not name:
     raise ModassemError(
         "data.tfds_name is empty: set --config.data.tfds_name, e.g. "
         "imagenet2012 or cifar100")
-  data_dir = str(data.get("tfds_data_dir", "") or "") or None
+  data_dir = str(data.tfds_data_dir or "") or None
   where = data_dir or "the TFDS default data dir (~/tensorflow_datasets)"
   try:
     builder = tfds().builder(name, data_dir=data_dir)
@@ -78,8 +78,8 @@ def _builder(data):
         "--config.data.tfds_data_dir") from e
   if builder.is_prepared():
     return builder
-  manual_dir = str(data.get("manual_dir", "") or "")
-  if not data.get("download", False):
+  manual_dir = str(data.manual_dir or "")
+  if not data.download:
     raise ModassemError(
         f"TFDS dataset {name!r} is not prepared in {where}: run `tfds build "
         f"{name} --data_dir=DIR --file_format=array_record` (imagenet2012 also needs "
@@ -271,10 +271,10 @@ def _indexed(builder, name, image_key, label_key, train_split, eval_split,
       train_reader=train_reader, eval_reader=eval_reader,
       train_ids=np.arange(num_train),
       eval_ids=num_train + np.arange(len(eval_reader)))
-  fraction = float(data.get("train_fraction", 1.0))
+  fraction = float(data.train_fraction)
   if fraction != 1.0:
     keep = subset_ids(source.train_ids, source.labels(source.train_ids),
-                      fraction, int(data.get("subset_seed", 0)))
+                      fraction, int(data.subset_seed))
     source = dataclasses.replace(source, train_ids=keep)
   return source
 
@@ -292,8 +292,8 @@ def tfds_source(data, image_size: int) -> TfdsSource | TfdsIndexedSource:
     raise ModassemError(
         f"TFDS dataset {builder.name!r} has no {image_key!r}/{label_key!r} "
         "features: use an image classification dataset")
-  train_split = str(data.get("train_split", "train") or "train")
-  eval_split = str(data.get("eval_split", "") or "")
+  train_split = str(data.train_split or "train")
+  eval_split = str(data.eval_split or "")
   if not eval_split:
     eval_split = "validation" if "validation" in builder.info.splits else "test"
   num_train = _num_examples(builder, train_split)
@@ -312,8 +312,8 @@ def tfds_source(data, image_size: int) -> TfdsSource | TfdsIndexedSource:
       eval_split=eval_split,
       num_train=num_train,
       num_eval=num_eval)
-  fraction = float(data.get("train_fraction", 1.0))
+  fraction = float(data.train_fraction)
   if fraction != 1.0:
-    keep = _kept_tfds_ids(source, fraction, int(data.get("subset_seed", 0)))
+    keep = _kept_tfds_ids(source, fraction, int(data.subset_seed))
     source = dataclasses.replace(source, keep_ids=keep, num_train=len(keep))
   return source
