@@ -218,6 +218,19 @@ def recorded(out: str, commit: str) -> tuple[dict, dict, dict | None]:
   return runs, commands, r.get("runs_setup") if runs else None
 
 
+def _nice_for_the_whole_session() -> None:
+  """With Linux's autogroup scheduling, a process in a session of its own (started with setsid or nohup from another
+  terminal) competes with the user's session as one group whatever its nice value: the study at `nice -n 19` would
+  still take a core from the tests. Its group's nice value set to its own makes it yield as asked."""
+  niceness = os.nice(0)
+  if niceness > 0 and os.path.exists("/proc/self/autogroup"):
+    try:
+      with open("/proc/self/autogroup", "w") as f:
+        f.write(str(niceness))
+    except OSError:
+      pass   # not permitted here: the nice value alone applies
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "depth_study"))
@@ -240,6 +253,7 @@ def main(argv=None) -> None:
   p.add_argument("--dtype", help="compute dtype (the preset's: float32)")
   p.add_argument("--eval_per_class", type=int, default=200)
   a = p.parse_args(argv)
+  _nice_for_the_whole_session()
   try:
     depths, seeds = [int(d) for d in a.depths.split(",") if d], [int(s) for s in a.seeds.split(",") if s]
     extra = [int(s) for s in a.extra_seeds.split(",") if s]

@@ -8,6 +8,7 @@ and `modassem plan`; bad teachers."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -79,9 +80,14 @@ def test_an_incubation_learns_from_the_teacher_and_touches_nothing_else(runs, te
   for r in records:
     np.testing.assert_allclose(r["loss"], 0.6 * r["module_1/ce"] + 0.4 * r["module_1/kl"], rtol=1e-5)
     assert r["module_1/kl"] > 0
-  # The teacher changed what the student learnt.
+  # The teacher changed what the student learnt; with alpha=0 it is there and changes nothing: the student ends
+  # where plain incubation ends, bit for bit.
   plain = _modules(runs["inc_1"])[1]
   assert any(not np.array_equal(a, b) for a, b in zip(_modules(work)[1], plain, strict=True))
+  ignored = str(tmp_path / "alpha0")
+  train.train(tiny("incubate", meta=runs["meta"], module="1", teacher=teacher, **{"distill.alpha": 0.0}), ignored)
+  for a, b in zip(_modules(ignored)[1], plain, strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def _fake_run(folder, **changes):
@@ -222,17 +228,33 @@ def test_compare_plain_adds_plain_incubation_and_its_assembly_to_the_report(pipe
   assert configs["incubate"].teacher == teacher and configs["incubate_plain"].teacher == ""
   assert configs["assemble_plain"].modules == ",".join([dirs["incubate_plain"]] * 4)
   assert configs["assemble"].modules == ",".join([dirs["incubate"]] * 4)
-  # The report, from the session pipeline's runs standing in for both incubations and assemblies.
+  # The report, from the session pipeline's runs for the m2mKD chain and copies of its incubation and assembly,
+  # with other scores and FLOPs, for the plain one: each column must come from its own chain.
   runs = {p: os.path.join(pipeline_dir, p) for p in ("meta", "incubate", "assemble", "e2e")}
-  runs.update(incubate_plain=runs["incubate"], assemble_plain=runs["assemble"])
+  for p in ("incubate", "assemble"):
+    runs[f"{p}_plain"] = str(tmp_path / f"{p}_plain")
+    shutil.copytree(runs[p], runs[f"{p}_plain"])
+    res = files.read_json(os.path.join(runs[p], "results.json"))
+    files.write_json(os.path.join(runs[f"{p}_plain"], "results.json"),
+                     {**res, "top1": 12.5, "module_2/top1": 13.5, "train_flops": res["train_flops"] / 2})
+  metrics = os.path.join(runs["assemble_plain"], "metrics.jsonl")
+  with open(metrics) as f:
+    records = [json.loads(line) for line in f]
+  (before,) = [r for r in records if r["kind"] == "eval" and r["step"] == 0]   # the stacked modules' score
+  before["top1"] = 9.75
+  with open(metrics, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
   results = {p: files.read_json(os.path.join(d, "results.json")) for p, d in runs.items()}
   report = report_lib.make_report(results, runs, teacher=teacher)
-  assembled = results["assemble"]
-  assert report["plain"]["top1"] == assembled["top1"]
-  assert report["plain"]["top1_before_fine_tuning"] == report["phases"]["assemble"]["top1_before_fine_tuning"]
-  assert report["plain"]["train_flops"] == pytest.approx(report["assembled"]["train_flops"])
+  assert (report["plain"]["top1"], report["plain"]["top1_before_fine_tuning"]) == (12.5, 9.75)
+  assert report["plain"]["incubated_modules"]["module_2/top1"] == 13.5
+  assert report["assembled"]["top1"] == results["assemble"]["top1"] != 12.5
+  assert report["incubated_modules"]["module_2/top1"] == results["incubate"]["module_2/top1"] != 13.5
+  full = [results[p]["train_flops"] for p in ("meta", "incubate", "assemble")]
+  assert report["assembled"]["train_flops"] == pytest.approx(sum(full))
+  assert report["plain"]["train_flops"] == pytest.approx(full[0] + full[1] / 2 + full[2] / 2)
   text = report_lib.report_markdown(report)
-  assert f"| plain | {report['plain']['top1_before_fine_tuning']:.2f} | {assembled['top1']:.2f} |" in text
+  assert "| plain | 9.75 | 12.50 |" in text
   assert "| with the teacher (m2mKD) |" in text
   # Without a teacher there is nothing to compare: a one-line error before anything runs.
   capsys.readouterr()

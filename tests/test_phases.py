@@ -119,7 +119,7 @@ def test_assembly_places_module_i_of_run_i_in_slot_i(runs):
   sources = [runs["inc_all"], runs["inc_1"], runs["inc_all"], runs["inc_all"]]
   config = tiny("assemble", modules=",".join(sources))
   s = prepare.setup(config, None)
-  init_fn, key = prepare.state_spec(s)[2], jax.random.key(config.seed)
+  init_fn, key = prepare.state_spec(s).init_fn, jax.random.key(config.seed)
   params = _leaves(jax.device_get(init_fn(key).params))
   for k, run_dir in enumerate(sources):
     for name, x in _saved_module(run_dir, k).items():
@@ -137,7 +137,7 @@ def test_assembly_init_takes_its_modules_as_arguments():
     sources = model_of(plan.depths).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
     s = prepare.Setup(config=config, plan=plan, dataset=None, mesh=mesh, model_of=model_of, run={}, total_steps=6,
                       warmup_steps=2, frozen={}, sources=sources)
-    init_fn = prepare.state_spec(s)[2]   # the jitted init, its sources bound as arguments
+    init_fn = prepare.state_spec(s).init_fn   # the jitted init, its sources bound as arguments
     sizes[width] = len(init_fn.func.lower(*init_fn.args, jax.random.key(0)).as_text())
   assert sizes[32] < 1.05 * sizes[16], sizes
 
@@ -155,11 +155,15 @@ def test_assembled_model_runs_as_one_vit(runs):
   assert whole.shape == (2, 10)
 
 
-@pytest.mark.parametrize("module, trained", [("all", (0, 1, 2, 3)), ("0", (0,)), ("3", (3,))])
-def test_plans(module, trained):
+# The tiny target has modules of two blocks; the meta model, one block per module.
+@pytest.mark.parametrize("module, trained, first_hybrid", [("all", (0, 1, 2, 3), (2, 1, 1, 1)),
+                                                           ("0", (0,), (2, 1, 1, 1)), ("3", (3,), (1, 1, 1, 2))])
+def test_plans(module, trained, first_hybrid):
   plan = phases.make_plan(tiny("incubate", module=module))
   assert plan.trained == trained and plan.incubate
-  assert plan.hybrid_depths(trained[0]) == tuple(2 if k == trained[0] else 1 for k in range(4))
+  assert plan.hybrid_depths(trained[0]) == first_hybrid
+  if module == "all":
+    assert [plan.hybrid_depths(i) for i in (1, 2)] == [(1, 2, 1, 1), (1, 1, 2, 1)]
   assert set(plan.groups) == {f"module_{i}" for i in trained}
   # Every meta module is read unless its slot is the only one trained.
   assert phases.frozen_slots(plan) == [k for k in range(4) if trained != (k,)]
@@ -168,6 +172,10 @@ def test_plans(module, trained):
   assert phases.frozen_slots(meta) == []
   with pytest.raises(ModassemError, match="out of range"):
     phases.make_plan(tiny("incubate", module="4"))
+
+
+# The tiny preset's hybrids: its two-block module i among one-block meta modules.
+HYBRIDS = {0: (2, 1, 1, 1), 1: (1, 2, 1, 1), 2: (1, 1, 2, 1), 3: (1, 1, 1, 2)}
 
 
 def _branches(tree, keep):
@@ -219,7 +227,7 @@ def test_incubation_runs_meta_modules_in_train_mode_at_the_hybrids_drop_path_rat
     for i in plan.trained:
       if i == k:
         continue
-      depths = plan.hybrid_depths(i)
+      depths = HYBRIDS[i]
       rate = p * sum(depths[:k]) / (sum(depths) - 1)   # linear in depth over the hybrid's blocks
       got = _unchanged(logits[f"module_{i}"], identity[f"module_{i}"]).mean()
       tol = 4 * np.sqrt(rate ** 2 * (1 - rate ** 2) / n) + 1e-3
@@ -268,7 +276,7 @@ def test_scanned_runs_exchange_modules_with_per_block_runs(runs, tmp_path):
   sources = [runs["inc_all"], scanned, runs["inc_all"], runs["inc_all"]]
   config = tiny("assemble", modules=",".join(sources), **{"model.scan": True})
   s = prepare.setup(config, None)
-  init_fn, key = prepare.state_spec(s)[2], jax.random.key(config.seed)
+  init_fn, key = prepare.state_spec(s).init_fn, jax.random.key(config.seed)
   params = _leaves(jax.device_get(prepare.saved_layout(config, init_fn(key).params)))
   assert "['module_1']['blocks']" not in "".join(params)
   for k, run_dir in enumerate(sources):

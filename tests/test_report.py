@@ -14,6 +14,23 @@ def test_the_report_of_the_pipelines_runs_is_the_pipelines_report(pipeline_dir, 
   assert cli.main(["report", os.path.join(pipeline_dir, "assemble"), os.path.join(pipeline_dir, "e2e"),
                    f"--out={out}"]) == 0
   assert "| assembled (meta + incubate + assemble) |" in capsys.readouterr().out
+  # Its numbers are the runs' own, read here from each run's results.json and metrics.jsonl.
+  runs = {}
+  for p in ("meta", "incubate", "assemble", "e2e"):
+    with open(os.path.join(pipeline_dir, p, "results.json")) as f:
+      runs[p] = json.load(f)
+  with open(out / "report.json") as f:
+    r = json.load(f)
+  for p, res in runs.items():
+    assert r["phases"][p]["workdir"] == os.path.join(pipeline_dir, p)
+    assert (r["phases"][p]["top1"], r["phases"][p]["train_flops"]) == (res["top1"], res["train_flops"]), p
+  assert r["assembled"]["top1"] == runs["assemble"]["top1"] and r["e2e"]["top1"] == runs["e2e"]["top1"]
+  assert r["assembled"]["train_flops"] == (runs["meta"]["train_flops"] + runs["incubate"]["train_flops"]
+                                           + runs["assemble"]["train_flops"])
+  assert r["incubated_modules"]["module_2/top1"] == runs["incubate"]["module_2/top1"]
+  with open(os.path.join(pipeline_dir, "assemble", "metrics.jsonl")) as f:
+    first_eval = next(rec for rec in map(json.loads, f) if rec["kind"] == "eval")
+  assert first_eval["step"] == 0 and r["phases"]["assemble"]["top1_before_fine_tuning"] == first_eval["top1"]
   for name in ("report.json", "report.md"):
     with open(out / name) as mine, open(os.path.join(pipeline_dir, name)) as theirs:
       assert mine.read() == theirs.read(), name
