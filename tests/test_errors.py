@@ -232,12 +232,18 @@ def test_train_refuses_an_incubation_directory_of_another_module(runs, capsys, t
   assert tree_state(workdir) == before
 
 
-def test_run_directory_of_another_phase_exits_non_zero_from_the_console(meta_copy):
+def test_run_directory_of_another_phase_exits_non_zero_from_the_console(meta_copy, monkeypatch, capsys):
+  """Through the console script's entry point, in this process (one real process checks the same path above)."""
   before = tree_state(meta_copy)
-  proc = run_cli("train", "--config=configs/tiny.py:e2e", f"--workdir={meta_copy}")
-  assert proc.returncode == 2, proc.stderr
-  ours = [line for line in proc.stderr.splitlines() if line.startswith("modassem ")]
-  assert len(ours) == 1, proc.stderr
+  monkeypatch.setattr(sys, "argv", ["modassem", "train", "--config=configs/tiny.py:e2e", f"--workdir={meta_copy}"])
+  monkeypatch.chdir(REPO)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exited:
+    cli.entry()
+  assert exited.value.code == 2
+  err = capsys.readouterr().err
+  ours = [line for line in err.splitlines() if line.startswith("modassem ")]
+  assert len(ours) == 1, err
   assert_names(ours[0], "modassem train: error: ", meta_copy, "holds a run (phase meta) whose phase is meta, not e2e")
   assert tree_state(meta_copy) == before
 

@@ -153,10 +153,11 @@ def _signal_during_a_save(work, signum, skip, delay, pid, running):
 
 
 def test_ctrl_c_during_asynchronous_saves_stops_the_same_way_every_time(reference, tmp_path, capsys):
-  """3 times at seeded moments, in this process (a real SIGINT, to this process's own handlers)."""
+  """Twice at seeded moments, in this process (a real SIGINT, to this process's own handlers), the second time in
+  the run resumed from the first stop."""
   work, rng, stops = str(tmp_path / "run"), random.Random(0), []
   args = [*RUN, f"--workdir={work}", "--config.checkpoint_every_steps=4"]
-  for _ in range(3):
+  for _ in range(2):
     done = threading.Event()
     sender = threading.Thread(target=_signal_during_a_save, args=(
         work, signal.SIGINT, rng.randint(0, 1), rng.uniform(0, 0.01), os.getpid(), lambda: not done.is_set()))
@@ -179,11 +180,11 @@ def test_ctrl_c_during_asynchronous_saves_stops_the_same_way_every_time(referenc
 
 
 def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_path, capsys):
-  """SIGKILL 3 times, each in the rerun of the run killed before it, once it has committed a checkpoint of its own:
-  a seeded number of steps later, or (the second time) a seeded moment into its next asynchronous save. The last
-  rerun (here, in this process) finishes."""
+  """SIGKILL twice, the second time in the rerun of the run killed first, each once the run has committed a
+  checkpoint of its own: a seeded number of steps later, then a seeded moment into its next asynchronous save. The
+  last rerun (here, in this process) finishes."""
   work, rng, every = str(tmp_path / "run"), random.Random(0), 4
-  for i in range(3):
+  for i in range(2):
     start = (_steps(work) or [0])[-1]
     proc = _start(work, every, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out, more = "", rng.randint(0, 4)
