@@ -142,7 +142,10 @@ def _main(argv: list[str]) -> int:
   except ModassemError as e:
     return flags.fail(verb, str(e))
   except KeyboardInterrupt:
-    return flags.fail(verb, "interrupted; rerun the same command to resume from the last checkpoint")
+    from modassem import preempt  # pylint: disable=g-import-not-at-top
+    print(f"modassem {verb}: interrupted: stopped at once, without a checkpoint; rerun the same command to resume "
+          "from the last one", file=sys.stderr, flush=True)
+    return preempt.EXIT_INTERRUPTED
 
 
 def _run(verb: str, fv) -> int:

@@ -29,6 +29,9 @@ import signal
 # The exit status of a run stopped by SIGTERM or SIGINT after saving its checkpoint: EX_TEMPFAIL of sysexits.h
 # ("a temporary failure; the same command may succeed later"). The launch scripts rerun a phase that exits with it.
 EXIT_PREEMPTED = 75
+# A second Ctrl-C stops at once, without a checkpoint: 128 + SIGINT, as shells report a command an interrupt ended.
+# The launch scripts do not rerun it (the user asked to stop).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class Preempted(Exception):

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, TINY, tiny
-from modassem import checkpoints, cli, files, train
+from modassem import checkpoints, cli, files, preempt, train
 
 # The tiny preset's epoch is 1437 // 32 = 44 steps: runs stopped before it and resumed cross the epoch boundary,
 # where the data order reshuffles. How often a run logs and checkpoints does not change what it trains, so every
@@ -177,6 +177,37 @@ def test_ctrl_c_during_asynchronous_saves_stops_the_same_way_every_time(referenc
   assert stops == sorted(stops) and stops[-1] < STEPS, stops
   assert cli.main(args) == 0
   _assert_same(_params(work), reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_the_interrupt_status(tmp_path, capsys):
+  """Two Ctrl-Cs in a row: no checkpoint at the step it stops on, one line, and 130 (128 + SIGINT), not the 2 of a
+  bad command nor the 75 that the launch scripts rerun."""
+  work = str(tmp_path / "run")
+  done = threading.Event()
+
+  def twice():
+    while not done.is_set() and not _steps(work):   # once the first checkpoint (step 4) is committed
+      time.sleep(0.005)
+    if not done.is_set():
+      os.kill(os.getpid(), signal.SIGINT)
+      # Two signals pending at once are delivered as one: the second goes once the first has been handled.
+      while not done.is_set() and (preempt._active is None or preempt._active.signame is None):  # pylint: disable=protected-access
+        time.sleep(0.0005)
+      os.kill(os.getpid(), signal.SIGINT)
+
+  sender = threading.Thread(target=twice)
+  sender.start()
+  try:
+    rc = cli.main([*RUN, f"--workdir={work}", "--config.checkpoint_every_steps=4"])
+  finally:
+    done.set()
+    sender.join()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 130, err
+  assert err[-1] == ("modassem train: interrupted: stopped at once, without a checkpoint; rerun the same command to "
+                     "resume from the last one"), err
+  assert [line for line in err if line.startswith("modassem ")] == err[-1:]
+  assert _steps(work)[0] == 4 and _steps(work)[-1] < STEPS and not os.path.exists(os.path.join(work, "results.json"))
 
 
 def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_path, capsys):
