@@ -63,6 +63,10 @@ def arch_difference(theirs: dict, ours: dict) -> str:
 def check_not_a_file(workdir: str) -> None:
   """A run directory must be a directory (or not exist yet)."""
   wd = files.path(workdir)
+  above = next((p for p in wd.parents if p.exists()), None)
+  if above is not None and not above.is_dir():
+    raise ModassemError(f"--workdir={workdir} lies under {above}, which is a file: pass a directory path that no "
+                        "file stands in the way of")
   if wd.exists() and not wd.is_dir():
     raise ModassemError(f"--workdir={workdir} is a file, not a directory: pass a new directory for this run, or "
                         "the run directory to resume or evaluate")

@@ -30,6 +30,9 @@ _RANGES = (
     ("model.patch", 1, math.inf, True), ("model.image_size", 1, math.inf, True),
     ("model.num_classes", 1, math.inf, True), ("model.mlp_ratio", 0.0, math.inf, False),
     ("model.drop_path", 0.0, 1.0, True), ("model.dropout", 0.0, 1.0, True), ("model.ln_eps", 0.0, math.inf, False),
+    ("model.num_modules", 1, math.inf, True),
+    # JAX's keys take a signed 64-bit seed; the data order's NumPy generators a non-negative one.
+    ("seed", 0, 2 ** 63 - 1, True), ("data.subset_seed", 0, 2 ** 63 - 1, True),
 )
 
 
@@ -45,7 +48,8 @@ def check_numbers(config) -> None:
       raise ModassemError(f"{field}={node!r} is not a finite number: pass one, e.g. --config.{field}=VALUE")
     above = node >= low if closed else node > low
     if not (above and node <= high):
-      bound = f"{'>=' if closed else '>'} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+      show = lambda v: str(v) if isinstance(v, int) else f"{v:g}"
+      bound = f"{'>=' if closed else '>'} {show(low)}" + ("" if high == math.inf else f" and <= {show(high)}")
       raise ModassemError(f"{field}={node!r} is out of range: it must be {bound}")
 
 

@@ -88,7 +88,10 @@ def make_plan(config) -> Plan:
   depths = tuple(int(d) for d in m.depths)
   if len(depths) != k:
     raise ModassemError(f"model.depths={depths} has {len(depths)} entries but model.num_modules={k}: give one depth per module")
-  if sum(depths) != m.depth or min(depths) < 1:
+  if min(depths) < 1:
+    raise ModassemError(f"model.depths={depths} has a module of depth {min(depths)}: every module needs at least "
+                        f"one block; give {k} depths of 1 or more that sum to {m.depth}")
+  if sum(depths) != m.depth:
     raise ModassemError(f"model.depths={depths} adds up to {sum(depths)} but preset {config.preset} has depth {m.depth}: "
                         f"give {k} positive depths that sum to {m.depth}")
   phase = config.phase

@@ -67,6 +67,13 @@ PHASED_CASES = [
     (["--config={tiny}:meta", "--config.model.heads=0"], "model.heads=0 is out of range"),
     (["--config={tiny}:meta", "--config.label_smoothing=inf"], "label_smoothing=inf is not a finite number"),
     (["--config={tiny}:meta", "--config.mixup=0.8", "--config.mixup_group=5"], "not a multiple of mixup_group=5"),
+    (["--config={tiny}:meta", f"--config.seed={2 ** 64}"], f"seed={2 ** 64} is out of range: it must be >= 0 and <= "
+                                                          f"{2 ** 63 - 1}"),
+    (["--config={tiny}:meta", "--config.seed=-1"], "seed=-1 is out of range"),
+    (["--config={tiny}:meta", "--config.model.depths=(0,4,4,0)"], "has a module of depth 0: every module needs at "
+                                                                  "least one block"),
+    (["--config={tiny}:meta", "--config.data.name=folder", "--config.data.path={file}"],
+     "data.path '{file}' is a file, not a folder"),
 ]
 
 
@@ -82,6 +89,7 @@ def cases():
   yield "eval", ["--config={tiny}:meta", "--workdir={run}"], "not a run directory"
   for verb in ("train", "eval"):
     yield verb, ["--config={tiny}:meta", "--workdir={file}"], "is a file, not a directory"
+    yield verb, ["--config={tiny}:meta", "--workdir={file}/run"], "lies under {file}, which is a file"
     yield verb, ["--config={tiny}:meta"], "--workdir is required"
   for args, needle in PHASED_CASES[1:3]:
     yield "pipeline", [a.replace(":meta", "") for a in args] + ["--workdir={run}"], needle.split("=")[0]
@@ -150,6 +158,7 @@ def test_a_bad_command_is_one_line_and_changes_nothing(capsys, bad, verb, args, 
   assert rc == 2, (argv, rc, out, err)
   assert "Traceback" not in out + err, err
   assert len(lines) == 1 and lines[0].startswith(f"modassem {verb}: error: "), (argv, err)
+  needle = needle.format(**paths)
   assert needle in lines[0], (needle, lines[0])
   assert {k: tree_state(p) for k, p in bad.items()} == before, f"{argv} changed a path it was given"
 

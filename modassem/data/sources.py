@@ -273,8 +273,9 @@ def folder(data, image_size: int) -> IndexedSource:
         "data.path is empty: point --config.data.path at a folder with "
         "train/<class>/* images")
   if not gfile.isdir(root):
+    what = "is a file, not a folder" if gfile.exists(root) else "does not exist"
     raise ModassemError(
-        f"data.path {root!r} does not exist: point --config.data.path at a "
+        f"data.path {root!r} {what}: point --config.data.path at a "
         "folder with train/<class>/* images")
   train_dir = os.path.join(root, train_split)
   if not gfile.isdir(train_dir):
