@@ -41,11 +41,31 @@ def _record(since: float) -> dict:
   return {"host": socket.gethostname(), "pid": os.getpid(), "since": since, "heartbeat": time.time()}
 
 
+# A lock is created, then written: one that holds no holder record (empty, cut short, not JSON, not a record) is
+# being written this instant, or was left so by a run that crashed or found the disk full in between. After this
+# long it is the latter, and no live run holds it.
+GARBLED_S = 2.0
+_GARBLED = {"host": None, "pid": None, "garbled": True}
+
+
 def _read(path) -> dict | None:
+  """The holder the lock names; None when it is gone (or cannot be read this instant); `_GARBLED` when it names
+  none."""
   try:
-    return json.loads(files.read_text(path) or "null")
-  except (OSError, json.JSONDecodeError):
+    text = files.read_text(path)
+  except UnicodeDecodeError:
+    return _GARBLED
+  except OSError:
     return None   # gone, or being rewritten: read again
+  if text is None:
+    return None
+  try:
+    holder = json.loads(text)
+  except ValueError:
+    return _GARBLED
+  if not (isinstance(holder, dict) and {"host", "pid", "heartbeat"} <= set(holder)):
+    return _GARBLED
+  return holder
 
 
 def _ours(holder: dict | None) -> bool:
@@ -70,6 +90,8 @@ def _alive(holder: dict) -> bool:
 
 
 def _describe(holder: dict) -> str:
+  if holder is _GARBLED:
+    return "its lock file named no holder"
   since = datetime.datetime.fromtimestamp(float(holder.get("since", 0.0))).strftime("%Y-%m-%d %H:%M:%S")
   age = time.time() - float(holder.get("heartbeat", 0.0))
   return (f"pid {holder.get('pid')} on {holder.get('host')}, since {since}, last heartbeat {age:.0f} s ago")
@@ -88,14 +110,18 @@ class _Lock:
   def acquire(self) -> dict | None:
     """Takes the lock; returns the stale holder it took over, if any."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    stale = None
-    for _ in range(3):
+    stale, garbled_since = None, None
+    for _ in range(100):
       if not files.create(self.path, json.dumps(_record(self._since))):
         holder = _read(self.path)
+        if holder is _GARBLED:
+          garbled_since = garbled_since or time.monotonic()
+          if time.monotonic() - garbled_since < GARBLED_S:
+            holder = None   # perhaps being written now: read again
         if holder is None:
           time.sleep(0.1)
           continue
-        if _alive(holder):
+        if holder is not _GARBLED and _alive(holder):
           raise ModassemError(f"{self.workdir} is being written by another run ({_describe(holder)}): "
                               f"wait for it to end, or stop it; a crashed run's lock ({self.path}) is taken over "
                               f"{LEASE_S:.0f} s after its last heartbeat, or as soon as its process is gone") from None

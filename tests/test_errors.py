@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -479,6 +480,34 @@ def test_a_lock_under_a_live_pid_is_taken_over_once_its_heartbeat_is_stale(tmp_p
       with lock.writer(str(work), say=said.append):
         pass
     assert json.loads((work / "lock.json").read_text()) == ghost
+
+
+@pytest.mark.parametrize("content", [b"", b'{"host": "h", "pid": 12', b"[1, 2]", b'{"pid": 1}', b"\xff\xfe\x00"],
+                         ids=["empty", "cut-short", "not-an-object", "no-holder", "not-utf8"])
+def test_a_lock_file_that_names_no_holder_is_taken_over(tmp_path, content):
+  """As a crash or a full disk between the lock's creation and its first write leaves it: no live run holds it."""
+  (tmp_path / "lock.json").write_bytes(content)
+  said, t = [], time.monotonic()
+  with lock.writer(str(tmp_path), say=said.append):
+    assert json.loads((tmp_path / "lock.json").read_text())["pid"] == os.getpid()
+  assert time.monotonic() - t >= lock.GARBLED_S   # it may have been being written: read again for a while first
+  assert said == [f"{tmp_path}: took over the lock of a run that is gone (its lock file named no holder)"], said
+  assert not (tmp_path / "lock.json").exists()
+
+
+def test_a_lock_file_written_just_after_it_is_seen_empty_is_respected(tmp_path):
+  """A lock seen empty in the instant between another run's create and its write: that run holds it."""
+  (tmp_path / "lock.json").write_text("")
+  holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "heartbeat": time.time()}
+  writing = threading.Timer(0.5, lambda: (tmp_path / "lock.json").write_text(json.dumps(holder)))
+  writing.start()
+  try:
+    with pytest.raises(ModassemError, match="is being written by another run"):
+      with lock.writer(str(tmp_path)):
+        pass
+  finally:
+    writing.join()
+  assert json.loads((tmp_path / "lock.json").read_text()) == holder
 
 
 def test_the_lock_of_a_run_that_is_gone_is_taken_over(capsys, meta_copy):
