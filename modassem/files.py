@@ -119,17 +119,18 @@ def create(p, text: str) -> bool:
 
 
 def read_json(p) -> dict | None:
-  """The JSON object in `p`, or None when there is no such file; a one-line error when it is unreadable."""
+  """The JSON object in `p`, or None when there is no such file; a one-line error when it is unreadable, not
+  UTF-8, not JSON or not an object (every run file modassem writes holds one object)."""
   try:
     text = read_text(p)
-  except OSError as e:
-    raise ModassemError(f"{p} is unreadable ({e}): restore it or start in a new --workdir") from None
-  if text is None:
-    return None
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ModassemError(f"{p} is unreadable ({e}): restore it or start in a new --workdir") from None
+    obj = None if text is None else json.loads(text)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ModassemError(f"{p} is unreadable ({type(e).__name__}: {e}): restore it from a copy, or start in a new "
+                        "--workdir") from None
+  if text is not None and not isinstance(obj, dict):
+    raise ModassemError(f"{p} holds a JSON {type(obj).__name__}, not the object modassem writes: restore it from a "
+                        "copy, or start in a new --workdir")
+  return obj
 
 
 def write_json(p, obj: Any) -> None:

@@ -39,6 +39,7 @@ class Writer:
     self._lines = None      # on a bucket: the whole file, written by `flush`
     self._dirty = False
     self._flushed_at = time.monotonic()
+    self.set_aside = 0      # lines of metrics.jsonl that `resume` could not read, moved to damaged/
     self._events = _Events(self.path.parent / "tb", self._remote) if self.active else None
 
   def resume(self, step: int) -> float:
@@ -48,15 +49,26 @@ class Writer:
     """
     if not self.active:
       return 0.0
-    kept, wall = [], 0.0
-    for line in (files.read_text(self.path) or "").splitlines():
+    kept, unreadable, wall = [], [], 0.0
+    try:
+      raw = self.path.read_bytes()
+    except FileNotFoundError:
+      raw = b""
+    for line in raw.splitlines():
       try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue   # a line cut short by a kill
-      if rec.get("step", 0) <= step:
-        kept.append(line + "\n")
+        rec = json.loads(line.decode("utf-8"))
+        rec_step = int(rec.get("step", 0))
+      except (UnicodeDecodeError, ValueError, TypeError, AttributeError):
+        unreadable.append(line)   # a line cut short by a kill, or damaged: kept aside, not trained on
+        continue
+      if rec_step <= step:
+        kept.append(line.decode("utf-8") + "\n")
         wall = max(wall, float(rec.get("wall_s", 0.0)))
+    if unreadable:
+      aside = self.path.parent / "damaged" / METRICS_FILE
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      files.write_bytes(aside, (aside.read_bytes() if aside.exists() else b"") + b"\n".join(unreadable) + b"\n")
+      self.set_aside = len(unreadable)
     files.write_text(self.path, "".join(kept))
     self._lines = kept
     return wall

@@ -121,6 +121,9 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   s.sources, init_fn = None, None
   start = int(latest or 0)
   wall_before = writer.resume(start)
+  if writer.set_aside:
+    say(f"{workdir}: {writer.set_aside} line(s) of {writer.path.name} could not be read (cut short or damaged): "
+        f"kept aside in {writer.path.parent / 'damaged' / writer.path.name}")
   writer.write(start, "setup", {k: v for k, v in info.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
   if start == 0 and s.plan.phase == "assemble":

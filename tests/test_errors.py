@@ -249,6 +249,47 @@ def test_run_directory_of_another_phase_exits_non_zero_from_the_console(meta_cop
   assert tree_state(meta_copy) == before
 
 
+_DAMAGED_RUN_FILES = [
+    ("run.json", b"[1, 2]", "run.json holds a JSON list, not the object modassem writes"),
+    ("run.json", b'"meta"', "run.json holds a JSON str, not the object modassem writes"),
+    ("config.json", b'{"phase": "meta", \xff}', "config.json is unreadable (UnicodeDecodeError"),
+    ("results.json", b"{\"top1\": 1", "results.json is unreadable (JSONDecodeError"),
+]
+
+
+# eval reads run.json and the checkpoint, not the config or the results of training.
+@pytest.mark.parametrize("verb, name, content, needle", [("train", *c) for c in _DAMAGED_RUN_FILES]
+                         + [("eval", *c) for c in _DAMAGED_RUN_FILES if c[0] == "run.json"])
+def test_a_damaged_run_file_is_one_line_naming_it(capsys, meta_copy, verb, name, content, needle):
+  with open(os.path.join(meta_copy, name), "wb") as f:
+    f.write(content)
+  before = tree_state(meta_copy)
+  line = cli_error(capsys, verb, f"--config={TINY}:meta", f"--workdir={meta_copy}")
+  assert_names(line, os.path.join(meta_copy, name), needle, "restore it from a copy, or start in a new --workdir")
+  assert tree_state(meta_copy) == before
+
+
+def test_unreadable_lines_of_the_metrics_are_set_aside_and_the_rest_kept(capsys, meta_copy):
+  """A resume rewrites metrics.jsonl from the records that parse; the others (bytes that are not UTF-8, a line cut
+  short) go to damaged/metrics.jsonl, and a line says so."""
+  path = os.path.join(meta_copy, "metrics.jsonl")
+  with open(path, "rb") as f:
+    good = f.read().splitlines()
+  bad = [b'{"step": 2, "kind": "train", "loss": \xff\xfe}', b'{"step": 3, "ki']
+  with open(path, "wb") as f:
+    f.write(b"\n".join(good[:2] + bad[:1] + good[2:] + bad[1:]) + b"\n")
+  os.remove(os.path.join(meta_copy, "results.json"))   # finished up to its last checkpoint: the run resumes there
+  assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={meta_copy}"]) == 0
+  assert ("2 line(s) of metrics.jsonl could not be read (cut short or damaged): kept aside in "
+          f"{meta_copy}/damaged/metrics.jsonl") in capsys.readouterr().out
+  with open(os.path.join(meta_copy, "damaged", "metrics.jsonl"), "rb") as f:
+    assert f.read() == b"\n".join(bad) + b"\n"
+  with open(path, "rb") as f:
+    again = f.read().splitlines()
+  assert again[:len(good)] == good   # then the records of this start: its setup and the final evaluation
+  assert [json.loads(line)["kind"] for line in again[len(good):]] == ["setup", "final"]
+
+
 def test_eval_of_a_directory_that_is_not_a_run(capsys, tmp_path):
   (tmp_path / "notes.txt").write_text("not a run\n")
   before = tree_state(str(tmp_path))
