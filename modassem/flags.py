@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 import sys
 
-from modassem.errors import ModassemError
+from modassem.errors import ModassemError, plain
 
 
 def fail(verb: str, message: str) -> int:
   """Prints `modassem VERB: error: MESSAGE` on one line; returns the exit status, 2."""
-  print(f"modassem {verb}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  print(f"modassem {verb}: error: {plain(message)}", file=sys.stderr, flush=True)
   return 2
 
 
