@@ -525,8 +525,9 @@ def test_a_lock_under_a_live_pid_is_taken_over_once_its_heartbeat_is_stale(tmp_p
 
 @pytest.mark.parametrize("content", [b"", b'{"host": "h", "pid": 12', b"[1, 2]", b'{"pid": 1}', b"\xff\xfe\x00"],
                          ids=["empty", "cut-short", "not-an-object", "no-holder", "not-utf8"])
-def test_a_lock_file_that_names_no_holder_is_taken_over(tmp_path, content):
+def test_a_lock_file_that_names_no_holder_is_taken_over(tmp_path, monkeypatch, content):
   """As a crash or a full disk between the lock's creation and its first write leaves it: no live run holds it."""
+  monkeypatch.setattr(lock, "GARBLED_S", 0.3)   # the wait, shortened for the test
   (tmp_path / "lock.json").write_bytes(content)
   said, t = [], time.monotonic()
   with lock.writer(str(tmp_path), say=said.append):

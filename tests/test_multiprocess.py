@@ -119,3 +119,26 @@ def test_each_process_reads_only_its_share_of_the_records_and_a_resume_reads_not
     resumed = job[p]["spans"]["2:1"]
     assert sorted(example_of[i] for i in resumed["read"]) == sorted(resumed["batches"][0])
     assert not {example_of[i] for i in resumed["read"]} & set(sum(one["batches"][:2], []))
+
+
+# Each process's view of a finished run (finished?, damaged modules), as a filesystem may show them for a while.
+_AGREED = """
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from modassem import train
+views = {0: (True, [1, 3]), 1: (False, [])}
+print(json.dumps(train._agreed(*views[jax.process_index()], num_modules=4)))
+"""
+
+
+def test_processes_take_the_first_ones_view_of_a_finished_run():
+  """Exporting modules again is collective: every process must take the branch process 0 takes, whatever it saw."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from processes import env_with_devices, free_port  # pylint: disable=g-import-not-at-top
+  where = f"127.0.0.1:{free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-c", _AGREED, where, str(i)], cwd=REPO, env=env_with_devices(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert [json.loads(out.strip().splitlines()[-1]) for out, _ in outs] == [[True, [1, 3]], [True, [1, 3]]]
