@@ -39,7 +39,8 @@ class Writer:
     self._lines = None      # on a bucket: the whole file, written by `flush`
     self._dirty = False
     self._flushed_at = time.monotonic()
-    self.set_aside = 0      # lines of metrics.jsonl that `resume` could not read, moved to damaged/
+    self.aside = self.path.parent / "damaged" / METRICS_FILE
+    self.set_aside = 0      # lines of metrics.jsonl that `resume` could not read, moved to `aside`
     self._events = _Events(self.path.parent / "tb", self._remote) if self.active else None
 
   def resume(self, step: int) -> float:
@@ -56,18 +57,19 @@ class Writer:
       raw = b""
     for line in raw.splitlines():
       try:
-        rec = json.loads(line.decode("utf-8"))
+        text = line.decode("utf-8")
+        rec = json.loads(text)
         rec_step = int(rec.get("step", 0))
       except (UnicodeDecodeError, ValueError, TypeError, AttributeError):
         unreadable.append(line)   # a line cut short by a kill, or damaged: kept aside, not trained on
         continue
       if rec_step <= step:
-        kept.append(line.decode("utf-8") + "\n")
+        kept.append(text + "\n")
         wall = max(wall, float(rec.get("wall_s", 0.0)))
     if unreadable:
-      aside = self.path.parent / "damaged" / METRICS_FILE
-      aside.parent.mkdir(parents=True, exist_ok=True)
-      files.write_bytes(aside, (aside.read_bytes() if aside.exists() else b"") + b"\n".join(unreadable) + b"\n")
+      self.aside.parent.mkdir(parents=True, exist_ok=True)
+      before = self.aside.read_bytes() if self.aside.exists() else b""
+      files.write_bytes(self.aside, before + b"\n".join(unreadable) + b"\n")
       self.set_aside = len(unreadable)
     files.write_text(self.path, "".join(kept))
     self._lines = kept

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from typing import Any
@@ -123,7 +124,7 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   wall_before = writer.resume(start)
   if writer.set_aside:
     say(f"{workdir}: {writer.set_aside} line(s) of {writer.path.name} could not be read (cut short or damaged): "
-        f"kept aside in {writer.path.parent / 'damaged' / writer.path.name}")
+        f"kept aside in {writer.aside}")
   writer.write(start, "setup", {k: v for k, v in info.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
   if start == 0 and s.plan.phase == "assemble":
@@ -241,6 +242,10 @@ class _Loop:
   t0: float = dataclasses.field(default_factory=time.perf_counter)
   pending: tuple | None = None   # (step, metrics) of the newest step, not yet checked
 
+  @functools.cached_property
+  def eval_every(self) -> int:
+    return self.s.config.eval_every_steps or self.s.dataset.steps_per_epoch(self.s.config.batch_size)
+
   def wall(self) -> float:
     return self.wall_before + time.perf_counter() - self.t0
 
@@ -290,8 +295,7 @@ class _Loop:
   def maybe_evaluate(self, step: int, state) -> None:
     """Every `eval_every_steps` (once per epoch where 0) but the last step, which `_train` evaluates."""
     s = self.s
-    every = s.config.eval_every_steps or s.dataset.steps_per_epoch(s.config.batch_size)
-    if step % every or step == s.total_steps:
+    if step % self.eval_every or step == s.total_steps:
       return
     ev = evaluate(s, state.params)
     self.writer.write(step, "eval", {**ev, "wall_s": self.wall()})
