@@ -5,6 +5,10 @@
     WORKDIR/modules/module_<k>/    one Orbax item per trained module, written when the run ends
     WORKDIR/metrics.jsonl, results.json, tb/
 
+Each checkpoint step and each module carries the digests of its files (`digests.json`, modassem.digests), checked
+before it is read: a step that fails them is damaged like one cut short (moved to WORKDIR/damaged/, the one before
+it used); a module that fails them is refused in one line.
+
 A later phase reads `modules/module_<k>` alone: incubation loads the meta
 run's modules, assembly loads module i of incubation run i, and neither touches
 the optimizer state of the runs they read.
@@ -12,17 +16,14 @@ the optimizer state of the runs they read.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
-import logging
-import sys
+import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from modassem import files
+from modassem import damage, digests, files
 from modassem.errors import ModassemError
 from modassem.models.presets import ARCH_FIELDS
 from modassem.names import module_name
@@ -154,14 +155,64 @@ def has_checkpoint(workdir) -> bool:
   return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, sealing each step it saves (`digests.seal`) once Orbax has committed it.
+
+  Orbax commits an asynchronous save in a thread of its own and every save, restore or close first waits for it
+  (`wait_until_finished`); the digest pass of the steps committed by then starts there, in a thread beside the next
+  train steps, and the next wait joins it. Process 0 seals: the digests cover every process's files.
+  """
+
+  def __init__(self, *args, **kwargs):
+    self._to_seal, self._sealing, self._sealing_error = [], None, None
+    super().__init__(*args, **kwargs)
+
+  def save(self, step, *args, **kwargs):
+    saved = super().save(step, *args, **kwargs)
+    if saved and jax.process_index() == 0:
+      self._to_seal.append(step)
+    return saved
+
+  def _join_sealing(self):
+    if self._sealing is not None:
+      self._sealing.join()
+      self._sealing = None
+    error, self._sealing_error = self._sealing_error, None
+    if error is not None:
+      raise error
+
+  def _seal(self, folders):
+    for folder in folders:
+      try:
+        digests.seal(folder)
+      except BaseException as e:  # pylint: disable=broad-except  (raised in the thread that joins this one)
+        if folder.is_dir():   # else removed meanwhile (keep_checkpoints, or a diverged run's steps): nothing to seal
+          self._sealing_error = e
+          return
+
+  def wait_until_finished(self):
+    self._join_sealing()
+    super().wait_until_finished()
+    if self._to_seal:
+      folders, self._to_seal = [files.path(self.directory) / str(step) for step in self._to_seal], []
+      self._sealing = threading.Thread(target=self._seal, args=(folders,), name="modassem-digests", daemon=True)
+      self._sealing.start()
+
+  def close(self):
+    super().close()
+    self._join_sealing()
+
+
 def manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True,
       create=True,
+      # A save cut off (a full disk, a kill) leaves its temporary folder: Orbax never reads it, and removing it
+      # when the run starts again gives back the space it holds.
+      cleanup_tmp_directories=True,
   )
-  return ocp.CheckpointManager(state_dir(workdir), options=options,
-                               item_names=("state",))
+  return _Manager(state_dir(workdir), options=options, item_names=("state",))
 
 
 def save_state(mngr: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> None:
@@ -174,31 +225,19 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return restored["state"]
 
 
-@contextlib.contextmanager
-def _quietly_failing():
-  """Reading a damaged item: Orbax's pending reads fail one by one as garbage-collected coroutines and tasks, each
-  printing a traceback of its own (hundreds for one cut-short file). The caller reports the damage in one line."""
-  hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
-  level = asyncio_log.level
-  sys.unraisablehook = lambda unraisable: None
-  asyncio_log.setLevel(logging.CRITICAL)
-  try:
-    yield
-  except BaseException:
-    gc.collect()   # the failed reads' coroutines go now, while their tracebacks are silenced (a read that
-    raise          # succeeds leaves none, and a full collection costs a tenth of a second with TensorFlow loaded)
-  finally:
-    sys.unraisablehook = hook
-    asyncio_log.setLevel(level)
-
-
-def _all_processes_agree(ok: bool) -> bool:
-  """Whether `ok` holds on every process (each reads its own shards, so one may find damage the others do not)."""
-  if jax.process_count() == 1:
-    return ok
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+def newest_sound_step(workdir: str, mngr: ocp.CheckpointManager, say=print) -> int | None:
+  """The newest checkpoint step whose files match their digests (None if there is none); those newer that do not
+  are moved aside. For naming the step a rerun resumes from without reading it."""
+  mngr.wait_until_finished()   # the digest pass of the steps saved last is over
+  for step in sorted(mngr.all_steps(), reverse=True):
+    why = damage.digest_damage(state_dir(workdir) / str(step))
+    if damage.all_processes_agree(why is None):
+      mngr.reload()
+      return step
+    for dest in damage.move_aside_together(workdir, [state_dir(workdir) / str(step)]):
+      say(f"{workdir}: checkpoint {step} is damaged ({why}): moved it to {dest}")
+  mngr.reload()
+  return None
 
 
 def restore_newest_intact(workdir: str, mngr: ocp.CheckpointManager, abstract_state, say=print):
@@ -213,14 +252,16 @@ def restore_newest_intact(workdir: str, mngr: ocp.CheckpointManager, abstract_st
   steps = sorted(mngr.all_steps(), reverse=True)
   damaged = []
   for step in steps:
-    try:
-      with _quietly_failing():
-        state, error = restore_state(mngr, step, abstract_state), None
-    except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types)
-      state, error = None, e
-    if _all_processes_agree(error is None):
+    state, error = None, damage.digest_damage(state_dir(workdir) / str(step))
+    if error is None:
+      try:
+        with damage.quietly_failing():
+          state = restore_state(mngr, step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types)
+        error = type(e).__name__
+    if damage.all_processes_agree(error is None):
       break
-    damaged.append((step, f"{type(error).__name__}" if error is not None else "damaged on another process"))
+    damaged.append((step, error or "damaged on another process"))
   else:
     if not steps:
       return None, None
@@ -228,7 +269,7 @@ def restore_newest_intact(workdir: str, mngr: ocp.CheckpointManager, abstract_st
         f"every checkpoint in {state_dir(workdir)} (step(s) {', '.join(str(s) for s in steps)}) is damaged "
         f"({damaged[0][1]}): move that folder away to start the run over, or restore it from a copy")
   if damaged:
-    moved = move_aside_together(workdir, [state_dir(workdir) / str(bad) for bad, _ in damaged])
+    moved = damage.move_aside_together(workdir, [state_dir(workdir) / str(bad) for bad, _ in damaged])
     for (bad, why), dest in zip(damaged, moved):
       say(f"{workdir}: checkpoint {bad} is damaged ({why}): moved it to {dest}; using checkpoint {step}")
     mngr.reload()
@@ -240,12 +281,15 @@ def module_dir(run_dir, k: int) -> files.Path:
 
 
 def save_modules(workdir: str, params: dict) -> None:
-  """One standalone Orbax item per module in `params`."""
+  """One standalone Orbax item per module in `params`, each sealed with its files' digests."""
   ckptr = ocp.StandardCheckpointer()
   for name, tree in params.items():
     k = int(name.split("_")[-1])
     ckptr.save(module_dir(workdir, k), tree, force=True)
   ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    for name in params:
+      digests.seal(module_dir(workdir, int(name.split("_")[-1])))
 
 
 def _saved_shapes(ckptr, path):
@@ -265,37 +309,15 @@ def _on_this_host(tree):
 def module_intact(run_dir: str, k: int) -> bool:
   """Whether module k's item in `run_dir` is there and reads back whole (every array, not only its metadata)."""
   path = module_dir(run_dir, k)
-  if not path.is_dir():
+  if not path.is_dir() or damage.digest_damage(path) is not None:
     return False
   ckptr = ocp.StandardCheckpointer()
   try:
-    with _quietly_failing():
+    with damage.quietly_failing():
       ckptr.restore(path, _on_this_host(_saved_shapes(ckptr, path)))
   except Exception:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types for a damaged item)
     return False
   return True
-
-
-def move_aside(workdir, path) -> files.Path:
-  """Moves `path` (inside `workdir`) to `workdir/damaged/...`, never over anything; returns where it went."""
-  rel = files.relative(path, workdir)
-  dest, n = files.path(workdir) / "damaged" / rel, 1
-  while dest.exists():
-    n += 1
-    dest = files.path(workdir) / "damaged" / f"{rel}.{n}"
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  files.path(path).rename(dest)
-  return dest
-
-
-def move_aside_together(workdir, paths: list) -> list:
-  """Process 0 moves `paths` aside (`move_aside`) while the others wait for it; where they went (on process 0; no
-  other process moves anything, so elsewhere the list is empty)."""
-  moved = [move_aside(workdir, p) for p in paths] if jax.process_index() == 0 else []
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("modassem: damaged items moved aside")
-  return moved
 
 
 def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str) -> Any:
@@ -333,6 +355,10 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
   if not path.is_dir():
     raise ModassemError(f"{what} {run_dir!r} has no trained module_{k}: it has not finished; "
                         f"rerun its command to finish it")
+  why = damage.digest_damage(path)
+  if not damage.all_processes_agree(why is None):
+    raise ModassemError(f"{what} {run_dir!r}: module_{k} is damaged ({why or 'found on process 0'}): rerun the run "
+                        f"that made it (its command exports the module again from its final checkpoint)")
   ckptr = ocp.StandardCheckpointer()
   try:
     saved = _saved_shapes(ckptr, path)

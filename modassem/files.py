@@ -19,8 +19,11 @@ arrays themselves through TensorStore, in either case.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 from typing import Any
 
 from etils import epath
@@ -92,7 +95,11 @@ def write_bytes(p, data: bytes) -> None:
     return
   # Write-then-rename so a killed run never leaves a half-written file.
   tmp = p.parent / f"{p.name}.{os.getpid()}.tmp"
-  tmp.write_bytes(data)
+  try:
+    tmp.write_bytes(data)
+  except OSError:
+    remove(tmp)   # a full disk, say: leave no part-written file behind
+    raise
   tmp.replace(p)
 
 
@@ -112,10 +119,64 @@ def create(p, text: str) -> bool:
       fs.pipe_file(where, text.encode(), mode="create")
     else:
       with open(p, "x") as f:
-        f.write(text)
+        try:
+          f.write(text)
+          f.flush()
+        except OSError:
+          remove(p)   # ours, and empty or part-written (a full disk): a file no reader could make sense of
+          raise
   except FileExistsError:
     return False
   return True
+
+
+def no_space_left(error: BaseException) -> str | None:
+  """Whether `error`, or an error it was raised from, is a write that found the disk full: the path it names (""
+  where it names none), or None for any other error. Orbax and TensorStore report it in their own exception types
+  with the system's message inside ('Failed writing: "PATH": ... [os_error_code=\'28\']')."""
+  stack, seen, full, named = [error], set(), False, ""
+  while stack:
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    text = str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      full, named = True, named or (os.fspath(e.filename) if e.filename else "")
+    elif "No space left on device" in text or "os_error_code='28'" in text:
+      quoted = re.search(r'"([^"]+)"', text)
+      full, named = True, named or (quoted.group(1) if quoted else "")
+    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return named if full else None
+
+
+def free_bytes(p) -> int | None:
+  """Free space on the file system that holds `p` (its nearest existing folder); None for a URL."""
+  if is_remote(p):
+    return None
+  here = os.fspath(path(p))
+  while not os.path.exists(here):
+    here = os.path.dirname(here)
+  return shutil.disk_usage(here).free
+
+
+def files_under(folder) -> list:
+  """Every file under `folder`, at any depth. (By `iterdir`: epath's `walk` of a bucket folder yields paths without
+  their gs:// scheme.)"""
+  out, folders = [], [path(folder)]
+  while folders:
+    for p in folders.pop().iterdir():
+      (folders if p.is_dir() else out).append(p)
+  return out
+
+
+def size_of(folder) -> int:
+  """The bytes of every file under `folder`."""
+  return sum(p.stat().length for p in files_under(folder))
+
+
+def megabytes(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
 
 
 def read_json(p) -> dict | None:

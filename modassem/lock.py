@@ -140,7 +140,10 @@ class _Lock:
     while not self._stop.wait(HEARTBEAT_S):
       if not _ours(_read(self.path)):
         return   # taken over (this run was presumed dead): leave the new holder alone
-      files.write_text(self.path, json.dumps(_record(self._since)))
+      try:
+        files.write_text(self.path, json.dumps(_record(self._since)))
+      except OSError:
+        pass   # a full disk, say: the run meets it too and stops with its own message; the next beat tries again
 
   def release(self):
     self._stop.set()

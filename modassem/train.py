@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modassem import checkpoints, cost, files, lock, preempt, prepare, sharding, summary
+from modassem import checkpoints, cost, damage, files, full_disk, lock, preempt, prepare, sharding, summary
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
@@ -69,7 +69,7 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
   """
   s = prepare.setup(config, workdir)
   changed = checkpoints.check_config(workdir, s.config, tuple(allow_changed))
-  with lock.writer(workdir, say=say), preempt.handling() as stop:
+  with full_disk.one_line(workdir, lambda: prepare.state_spec(s).abstract), lock.writer(workdir, say=say), preempt.handling() as stop:
     return _train(s, workdir, changed, stop)
 
 
@@ -187,15 +187,15 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
   names = ", ".join(module_name(k) for k in damaged)
   mngr = checkpoints.manager(workdir, s.config) if checkpoints.state_dir(workdir).is_dir() else None
   try:
-    if mngr is None or mngr.latest_step() != s.total_steps:
+    if mngr is None or checkpoints.newest_sound_step(workdir, mngr, say=say) != s.total_steps:
       raise ModassemError(f"{workdir}: the {s.plan.phase} run finished, but {names} in modules/ are missing or "
-                          f"damaged and its final checkpoint (step {s.total_steps}) is gone too: rerun the phase "
-                          f"in a new --workdir")
+                          f"damaged and its final checkpoint (step {s.total_steps}) is gone or damaged too: rerun "
+                          f"the phase in a new --workdir")
     state = checkpoints.restore_state(mngr, s.total_steps, prepare.state_spec(s).abstract)
   finally:
     if mngr is not None:
       mngr.close()
-  moved = checkpoints.move_aside_together(workdir, [checkpoints.module_dir(workdir, k) for k in damaged
+  moved = damage.move_aside_together(workdir, [checkpoints.module_dir(workdir, k) for k in damaged
                                                     if checkpoints.module_dir(workdir, k).exists()])
   params = prepare.saved_layout(s.config, state.params)
   checkpoints.save_modules(workdir, {module_name(k): params[module_name(k)] for k in damaged})
@@ -212,12 +212,12 @@ def _all_finite(tree):
 
 def _stop_diverged(mngr, first_bad: int, what: str):
   """Stops a diverged run: the checkpoints from step `first_bad` on are deleted, so that a rerun resumes from the
-  last good one (or starts over)."""
+  last good one (or starts over); the one named is one whose files match their digests."""
   mngr.wait_until_finished()
   for bad in [c for c in mngr.all_steps() if c >= first_bad]:
     mngr.delete(bad)
-  good = mngr.latest_step()
   where = mngr.directory
+  good = checkpoints.newest_sound_step(files.path(where).parent, mngr, say=say)
   kept = (f"the last good checkpoint is step {good} in {where}, where a rerun resumes"
           if good is not None else "no good checkpoint was saved yet, so a rerun starts over")
   raise ModassemError(f"{what}: training stopped; {kept}; lower --config.optim.lr or check the data")

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, run_cli, tiny
-from modassem import checkpoints, cli, lock, prepare, report, train
+from bitrot import garble
+from modassem import checkpoints, cli, digests, lock, prepare, report, train
 from modassem.errors import ModassemError
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -449,27 +450,50 @@ def test_a_divergence_at_the_last_step_stops_before_anything_is_exported(capsys,
 # --- A finished run whose modules were lost ----------------------------------
 
 def test_a_finished_run_with_missing_or_damaged_modules_exports_them_again(capsys, runs, meta_copy):
+  """Module 1 with garbage in place (its digests find it), module 2 gone, module 3 cut short and without digests (as
+  an older version wrote it: Orbax finds that)."""
+  garble(str(checkpoints.module_dir(meta_copy, 1)))
   shutil.rmtree(checkpoints.module_dir(meta_copy, 2))
-  data = os.path.join(checkpoints.module_dir(meta_copy, 1), "d")
-  for name in os.listdir(data):   # cut every data file of module 1 short
+  os.remove(os.path.join(checkpoints.module_dir(meta_copy, 3), digests.DIGESTS_FILE))
+  data = os.path.join(checkpoints.module_dir(meta_copy, 3), "d")
+  for name in os.listdir(data):   # cut every data file of module 3 short
     path = os.path.join(data, name)
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
-  assert not checkpoints.module_intact(meta_copy, 1) and checkpoints.module_intact(meta_copy, 0)
+  assert [checkpoints.module_intact(meta_copy, k) for k in range(4)] == [True, False, False, False]
   capsys.readouterr()
   assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={meta_copy}"]) == 0
   out = capsys.readouterr().out
-  assert "module_1, module_2 in modules/ were missing or damaged: exported them again" in out, out
-  assert os.path.isdir(os.path.join(meta_copy, "damaged", "modules", "module_1"))   # moved aside, not deleted
+  assert "module_1, module_2, module_3 in modules/ were missing or damaged: exported them again" in out, out
+  for k in (1, 3):   # moved aside, not deleted
+    assert os.path.isdir(os.path.join(meta_copy, "damaged", "modules", f"module_{k}"))
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  for k in (1, 2):
+  for k in (1, 2, 3):
     got = jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(meta_copy, k)))
     want = jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(checkpoints.module_dir(runs["meta"], k)))
     for a, b in zip(got, want, strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Now whole again: the next rerun finds nothing to do.
+  # Now whole again, digests included: the next rerun finds nothing to do.
+  assert all(checkpoints.module_intact(meta_copy, k) for k in range(4))
   assert cli.main(["train", f"--config={TINY}:meta", f"--workdir={meta_copy}"]) == 0
   assert "already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("phase", ["incubate", "assemble"])
+def test_a_module_damaged_in_place_is_refused_where_a_phase_loads_it(capsys, runs, tmp_path, phase):
+  """Garbage of the same length in a module's data, which Orbax reads without a word: its digests find it, and the
+  run that loads it stops in one line naming the run, the module and the file, before it makes anything."""
+  source = str(tmp_path / "source")
+  shutil.copytree(runs["meta" if phase == "incubate" else "inc_all"], source)
+  garble(str(checkpoints.module_dir(source, 1)))
+  if phase == "incubate":
+    what, overrides = "meta run", [f"--config.meta={source}", "--config.module=2"]   # the meta model's 1 is read
+  else:
+    what, overrides = "module source", [f"--config.modules={runs['inc_all']},{source},{runs['inc_all']},"
+                                        f"{runs['inc_all']}"]
+  line = train_error(capsys, tmp_path, f"{TINY}:{phase}", *overrides, sources=[source])
+  assert_names(line, f"{what} {source!r}: module_1 is damaged (digest mismatch in ", "/d/",
+               "rerun the run that made it")
 
 
 # --- Two writers -----------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Runs stopped every way a real one is, then rerun with the same command, end at the parameters of a run never
 stopped, bit for bit: SIGTERM (preemption) and Ctrl-C save a checkpoint where they stop and exit with status 75;
-SIGKILL loses what came after the last checkpoint; a latest checkpoint cut short is moved aside and the one before
-it used. (Two processes preempted together: test_multiprocess.py.)"""
+SIGKILL loses what came after the last checkpoint; a latest checkpoint damaged (bytes overwritten in place, which its
+digests find, or cut short) is moved aside and the one before it used. (Two processes preempted together: test_multiprocess.py.)"""
 
 import gc
 import os
@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, TINY, tiny
-from modassem import checkpoints, cli, files, preempt, train
+from bitrot import garble
+from modassem import checkpoints, cli, digests, files, preempt, train
 
 # The tiny preset's epoch is 1437 // 32 = 44 steps: runs stopped before it and resumed cross the epoch boundary,
 # where the data order reshuffles. How often a run logs and checkpoints does not change what it trains, so every
@@ -87,7 +88,7 @@ def _truncate_a_data_file(work, step):
       f.truncate(os.path.getsize(os.path.join(data, name)) // 2)
 
 
-def test_sigterm_saves_where_it_stops_and_a_cut_short_checkpoint_is_set_aside(reference, tmp_path, capsys):
+def test_sigterm_saves_where_it_stops_and_a_damaged_checkpoint_is_set_aside(reference, tmp_path, capsys):
   work = str(tmp_path / "run")
   proc = _start(work, 10, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
@@ -102,15 +103,18 @@ def test_sigterm_saves_where_it_stops_and_a_cut_short_checkpoint_is_set_aside(re
   assert _steps(work) == [10, step] and 10 < step < EPOCH, (step, _steps(work))
   assert f"meta step {step}/{STEPS}" in out and f"meta step {step + 1}/{STEPS}" not in out
 
-  # Its latest checkpoint cut short (a copy each for eval and train): moved aside, and the one before used.
-  for verb in ("eval", "train"):
-    damaged = str(tmp_path / f"damaged-{verb}")
+  # Its latest checkpoint with garbage of the same length in its parameters or in its optimizer state (a copy per
+  # case, for eval and train). Orbax reads either without a word (`garble` checks that); the digests find it: moved
+  # aside, and the step before used.
+  for under, verb in (("['params']", "eval"), ("['opt_state']", "eval"), ("['params']", "train"),
+                      ("['opt_state']", "train")):
+    damaged = str(tmp_path / f"damaged-{verb}-{under[2:-2]}")
     shutil.copytree(work, damaged)
-    _truncate_a_data_file(damaged, step)
+    garble(os.path.join(checkpoints.state_dir(damaged), str(step), "state"), under)
     capsys.readouterr()
     assert cli.main([verb, *RUN[1:], f"--workdir={damaged}"]) == 0
     said = capsys.readouterr().out
-    assert (f"{damaged}: checkpoint {step} is damaged" in said and
+    assert (f"{damaged}: checkpoint {step} is damaged (digest mismatch in state/ocdbt.process_0/d/" in said and
             f"moved it to {damaged}/damaged/checkpoints/{step}; using checkpoint 10" in said), said
     assert os.path.isdir(os.path.join(damaged, "damaged", "checkpoints", str(step)))
     if verb == "eval":
@@ -119,17 +123,26 @@ def test_sigterm_saves_where_it_stops_and_a_cut_short_checkpoint_is_set_aside(re
       assert "resuming meta from step 10/" in said
       _assert_same(_params(damaged), reference)
 
-  # Every checkpoint cut short: a one-line error, and nothing moved.
+  # Every checkpoint damaged: the latest by garbage its digests find, the one before cut short and without digests
+  # (as a run of an older version, or one stopped between a checkpoint and its digests, leaves it), which Orbax
+  # finds. A one-line error naming the newest one's damage, and nothing moved.
   hopeless = str(tmp_path / "hopeless")
   shutil.copytree(work, hopeless)
-  for bad in (10, step):
-    _truncate_a_data_file(hopeless, bad)
+  garble(os.path.join(checkpoints.state_dir(hopeless), str(step), "state"))
+  os.remove(os.path.join(checkpoints.state_dir(hopeless), "10", digests.DIGESTS_FILE))
+  _truncate_a_data_file(hopeless, 10)
   capsys.readouterr()
   assert cli.main([*RUN, f"--workdir={hopeless}"]) == 2
   err = capsys.readouterr().err.strip()
-  assert err == (f"modassem train: error: every checkpoint in {checkpoints.state_dir(hopeless)} (step(s) {step}, 10) "
-                 f"is damaged (Exception): move that folder away to start the run over, or restore it from a copy")
+  head = (f"modassem train: error: every checkpoint in {checkpoints.state_dir(hopeless)} (step(s) {step}, 10) is "
+          f"damaged (digest mismatch in state/ocdbt.process_0/d/")
+  assert err.startswith(head) and err.endswith("): move that folder away to start the run over, or restore it "
+                                               "from a copy") and "\n" not in err, err
   assert _steps(hopeless) == [10, step] and not os.path.exists(os.path.join(hopeless, "damaged"))
+  # The step without digests alone: Orbax's own failure to read it is the damage named.
+  shutil.rmtree(os.path.join(checkpoints.state_dir(hopeless), str(step)))
+  assert cli.main([*RUN, f"--workdir={hopeless}"]) == 2
+  assert "is damaged (Exception): move that folder away" in capsys.readouterr().err
 
   # The preempted run itself: the same command resumes where it stopped.
   assert cli.main([*RUN, f"--workdir={work}", "--config.checkpoint_every_steps=10"]) == 0
@@ -244,6 +257,54 @@ def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_p
   _assert_same(_params(work), reference)
   assert cli.main([*RUN, f"--workdir={work}", f"--config.checkpoint_every_steps={every}"]) == 0
   assert "already finished" in capsys.readouterr().out
+
+
+_FULL_DISK = """
+set -u
+mount -t tmpfs -o size=$1 tmpfs "$2"
+shift 2
+"$@" --workdir="$MNT/run" > "$OUT/out1" 2> "$OUT/err1"; echo $? > "$OUT/rc1"
+cp -a "$MNT/run" "$OUT/run1"
+mount -o remount,size=64m "$MNT"
+"$@" --workdir="$MNT/run" > "$OUT/out2" 2> "$OUT/err2"; echo $? > "$OUT/rc2"
+cp -a "$MNT/run" "$OUT/run2"
+"""
+
+
+@pytest.mark.parametrize("size", ["8k", "1100k"], ids=["at_start", "mid_run"])
+def test_a_full_disk_is_one_line_and_the_rerun_after_space_is_freed_ends_bit_identical(reference, tmp_path, size):
+  """The run directory on a small tmpfs of its own (a mount namespace: `unshare`, which needs no privileges where
+  user namespaces are on): full before the first checkpoint, or when one is being written in Orbax's thread. One
+  line naming the path, the space free and needed and the checkpoint to resume from; no lock left behind; then
+  the same command on the device grown resumes and ends at the run never stopped."""
+  mnt, out = tmp_path / "mnt", tmp_path / "out"
+  mnt.mkdir(), out.mkdir()
+  command = [sys.executable, "-m", "modassem", *RUN, "--config.checkpoint_every_steps=10"]
+  env = dict(os.environ, MNT=str(mnt), OUT=str(out))
+  done = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", _FULL_DISK, "sh", size, str(mnt),
+                         *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0 and (out / "rc2").exists(), done.stderr[-3000:]
+  read = lambda name: (out / name).read_text()
+  err = read("err1")
+  assert read("rc1").strip() == "2", err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  lines = [line for line in err.splitlines() if line.startswith("modassem ")]
+  run = f"{mnt}/run"
+  assert len(lines) == 1 and lines[0].startswith(f"modassem train: error: no space left on the device of {run} "
+                                                 f"(writing "), err[-3000:]
+  assert " free): free at least " in lines[0] and " MiB (" in lines[0], lines[0]
+  steps = _steps(out / "run1")
+  if steps:
+    assert lines[0].endswith(f"and rerun the same command to resume from checkpoint {steps[-1]}"), lines[0]
+    assert os.path.exists(os.path.join(checkpoints.state_dir(out / "run1"), str(steps[-1]), digests.DIGESTS_FILE))
+  else:
+    assert size == "8k" and lines[0].endswith("and rerun the same command to start it"), lines[0]
+  assert not os.path.exists(out / "run1" / "lock.json")
+  # Space freed: the same command resumes (or starts) and ends where the run never stopped did.
+  assert read("rc2").strip() == "0", read("err2")[-3000:]
+  assert not steps or f"resuming meta from step {steps[-1]}/" in read("out2")
+  _assert_same(_params(str(out / "run2")), reference)
+  assert not [d for d in os.listdir(checkpoints.state_dir(out / "run2")) if "tmp" in d]   # no half-written save left
 
 
 def test_an_assembly_resumes_without_its_incubation_runs_and_holds_no_second_copy_of_them(
