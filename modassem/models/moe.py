@@ -1,0 +1,146 @@
+"""A sparse Mixture-of-Experts MLP (V-MoE), in the two routings users run.
+
+- `router="topk_softmax"`, m2mKD's V-MoE student (fastmoe's NaiveGate): a linear gate with bias, the top k of its
+  logits, a softmax over those k; no noise, no capacity (no token is dropped), no auxiliary loss.
+- `router="softmax_topk"`, Google's V-MoE: a softmax over all experts, optionally on logits with Gaussian noise
+  while training, then the top k of those probabilities as the weights (not renormalised); with `capacity_factor`
+  > 0 each expert takes at most round(capacity_factor * k * T / E) of the T tokens' k assignments, in batch-priority
+  order (all first choices before any second one; within a choice, tokens with the larger top weight first), and
+  an assignment past that is dropped (the token keeps the residual path alone).
+
+The experts' work is grouped matmuls (`jax.lax.ragged_dot`) over the assignments sorted by expert: each token's
+compute grows with k, not with the number of experts. The auxiliary load-balancing loss is GShard's and the Switch
+Transformer's, E * sum_e f_e * P_e (f_e: the share of kept assignments expert e gets, P_e: its mean gate
+probability), sown for the trainer to weigh (its weight is 0 in the reference presets).
+
+Parameters follow fastmoe's layout, so that a reference `.pth` converts by renaming and transposing: `gate/{kernel,
+bias}` and the experts' stacked `fc1_kernel` (E, width, hidden), `fc1_bias` (E, hidden), `fc2_kernel` (E, hidden,
+width) and `fc2_bias` (E, width).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ROUTERS = ("topk_softmax", "softmax_topk")
+
+
+class Routing(NamedTuple):
+  experts: jax.Array   # (T, k) int32: the expert of each token's j-th choice
+  weights: jax.Array   # (T, k): its combine weight (0 where dropped)
+  kept: jax.Array      # (T, k) bool: whether the expert took it (always, without a capacity)
+  probs: jax.Array     # (T, E): the gate's probabilities over all experts (for the auxiliary loss)
+
+
+def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+  """Assignments one expert takes: round(capacity_factor * k * T / E), at least 1 (V-MoE's rule)."""
+  return max(1, int(round(capacity_factor * k * num_tokens / num_experts)))
+
+
+def route(logits, *, k: int, router: str, capacity_factor: float = 0.0) -> Routing:
+  """Routes T tokens given the gate's logits (T, E) (noise, where used, is already in them)."""
+  num_tokens, num_experts = logits.shape
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if router == "topk_softmax":
+    top, experts = jax.lax.top_k(logits, k)
+    weights = jax.nn.softmax(top, axis=-1)
+  elif router == "softmax_topk":
+    weights, experts = jax.lax.top_k(probs, k)
+  else:
+    raise ValueError(f"router {router!r} is unknown: use one of {', '.join(ROUTERS)}")
+  if capacity_factor <= 0:
+    return Routing(experts, weights, jnp.ones_like(experts, dtype=bool), probs)
+  # Batch-priority routing: the assignments in the order (choice j, then tokens by their top weight, largest
+  # first); each expert keeps the first `capacity` it receives in that order.
+  priority = jnp.argsort(-weights[:, 0], stable=True)                       # tokens, most confident first
+  ordered = experts[priority].T.reshape(-1)                                 # (k * T,) choice-major
+  one_hot = jax.nn.one_hot(ordered, num_experts, dtype=jnp.int32)
+  position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # arrival index at its expert
+  kept_ordered = position < capacity(num_tokens, num_experts, k, capacity_factor)
+  kept = jnp.zeros((num_tokens, k), bool).at[priority].set(kept_ordered.reshape(k, num_tokens).T)
+  return Routing(experts, jnp.where(kept, weights, 0.0), kept, probs)
+
+
+def load_balancing_loss(routing: Routing) -> jax.Array:
+  """E * sum_e f_e * P_e: f_e the share of kept assignments at expert e, P_e the mean gate probability of e."""
+  num_experts = routing.probs.shape[-1]
+  counts = jnp.sum(jax.nn.one_hot(routing.experts, num_experts) * routing.kept[..., None], axis=(0, 1))
+  share = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  return num_experts * jnp.sum(share * jnp.mean(routing.probs, axis=0))
+
+
+def expert_shares(routing: Routing) -> jax.Array:
+  """The share of the T * k assignments each expert takes (kept ones; they sum to 1 - the dropped share)."""
+  num_experts = routing.probs.shape[-1]
+  counts = jnp.sum(jax.nn.one_hot(routing.experts, num_experts) * routing.kept[..., None], axis=(0, 1))
+  return counts / routing.experts.size
+
+
+def experts_apply(x, routing: Routing, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, activation):
+  """sum_j weight_j * expert_{e_j}(x) for each token of x (T, width), every expert an MLP; grouped matmuls over
+  the T * k assignments sorted by expert (dropped ones have weight 0 and add nothing)."""
+  num_tokens, k = routing.experts.shape
+  num_experts = fc1_kernel.shape[0]
+  flat = routing.experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  expert_sorted = flat[order]
+  token_sorted = order // k
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  h = jax.lax.ragged_dot(x[token_sorted], fc1_kernel, group_sizes) + fc1_bias[expert_sorted]
+  h = activation(h)
+  out = jax.lax.ragged_dot(h, fc2_kernel, group_sizes) + fc2_bias[expert_sorted]
+  weights = routing.weights.reshape(-1)[order].astype(out.dtype)
+  return jax.ops.segment_sum(out * weights[:, None], token_sorted, num_segments=num_tokens)
+
+
+def _uniform_fan_in(fan_in: int):
+  """PyTorch's default Linear init, as fastmoe keeps it: U(+-1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) for
+  the weight gives the same bound)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class MoeMlp(nn.Module):
+  """The MLP of a transformer block as `num_experts` expert MLPs, `k` of them per token (see the module doc)."""
+  width: int
+  hidden: int
+  num_experts: int
+  k: int
+  router: str = "topk_softmax"
+  capacity_factor: float = 0.0
+  noise_std: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if not 1 <= self.k <= self.num_experts:
+      raise ValueError(f"moe k={self.k} must be between 1 and the number of experts ({self.num_experts})")
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])
+    logits = nn.Dense(self.num_experts, dtype=jnp.float32, kernel_init=_uniform_fan_in(self.width),
+                      bias_init=_uniform_fan_in(self.width), name="gate")(tokens)
+    if train and self.noise_std > 0:
+      logits = logits + self.noise_std * jax.random.normal(self.make_rng("dropout"), logits.shape)
+    routing = route(logits, k=self.k, router=self.router, capacity_factor=self.capacity_factor)
+    e, w, h = self.num_experts, self.width, self.hidden
+    fc1_kernel = self.param("fc1_kernel", _uniform_fan_in(w), (e, w, h))
+    fc1_bias = self.param("fc1_bias", _uniform_fan_in(w), (e, h))
+    fc2_kernel = self.param("fc2_kernel", _uniform_fan_in(h), (e, h, w))
+    fc2_bias = self.param("fc2_bias", _uniform_fan_in(h), (e, w))
+    cast = lambda a: a.astype(self.dtype)
+    # timm's GELU, the exact erf form, as in the dense MLP.
+    activation = lambda a: nn.Dropout(self.dropout)(nn.gelu(a, approximate=False), deterministic=not train)
+    y = experts_apply(cast(tokens), routing, cast(fc1_kernel), cast(fc1_bias), cast(fc2_kernel), cast(fc2_bias),
+                      activation)
+    self.sow("moe", "aux_loss", load_balancing_loss(routing))
+    self.sow("moe", "expert_share", expert_shares(routing))
+    self.sow("moe", "dropped", 1.0 - jnp.mean(routing.kept.astype(jnp.float32)))
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return y.reshape(shape).astype(x.dtype)
