@@ -155,7 +155,7 @@ def has_checkpoint(workdir) -> bool:
   return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
-class _Manager(ocp.CheckpointManager):
+class Manager(ocp.CheckpointManager):
   """Orbax's manager, sealing each step it saves (`digests.seal`) once Orbax has committed it.
 
   Orbax commits an asynchronous save in a thread of its own and every save, restore or close first waits for it
@@ -198,12 +198,17 @@ class _Manager(ocp.CheckpointManager):
       self._sealing = threading.Thread(target=self._seal, args=(folders,), name="modassem-digests", daemon=True)
       self._sealing.start()
 
+  def wait_for_digests(self):
+    """Waits for a save in flight, then for the digest pass of every step saved so far."""
+    self.wait_until_finished()
+    self._join_sealing()
+
   def close(self):
     super().close()
     self._join_sealing()
 
 
-def manager(workdir: str, config) -> ocp.CheckpointManager:
+def manager(workdir: str, config) -> Manager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True,
@@ -212,7 +217,7 @@ def manager(workdir: str, config) -> ocp.CheckpointManager:
       # when the run starts again gives back the space it holds.
       cleanup_tmp_directories=True,
   )
-  return _Manager(state_dir(workdir), options=options, item_names=("state",))
+  return Manager(state_dir(workdir), options=options, item_names=("state",))
 
 
 def save_state(mngr: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> None:
@@ -225,10 +230,10 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return restored["state"]
 
 
-def newest_sound_step(workdir: str, mngr: ocp.CheckpointManager, say=print) -> int | None:
+def newest_sound_step(workdir: str, mngr: Manager, say=print) -> int | None:
   """The newest checkpoint step whose files match their digests (None if there is none); those newer that do not
   are moved aside. For naming the step a rerun resumes from without reading it."""
-  mngr.wait_until_finished()   # the digest pass of the steps saved last is over
+  mngr.wait_for_digests()
   for step in sorted(mngr.all_steps(), reverse=True):
     why = damage.digest_damage(state_dir(workdir) / str(step))
     if damage.all_processes_agree(why is None):

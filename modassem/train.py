@@ -213,7 +213,7 @@ def _all_finite(tree):
 def _stop_diverged(mngr, first_bad: int, what: str):
   """Stops a diverged run: the checkpoints from step `first_bad` on are deleted, so that a rerun resumes from the
   last good one (or starts over); the one named is one whose files match their digests."""
-  mngr.wait_until_finished()
+  mngr.wait_for_digests()   # no digest pass still writing into a step deleted here
   for bad in [c for c in mngr.all_steps() if c >= first_bad]:
     mngr.delete(bad)
   where = mngr.directory
