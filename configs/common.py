@@ -50,6 +50,15 @@ def get_config(preset: str, phase: str, *, num_modules: int = 4, assemble_drop_p
   c.model.remat = "none"       # per-block rematerialisation: none | dots | full (less memory, more compute)
   c.model.attention = "auto"   # auto: cuDNN flash attention on GPUs in half precision, XLA elsewhere
   c.model.scan = False         # nn.scan over each module's blocks: compile time independent of depth
+  # Sparse Mixture-of-Experts MLPs (modassem/models/moe.py); experts=0 is a dense ViT. `every`=n puts one in each
+  # module's n-th, 2n-th, ... block (1: every block, as m2mKD's V-MoE student; 2: every other, as Google's V-MoE),
+  # or `blocks` lists them by index in the whole model. router: "topk_softmax" (m2mKD's: a softmax over the top k
+  # logits, no token dropped) or "softmax_topk" (V-MoE's: the top k of a softmax over all experts, with a
+  # `capacity_factor` > 0 for batch-priority routing and `noise_std` for noisy gating). `aux_weight` weighs the
+  # load-balancing loss, summed over the MoE layers, in each module's loss.
+  c.model.moe = ml_collections.ConfigDict(dict(
+      experts=0, k=2, every=1, blocks=(), router="topk_softmax", capacity_factor=0.0, noise_std=0.0,
+      aux_weight=0.0))
 
   # Phase inputs: which module to incubate ("all" or an index), where the meta
   # run is, and the K incubation runs that assembly stacks (comma-separated).

@@ -5,9 +5,8 @@
     WORKDIR/modules/module_<k>/    one Orbax item per trained module, written when the run ends
     WORKDIR/metrics.jsonl, results.json, tb/
 
-Each checkpoint step and each module carries the digests of its files (`digests.json`, modassem.digests), checked
-before it is read: a step that fails them is damaged like one cut short (moved to WORKDIR/damaged/, the one before
-it used); a module that fails them is refused in one line.
+Each checkpoint step and module carries its files' digests (modassem.digests), checked before it is read: a step
+that fails them is damaged like one cut short (moved aside, the one before used), a module is refused in one line.
 
 A later phase reads `modules/module_<k>` alone: incubation loads the meta
 run's modules, assembly loads module i of incubation run i, and neither touches
@@ -47,18 +46,27 @@ FREE_FIELDS = frozenset({
 # every reader of a config.json goes through `recorded_config`; live configs have every field from their preset
 # (configs/common.py, modassem.data.default_config) and the code reads them without fallbacks.
 ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0, "stitch": False, "mixup_group": 0,
-                "allow_mixed_meta": False}
+                "allow_mixed_meta": False, "model.moe.experts": 0, "model.moe.k": 2, "model.moe.every": 1,
+                "model.moe.blocks": [], "model.moe.router": "topk_softmax", "model.moe.capacity_factor": 0.0,
+                "model.moe.noise_std": 0.0, "model.moe.aux_weight": 0.0}
 # Fields that name other runs: recorded absolute (`files.absolute`).
 PATH_FIELDS = ("meta", "modules", "teacher")
 
 
-def arch_of(config) -> dict:
-  return {f: config.model[f] for f in ARCH_FIELDS}
+def arch_of(config, **overrides) -> dict:
+  """run.json's "arch": what modules must agree on to be exchanged ("moe" only for a sparse model), with
+  `overrides` (a meta model's width, say; a field set to None is left out)."""
+  arch = {f: config.model[f] for f in ARCH_FIELDS}
+  moe = config.model.moe
+  if moe.experts:
+    arch["moe"] = {"experts": moe.experts, "k": moe.k, "router": moe.router}
+  return {k: v for k, v in {**arch, **overrides}.items() if v is not None}
 
 
 def arch_difference(theirs: dict, ours: dict) -> str:
   """The fields of `ours` that `theirs` has otherwise, as "field theirs vs ours, ..." ("" where none)."""
-  return ", ".join(f"{f} {theirs.get(f)} vs {v}" for f, v in ours.items() if theirs.get(f) != v)
+  fields = list(ours) + [f for f in theirs if f not in ours]   # "moe" may be on one side only
+  return ", ".join(f"{f} {theirs.get(f)} vs {ours.get(f)}" for f in fields if theirs.get(f) != ours.get(f))
 
 
 def check_not_a_file(workdir: str) -> None:
@@ -156,12 +164,9 @@ def has_checkpoint(workdir) -> bool:
 
 
 class Manager(ocp.CheckpointManager):
-  """Orbax's manager, sealing each step it saves (`digests.seal`) once Orbax has committed it.
-
-  Orbax commits an asynchronous save in a thread of its own and every save, restore or close first waits for it
-  (`wait_until_finished`); the digest pass of the steps committed by then starts there, in a thread beside the next
-  train steps, and the next wait joins it. Process 0 seals: the digests cover every process's files.
-  """
+  """Orbax's manager, sealing each step it saves (`digests.seal`) once Orbax has committed it: every save, restore
+  or close first waits for Orbax's commit (`wait_until_finished`); the digest pass of the steps committed by then
+  starts there, in a thread beside the next train steps, and the next wait joins it. Process 0 seals them all."""
 
   def __init__(self, *args, **kwargs):
     self._to_seal, self._sealing, self._sealing_error = [], None, None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from modassem import phases
 from modassem.errors import ModassemError
 from modassem.models.vit import REMAT_POLICIES
 from modassem.phases import Plan
@@ -30,7 +31,10 @@ _RANGES = (
     ("model.patch", 1, math.inf, True), ("model.image_size", 1, math.inf, True),
     ("model.num_classes", 1, math.inf, True), ("model.mlp_ratio", 0.0, math.inf, False),
     ("model.drop_path", 0.0, 1.0, True), ("model.dropout", 0.0, 1.0, True), ("model.ln_eps", 0.0, math.inf, False),
-    ("model.num_modules", 1, math.inf, True),
+    ("model.num_modules", 1, math.inf, True), ("model.moe.experts", 0, math.inf, True),
+    ("model.moe.k", 1, math.inf, True), ("model.moe.every", 0, math.inf, True),
+    ("model.moe.capacity_factor", 0.0, math.inf, True), ("model.moe.noise_std", 0.0, math.inf, True),
+    ("model.moe.aux_weight", 0.0, math.inf, True),
     # JAX's keys take a signed 64-bit seed; the data order's NumPy generators a non-negative one.
     ("seed", 0, 2 ** 63 - 1, True), ("data.subset_seed", 0, 2 ** 63 - 1, True),
 )
@@ -53,6 +57,24 @@ def check_numbers(config) -> None:
       raise ModassemError(f"{field}={node!r} is out of range: it must be {bound}")
 
 
+def _check_moe(config) -> None:
+  """The MoE settings build a model: the layer's own checks and the layout's, as one-line errors."""
+  if not config.model.moe.experts:
+    return
+  try:
+    spec, layout = phases.moe_of(config)
+    spec.check()
+  except ValueError as e:
+    raise ModassemError(str(e)) from None
+  if not any(layout):
+    raise ModassemError(f"model.moe.experts={spec.experts} but no block has an MoE MLP (model.moe.every="
+                        f"{config.model.moe.every}, model.moe.blocks={tuple(config.model.moe.blocks)}): set "
+                        f"model.moe.every=1 for every block, or model.moe.experts=0 for a dense model")
+  if config.model.scan and any(0 < len(blocks) < depth for blocks, depth in zip(layout, config.model.depths)):
+    raise ModassemError("model.scan needs one kind of block per module, and model.moe puts MoE MLPs in some blocks "
+                        "of a module only: set model.scan=False, or model.moe.every=1")
+
+
 def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = True) -> None:
   check_numbers(config)
   m = config.model
@@ -65,6 +87,7 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
     raise ModassemError(f"model.attention={m.attention!r} is unknown: use auto, xla or cudnn")
   if not isinstance(m.scan, bool):
     raise ModassemError(f"model.scan={m.scan!r} is not a boolean: use True or False")
+  _check_moe(config)
   if m.remat not in REMAT_POLICIES:
     raise ModassemError(f"model.remat={m.remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
   if str(m.dtype) not in _DTYPES:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from modassem.errors import ModassemError
+from modassem.models.moe import MoeSpec, moe_layout
 from modassem.models.vit import Stitch, ViT, stack_blocks
 from modassem.names import module_name, teacher_name  # noqa: F401  (phases.module_name, as it was)
 
@@ -119,15 +120,36 @@ def scans(config) -> bool:
   return bool(config.model.scan)
 
 
+def frozen_arch(plan: Plan) -> dict:
+  """The architecture overrides of the frozen modules of an incubation, meta and teacher alike: the meta model's
+  width where it has another (`meta_arch`), and dense MLPs (a sparse student incubates in a dense meta model)."""
+  return {**dict(plan.meta_arch or ()), "moe": None}
+
+
+def moe_of(config) -> tuple[MoeSpec | None, tuple]:
+  """(the MoE MLP, which blocks of each module have it) of `config`'s target model; (None, ()) for a dense one.
+  The layout is the target model's cut (`model.depths`) whatever hybrid runs a module: module i's blocks are the
+  same in the target and in the hybrid that incubates it."""
+  m = config.model.moe
+  if not m.experts:
+    return None, ()
+  spec = MoeSpec(experts=m.experts, k=m.k, router=m.router, capacity_factor=m.capacity_factor,
+                 noise_std=m.noise_std)
+  return spec, moe_layout(tuple(config.model.depths), every=m.every, blocks=tuple(m.blocks))
+
+
 def model_for(config, depths, *, dtype=None, scan=None, **arch) -> ViT:
   """The ViT of `config` with module depths `depths`; `arch` overrides width, heads or mlp_ratio (a meta model of
   another width)."""
   m = config.model
+  spec, layout = moe_of(config)
+  spec = arch.pop("moe", spec)
   shape = {"width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio, **arch}
   return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps,
              num_classes=m.num_classes, **shape,
              drop_path=m.drop_path, dropout=m.dropout, dtype=jnp.dtype(dtype or m.dtype), remat=m.remat,
-             attention=m.attention, scan=scans(config) if scan is None else bool(scan))
+             attention=m.attention, scan=scans(config) if scan is None else bool(scan), moe=spec,
+             moe_layout=layout if len(layout) == len(depths) else ())
 
 
 def init_trained(plan: Plan, model: ViT, key) -> dict:
@@ -171,7 +193,8 @@ def frozen_slots(plan: Plan) -> list[int]:
   return [k for k in range(plan.num_modules) if any(i != k for i in plan.trained)]
 
 
-def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, train: bool, key, teacher=False):
+def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, train: bool, key, teacher=False,
+            moe_stats=False):
   """Logits of every group: {group: [B, classes]}; with `teacher`, also the teacher hybrids' logits, under
   `teacher/{group}`.
 
@@ -184,18 +207,32 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
   stitch layers. The teacher hybrid of slot i takes the same meta prefix
   activations, runs the teacher's module i and the meta modules after it
   deterministically (as evaluated), outside any gradient.
+
+  With `moe_stats`, returns (logits, {group: what the trained modules' MoE layers sowed}) (moe.MoeMlp: the
+  auxiliary loss, each expert's share, the dropped share), {} for a dense model.
   """
   if not plan.incubate:
     model = model_of(plan.depths)
     rngs = {"dropout": key} if train else {}
-    return {"model": model.apply({"params": trained}, images, train=train, rngs=rngs)}
+    if model.moe is None or not moe_stats:
+      logits = {"model": model.apply({"params": trained}, images, train=train, rngs=rngs)}
+      return (logits, {}) if moe_stats else logits
+    out, sown = model.apply({"params": trained}, images, train=train, rngs=rngs, mutable=["moe"])
+    return {"model": out}, {"model": sown["moe"]}
 
-  meta = dict(plan.meta_arch or ())
+  meta = frozen_arch(plan)
+
+  stats = {}
 
   def run(model, k, params, x, k_key, in_train=train, arch=meta):
     """Module k of `model` (by default a meta module, at the meta model's width)."""
     rngs = {"dropout": jax.random.fold_in(k_key, k)} if in_train else {}
-    return model.module(k, **arch).apply({"params": params}, x, train=in_train, rngs=rngs)
+    module = model.module(k, **arch)
+    if not (moe_stats and arch is not meta and module.moe is not None and module.moe_blocks):
+      return module.apply({"params": params}, x, train=in_train, rngs=rngs)
+    out, sown = module.apply({"params": params}, x, train=in_train, rngs=rngs, mutable=["moe"])
+    stats[module_name(k)] = {module_name(k): sown["moe"]}
+    return out
 
   def stitch(i, end, width, x):
     if not plan.stitched or end not in trained[stitch_name(i)]:
@@ -229,4 +266,25 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
       for k in range(i + 1, plan.num_modules):
         t = run(t_model, k, frozen[module_name(k)], t, module_key, False)
       logits[f"teacher/{module_name(i)}"] = jax.lax.stop_gradient(t)
-  return logits
+  return (logits, stats) if moe_stats else logits
+
+
+def moe_terms(sown) -> tuple[Any, dict]:
+  """(the auxiliary losses summed over the MoE layers, {metric: value} per layer) of what MoE layers sowed:
+  `moe/{module}/{block}/aux`, `.../dropped` and `.../expert_{e}` (its share of the assignments)."""
+  total, metrics = jnp.zeros((), jnp.float32), {}
+  for path, values in jax.tree_util.tree_flatten_with_path(sown, is_leaf=lambda x: isinstance(x, tuple))[0]:
+    keys = [getattr(p, "key", str(p)) for p in path]
+    name, value = keys[-1], values[0]
+    where = [k for k in keys[:-2]]   # module, block ("blocks" under a scan: one row per block)
+    rows = value if "blocks" in where else value[None]
+    for j, row in enumerate(rows):
+      layer = "/".join(where[:-1] + [f"blocks_{j}"]) if "blocks" in where else "/".join(where)
+      if name == "aux_loss":
+        total = total + row
+        metrics[f"moe/{layer}/aux"] = row
+      elif name == "dropped":
+        metrics[f"moe/{layer}/dropped"] = row
+      elif name == "expert_share":
+        metrics.update({f"moe/{layer}/expert_{e}": row[e] for e in range(row.shape[0])})
+  return total, metrics

@@ -123,7 +123,7 @@ def load_teacher(config, plan: Plan, mesh, model_of) -> dict:
   `plan.teacher_depths`): a finished run directory, or an official `.pth` imported on the fly with the checks of
   `modassem convert`."""
   where = str(config.teacher)
-  meta = dict(plan.meta_arch or ())   # the teacher's modules sit in the meta model as they are: its width
+  meta = phases.frozen_arch(plan)   # the teacher's modules sit in the meta model as they are: its width, dense
   depths = plan.teacher_depths
   if not where.endswith(".pth"):
     if files.read_json(files.path(where) / checkpoints.RUN_FILE) is None:
@@ -133,7 +133,7 @@ def load_teacher(config, plan: Plan, mesh, model_of) -> dict:
                            arch=meta)
   else:
     from modassem import convert  # pylint: disable=g-import-not-at-top  (torch, only for a .pth teacher)
-    expected = {**checkpoints.arch_of(config), **meta}
+    expected = checkpoints.arch_of(config, **meta)
     # Heads and eps leave no trace in the weights: the teacher's are this model's (its shapes are checked below).
     model = convert.model_from_pth(where, heads=expected["heads"], ln_eps=expected["ln_eps"])
     detail = checkpoints.arch_difference(model.arch, expected)
@@ -171,7 +171,7 @@ def load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, wh
   abstract = abstract_params(model_of(depths, scan=False, **arch))
   out = {}
   for k, run_dir in zip(slots, run_dirs):
-    expect = {"arch": {**checkpoints.arch_of(config), **arch}, "preset": config.preset,
+    expect = {"arch": checkpoints.arch_of(config, **arch), "preset": config.preset,
               "num_modules": plan.num_modules, "depth": depths[k]}
     out[module_name(k)] = checkpoints.load_module(run_dir, k, expect=expect, what=what,
                                                   abstract=placed(abstract[module_name(k)], mesh, config))
@@ -264,7 +264,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   if plan.phase == "incubate":
     needed = phases.frozen_slots(plan)
     frozen = load_modules(config, plan, mesh, model_of, needed, plan.meta_depths, [config.meta] * len(needed),
-                          "meta run", arch=plan.meta_arch)
+                          "meta run", arch=phases.frozen_arch(plan))
     frozen.update(teacher)
   elif plan.phase == "assemble" and load_sources:
     if workdir is not None and checkpoints.has_checkpoint(workdir):
@@ -297,7 +297,7 @@ def abstract_setup(config, total_steps: int, warmup_steps: int) -> Setup:
   plan = checked_plan(config, mesh, load_sources=False)
   model_of = functools.partial(phases.model_for, config)
   # In the model's layout (stacked blocks where it scans), at the meta model's width, as `setup` places them.
-  arch = dict(plan.meta_arch or ())
+  arch = phases.frozen_arch(plan)
   meta = abstract_params(model_of(plan.meta_depths, **arch))
   frozen = {module_name(k): placed(meta[module_name(k)], mesh, config) for k in phases.frozen_slots(plan)}
   if plan.teacher_depths is not None:

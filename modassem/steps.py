@@ -50,10 +50,12 @@ def distill_loss(student, teacher, targets, *, alpha: float, tau: float):
   return (1.0 - alpha) * ce + alpha * kl, ce, kl
 
 
-def _losses(plan, model_of, distill, params, frozen, images, targets, key):
-  """(sum of the groups' losses, ({group: loss}, {name: term} of the distillation terms))."""
+def _losses(plan, model_of, distill, aux_weight, params, frozen, images, targets, key):
+  """(sum of the groups' losses, ({group: loss}, {name: term} of the distillation terms and MoE layers' metrics)).
+  An MoE module's loss adds `aux_weight` times its layers' load-balancing losses."""
   distilled = plan.teacher_depths is not None
-  logits = phases.forward(plan, model_of, params, frozen, images, train=True, key=key, teacher=distilled)
+  logits, sown = phases.forward(plan, model_of, params, frozen, images, train=True, key=key, teacher=distilled,
+                                moe_stats=True)
   losses, terms = {}, {}
   for g in plan.groups:
     if distilled:
@@ -61,6 +63,10 @@ def _losses(plan, model_of, distill, params, frozen, images, targets, key):
           logits[g], logits[f"teacher/{g}"], targets, alpha=distill.alpha, tau=distill.tau)
     else:
       losses[g] = optax.softmax_cross_entropy(logits[g], targets).mean()
+    if g in sown:
+      aux, layers = phases.moe_terms(sown[g])
+      losses[g] = losses[g] + aux_weight * aux
+      terms.update(layers)
   # Groups are independent (disjoint parameters), so the gradient of the sum
   # is each group's own gradient.
   return sum(losses.values()), (losses, terms)
@@ -74,7 +80,8 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
   images, targets = mix_groups(mix_key, batch["image"], targets, group=int(config.mixup_group),
                                mixup=config.mixup, cutmix=config.cutmix, switch_prob=config.mixup_switch_prob,
                                prob=config.mixup_prob)
-  grad_fn = jax.value_and_grad(functools.partial(_losses, plan, model_of, config.distill), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_losses, plan, model_of, config.distill,
+                                                 config.model.moe.aux_weight), has_aux=True)
 
   accum = config.accum_steps
   if accum == 1:
@@ -89,9 +96,9 @@ def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan
       (_, l), g = grad_fn(state.params, frozen, imgs, tgts, jax.random.fold_in(drop_key, i))
       return jax.tree_util.tree_map(jnp.add, carry, (l, g)), None
 
-    terms0 = ({metric_name(g, t): jnp.zeros(()) for g in plan.groups for t in ("ce", "kl")} if plan.teacher_depths
-              else {})
-    zeros = (({g: jnp.zeros(()) for g in plan.groups}, terms0), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    # The carry's structure is one micro-batch's: its losses, terms (distillation, MoE layers) and gradients.
+    first = jax.eval_shape(grad_fn, state.params, frozen, micro(images)[0], micro(targets)[0], drop_key)
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), (first[0][1], first[1]))
     ((losses, terms), grads), _ = jax.lax.scan(body, zeros, (micro(images), micro(targets), jnp.arange(accum)))
     losses, terms, grads = jax.tree_util.tree_map(lambda x: x / accum, (losses, terms, grads))
 

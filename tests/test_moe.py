@@ -1,15 +1,23 @@
 """The sparse MoE MLP against a NumPy implementation of each routing, written from the method's description: the
 reference's top-k-then-softmax with no drops, V-MoE's softmax-then-top-k with a capacity in batch-priority order,
-the auxiliary load-balancing loss, and the mixture with every expert taken computed by hand."""
+the auxiliary load-balancing loss, and the mixture with every expert taken computed by hand; then the layer in the
+ViT's blocks, where the layout puts it, with a dense ViT unchanged."""
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from modassem.models import moe
+import stepping
+from conftest import TINY, tiny
+from modassem import checkpoints, cli, train
+from modassem.errors import ModassemError
+from modassem.models import moe, vit
 
 T, WIDTH, HIDDEN, E = 24, 8, 12, 6
 
@@ -117,3 +125,119 @@ def test_bad_k_is_refused():
   layer = moe.MoeMlp(width=WIDTH, hidden=HIDDEN, num_experts=4, k=5)
   with pytest.raises(ValueError, match="moe k=5 must be between 1 and the number of experts"):
     layer.init(jax.random.PRNGKey(0), jnp.ones((1, 2, WIDTH)), train=False)
+
+
+# --- In the ViT ------------------------------------------------------------------
+
+_ARCH = dict(image_size=8, patch=4, width=16, heads=2, num_classes=10)
+_SPEC = moe.MoeSpec(experts=4, k=2)
+
+
+def _init_apply(model, images, **kw):
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  return params, model.apply({"params": params}, images, **kw)
+
+
+def test_a_model_with_no_moe_block_is_the_dense_vit_bit_for_bit():
+  images = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3))
+  dense_params, dense = _init_apply(vit.ViT(depths=(2, 2), **_ARCH), images)
+  params, out = _init_apply(vit.ViT(depths=(2, 2), moe=_SPEC, moe_layout=((), ()), **_ARCH), images)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(dense_params)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(dense_params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(dense))
+
+
+def test_the_layout_puts_moe_mlps_where_it_says():
+  layout = moe.moe_layout((2, 3), every=2)
+  assert layout == ((1,), (1,))
+  assert moe.moe_layout((4, 2), blocks=(0, 5)) == ((0,), (1,))
+  assert moe.moe_layout((2, 2), every=1) == ((0, 1), (0, 1))
+  images = jnp.zeros((1, 8, 8, 3))
+  params = vit.ViT(depths=(2, 3), moe=_SPEC, moe_layout=layout, **_ARCH).init(jax.random.PRNGKey(0), images)["params"]
+  kinds = {(m, b): sorted(params[m][b]["mlp"]) for m in params for b in params[m] if b.startswith("blocks_")}
+  moe_keys = ["fc1_bias", "fc1_kernel", "fc2_bias", "fc2_kernel", "gate"]
+  assert kinds == {("module_0", "blocks_0"): ["fc1", "fc2"], ("module_0", "blocks_1"): moe_keys,
+                   ("module_1", "blocks_0"): ["fc1", "fc2"], ("module_1", "blocks_1"): moe_keys,
+                   ("module_1", "blocks_2"): ["fc1", "fc2"]}
+  assert params["module_1"]["blocks_1"]["mlp"]["fc1_kernel"].shape == (4, 16, 64)
+
+
+def test_a_scanned_moe_module_matches_the_unrolled_one_and_sows_per_block():
+  images = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3))
+  layout = moe.moe_layout((3, 2), every=1)
+  params, (out, sown) = _init_apply(vit.ViT(depths=(3, 2), moe=_SPEC, moe_layout=layout, **_ARCH), images,
+                                    mutable=["moe"])
+  scanned = vit.ViT(depths=(3, 2), moe=_SPEC, moe_layout=layout, scan=True, **_ARCH)
+  out_s, sown_s = scanned.apply({"params": vit.stack_blocks(params)}, images, mutable=["moe"])
+  np.testing.assert_allclose(np.asarray(out_s), np.asarray(out), atol=1e-6)
+  per_block = [np.asarray(sown["moe"]["module_0"][f"blocks_{j}"]["mlp"]["aux_loss"][0]) for j in range(3)]
+  np.testing.assert_allclose(np.asarray(sown_s["moe"]["module_0"]["blocks"]["mlp"]["aux_loss"][0]), per_block,
+                             rtol=1e-6)
+
+
+def test_bad_moe_settings_are_refused():
+  with pytest.raises(ValueError, match=r"model.moe.k=3 must be between 1 and model.moe.experts=2"):
+    moe.MoeSpec(experts=2, k=3).check()
+  with pytest.raises(ValueError, match=r"model.moe.capacity_factor=-1.0 must be 0 \(no limit\) or positive"):
+    moe.MoeSpec(experts=2, k=1, router="softmax_topk", capacity_factor=-1.0).check()
+  with pytest.raises(ValueError, match=r"has no capacity and no noise"):
+    moe.MoeSpec(experts=2, k=1, capacity_factor=1.0).check()
+  with pytest.raises(ValueError, match=r"model.moe.blocks=\(0, 9\) names block\(s\) \[9\] of a model of depth 4"):
+    moe.moe_layout((2, 2), blocks=(0, 9))
+  with pytest.raises(ValueError, match=r"module 0 has MoE blocks \[1\] of 2: set model.scan=False"):
+    vit.ViT(depths=(2, 2), moe=_SPEC, moe_layout=moe.moe_layout((2, 2), every=2), scan=True, **_ARCH).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+
+
+# --- In every phase ----------------------------------------------------------------
+
+_SPARSE = {"model.moe.experts": 4, "model.moe.aux_weight": 0.01}
+
+
+def _module(run_dir, k):
+  tree = ocp.StandardCheckpointer().restore(checkpoints.module_dir(run_dir, k))
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_path):
+  """V-MoE modules (every block: 4 experts, top 2, the load-balancing loss weighed in) incubated all at once in the
+  tiny dense meta run: each is the module its single-module run trains; assembly stacks them and trains on; a dense
+  config refuses them in one line naming the difference."""
+  inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
+  train.train(tiny("incubate", meta=runs["meta"], module="all", **_SPARSE), inc)
+  alone = stepping.run_steps(tiny("incubate", meta=runs["meta"], module="2", **_SPARSE),
+                             tiny("incubate").total_steps)[1].params["module_2"]
+  together = _module(inc, 2)
+  alone = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(alone)[0]}
+  assert together.keys() == alone.keys() and any("fc1_kernel" in name for name in alone)
+  for name in alone:
+    np.testing.assert_allclose(together[name], alone[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  with open(os.path.join(inc, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f if '"train"' in line][-1]
+  shares = [logged[f"moe/module_1/blocks_0/expert_{e}"] for e in range(4)]
+  assert abs(sum(shares) - 1.0) < 1e-6 and logged["moe/module_1/blocks_0/dropped"] == 0.0
+  result = train.train(tiny("assemble", modules=",".join([inc] * 4), **_SPARSE), asm)
+  assert math.isfinite(result["loss"])
+  assert json.load(open(os.path.join(asm, checkpoints.RUN_FILE)))["arch"]["moe"] == {"experts": 4, "k": 2,
+                                                                                      "router": "topk_softmax"}
+  with pytest.raises(ModassemError, match=r"has another architecture than this config \(moe \{'experts': 4"):
+    train.train(tiny("assemble", modules=",".join([inc] * 4)), str(tmp_path / "dense"))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"model.moe.experts": 2, "model.moe.k": 3}, "model.moe.k=3 must be between 1 and model.moe.experts=2"),
+    ({"model.moe.experts": 2, "model.moe.router": "softmax_topk", "model.moe.capacity_factor": -0.5},
+     "model.moe.capacity_factor=-0.5 is out of range: it must be >= 0"),
+    ({"model.moe.experts": 2, "model.moe.every": 0, "model.moe.blocks": (3, 8)},
+     "model.moe.blocks=(3, 8) names block(s) [8] of a model of depth 8: use indices 0 to 7"),
+    ({"model.moe.experts": 2, "model.moe.every": 3}, "no block has an MoE MLP"),
+    ({"model.moe.experts": 2, "model.moe.every": 2, "model.scan": True}, "model.scan needs one kind of block"),
+], ids=["k_above_experts", "capacity_below_0", "block_outside", "no_block", "scan_mixed"])
+def test_bad_moe_settings_are_one_line(capsys, tmp_path, overrides, needle):
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  capsys.readouterr()
+  assert cli.main(["train", f"--config={TINY}:e2e", *args, f"--workdir={tmp_path / 'run'}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("modassem train: error: ") and needle in err and "\n" not in err, err
+  assert not os.path.exists(tmp_path / "run")

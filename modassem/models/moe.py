@@ -20,14 +20,61 @@ width) and `fc2_bias` (E, width).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 ROUTERS = ("topk_softmax", "softmax_topk")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeSpec:
+  """What an MoE block's MLP is (hashable: a field of the Flax modules that build it)."""
+  experts: int
+  k: int
+  router: str = "topk_softmax"
+  capacity_factor: float = 0.0
+  noise_std: float = 0.0
+
+  def check(self) -> None:
+    if self.experts < 1:
+      raise ValueError(f"model.moe.experts={self.experts}: an MoE layer needs at least 1 expert")
+    if not 1 <= self.k <= self.experts:
+      raise ValueError(f"model.moe.k={self.k} must be between 1 and model.moe.experts={self.experts}")
+    if self.router not in ROUTERS:
+      raise ValueError(f"model.moe.router={self.router!r} is unknown: use one of {', '.join(ROUTERS)}")
+    if self.capacity_factor < 0:
+      raise ValueError(f"model.moe.capacity_factor={self.capacity_factor} must be 0 (no limit) or positive")
+    if self.router == "topk_softmax" and (self.capacity_factor or self.noise_std):
+      raise ValueError("model.moe.router='topk_softmax' (the m2mKD reference's) has no capacity and no noise: use "
+                       "router='softmax_topk' (V-MoE's) for model.moe.capacity_factor or model.moe.noise_std")
+
+
+def moe_layout(depths: Sequence[int], *, every: int = 0, blocks: Sequence[int] = ()) -> tuple[tuple[int, ...], ...]:
+  """Which blocks of each module have an MoE MLP, as indices within the module: `every`=n takes each module's
+  n-th, 2n-th, ... block (1: all of them; V-MoE's "every other block" is 2), `blocks` lists blocks by their index
+  in the whole model (0 .. sum(depths) - 1). One of the two, or neither (a dense model)."""
+  if every and blocks:
+    raise ValueError("model.moe.every and model.moe.blocks both set: give one of them")
+  if every < 0:
+    raise ValueError(f"model.moe.every={every} must be 0 (use model.moe.blocks) or positive")
+  total = sum(depths)
+  bad = [b for b in blocks if not 0 <= b < total]
+  if bad:
+    raise ValueError(f"model.moe.blocks={tuple(blocks)} names block(s) {bad} of a model of depth {total}: use "
+                     f"indices 0 to {total - 1}")
+  out, offset = [], 0
+  for depth in depths:
+    if every:
+      out.append(tuple(j for j in range(depth) if (j + 1) % every == 0))
+    else:
+      out.append(tuple(b - offset for b in sorted(set(blocks)) if offset <= b < offset + depth))
+    offset += depth
+  return tuple(out)
 
 
 class Routing(NamedTuple):

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from modassem.models.moe import MoeMlp, MoeSpec
 from modassem.names import module_name
 
 
@@ -179,6 +180,7 @@ class Block(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   attention: str = "auto"
+  moe: MoeSpec | None = None   # an MoE MLP (moe.py) instead of the dense one
 
   @nn.compact
   def __call__(self, x, train: bool, rate=None):
@@ -195,7 +197,13 @@ class Block(nn.Module):
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + drop(y)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
-    y = Mlp(self.width, int(self.width * self.mlp_ratio), self.dropout, self.dtype, name="mlp")(y, train)
+    hidden = int(self.width * self.mlp_ratio)
+    if self.moe is None:
+      y = Mlp(self.width, hidden, self.dropout, self.dtype, name="mlp")(y, train)
+    else:
+      m = self.moe
+      y = MoeMlp(self.width, hidden, m.experts, m.k, m.router, m.capacity_factor, m.noise_std, self.dropout,
+                 self.dtype, name="mlp")(y, train)
     return x + drop(y)
 
   def _drop_path(self, y, *, rate, train: bool):
@@ -233,6 +241,8 @@ class ViTModule(nn.Module):
   remat: str = "none"
   attention: str = "auto"
   scan: bool = False
+  moe: MoeSpec | None = None
+  moe_blocks: tuple = ()   # which of its blocks (0 .. depth - 1) have an MoE MLP
 
   @property
   def is_first(self) -> bool:
@@ -250,18 +260,24 @@ class ViTModule(nn.Module):
     rates = drop_path_rates(self.drop_path, self.total_depth)[self.block_offset:self.block_offset + self.depth]
     block = functools.partial(block_class(self.remat, self.scan), self.width, self.heads, self.mlp_ratio,
                               self.qkv_bias, self.ln_eps)
+    moe_blocks = set(self.moe_blocks) if self.moe is not None else set()
     if self.scan:
+      if moe_blocks and moe_blocks != set(range(self.depth)):
+        raise ValueError(f"model.scan needs one kind of block per module, and module {self.index} has MoE blocks "
+                         f"{sorted(moe_blocks)} of {self.depth}: set model.scan=False, or put an MoE MLP in every "
+                         f"block (model.moe.every=1)")
       # One traced block applied `depth` times: the program (and its compile
       # time) no longer grows with the depth. Each block gets its own
       # parameters (stacked on axis 0) and its own dropout key.
       blocks = nn.scan(lambda blk, x, rate: (blk(x, train, rate), None),
-                       variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       variable_axes={"params": 0, "moe": 0}, split_rngs={"params": True, "dropout": True},
                        length=self.depth)
-      x, _ = blocks(block(0.0, self.dropout, self.dtype, self.attention, name=SCANNED), x,
-                    jnp.asarray(rates, jnp.float32))
+      x, _ = blocks(block(0.0, self.dropout, self.dtype, self.attention, moe=self.moe if moe_blocks else None,
+                          name=SCANNED), x, jnp.asarray(rates, jnp.float32))
     else:
       for j in range(self.depth):
-        x = block(rates[j], self.dropout, self.dtype, self.attention, name=f"blocks_{j}")(x, train)
+        x = block(rates[j], self.dropout, self.dtype, self.attention, moe=self.moe if j in moe_blocks else None,
+                  name=f"blocks_{j}")(x, train)
     if self.is_last:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
       x = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x[:, 0])
@@ -306,6 +322,8 @@ class ViT(nn.Module):
   remat: str = "none"
   attention: str = "auto"
   scan: bool = False   # nn.scan over each module's blocks: parameters in the stacked layout (see stack_blocks)
+  moe: MoeSpec | None = None   # the MoE MLP of the blocks `moe_layout` names (moe.moe_layout); None: a dense ViT
+  moe_layout: tuple = ()       # per module, which of its blocks have an MoE MLP; () for none
 
   @property
   def num_modules(self) -> int:
@@ -324,7 +342,8 @@ class ViT(nn.Module):
         total_depth=sum(depths), image_size=self.image_size, patch=self.patch, width=self.width,
         heads=self.heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, ln_eps=self.ln_eps,
         num_classes=self.num_classes, drop_path=self.drop_path, dropout=self.dropout,
-        dtype=self.dtype, remat=self.remat, attention=self.attention, scan=self.scan)
+        dtype=self.dtype, remat=self.remat, attention=self.attention, scan=self.scan, moe=self.moe,
+        moe_blocks=tuple(self.moe_layout[k]) if self.moe_layout else ())
     kwargs.update(overrides)
     return ViTModule(**kwargs)
 
