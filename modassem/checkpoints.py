@@ -157,10 +157,10 @@ def state_dir(workdir) -> files.Path:
   return files.path(workdir) / "checkpoints"
 
 
-def has_checkpoint(workdir) -> bool:
-  """Whether the run in `workdir` has saved a train state (a step folder under checkpoints/), whole or not."""
+def saved_steps(workdir) -> list[int]:
+  """The steps of the run's checkpoint folders under checkpoints/ (whole or not), newest first."""
   d = state_dir(workdir)
-  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+  return sorted((int(p.name) for p in d.iterdir() if p.name.isdigit()), reverse=True) if d.is_dir() else []
 
 
 class Manager(ocp.CheckpointManager):
@@ -293,13 +293,13 @@ def module_dir(run_dir, k: int) -> files.Path:
 def save_modules(workdir: str, params: dict) -> None:
   """One standalone Orbax item per module in `params`, each sealed with its files' digests."""
   ckptr = ocp.StandardCheckpointer()
+  folders = {name: module_dir(workdir, int(name.split("_")[-1])) for name in params}
   for name, tree in params.items():
-    k = int(name.split("_")[-1])
-    ckptr.save(module_dir(workdir, k), tree, force=True)
+    ckptr.save(folders[name], tree, force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    for name in params:
-      digests.seal(module_dir(workdir, int(name.split("_")[-1])))
+    for folder in folders.values():
+      digests.seal(folder)
 
 
 def _saved_shapes(ckptr, path):

@@ -33,8 +33,7 @@ def one_line(workdir: str, abstract_state):
       raise
     full = True
     gc.collect()   # the failed writes' tasks go now, quietly
-    steps = sorted((int(p.name) for p in checkpoints.state_dir(workdir).iterdir() if p.name.isdigit()),
-                   reverse=True) if checkpoints.state_dir(workdir).is_dir() else []
+    steps = checkpoints.saved_steps(workdir)
     sealed = [step for step in steps if digests.is_sealed(checkpoints.state_dir(workdir) / str(step))]
     if steps:
       need, what = files.size_of(checkpoints.state_dir(workdir) / str(steps[0])), "one checkpoint of this run"

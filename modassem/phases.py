@@ -276,7 +276,7 @@ def moe_terms(sown) -> tuple[Any, dict]:
   for path, values in jax.tree_util.tree_flatten_with_path(sown, is_leaf=lambda x: isinstance(x, tuple))[0]:
     keys = [getattr(p, "key", str(p)) for p in path]
     name, value = keys[-1], values[0]
-    where = [k for k in keys[:-2]]   # module, block ("blocks" under a scan: one row per block)
+    where = keys[:-2]   # module, block ("blocks" under a scan: one row per block)
     rows = value if "blocks" in where else value[None]
     for j, row in enumerate(rows):
       layer = "/".join(where[:-1] + [f"blocks_{j}"]) if "blocks" in where else "/".join(where)

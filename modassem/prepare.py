@@ -267,7 +267,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
                           "meta run", arch=phases.frozen_arch(plan))
     frozen.update(teacher)
   elif plan.phase == "assemble" and load_sources:
-    if workdir is not None and checkpoints.has_checkpoint(workdir):
+    if workdir is not None and checkpoints.saved_steps(workdir):
       # A resume starts from its own checkpoint: the incubation runs are not read (they may have moved), only
       # their shapes stand in for them; `assembly_sources` reads them if no checkpoint reads back whole.
       sources = abstract_sources(config, plan, mesh, model_of)

@@ -69,7 +69,8 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
   """
   s = prepare.setup(config, workdir)
   changed = checkpoints.check_config(workdir, s.config, tuple(allow_changed))
-  with full_disk.one_line(workdir, lambda: prepare.state_spec(s).abstract), lock.writer(workdir, say=say), preempt.handling() as stop:
+  with (full_disk.one_line(workdir, lambda: prepare.state_spec(s).abstract), lock.writer(workdir, say=say),
+        preempt.handling() as stop):
     return _train(s, workdir, changed, stop)
 
 
@@ -196,7 +197,7 @@ def _export_again(s: Setup, workdir: str, damaged: list[int]) -> None:
     if mngr is not None:
       mngr.close()
   moved = damage.move_aside_together(workdir, [checkpoints.module_dir(workdir, k) for k in damaged
-                                                    if checkpoints.module_dir(workdir, k).exists()])
+                                               if checkpoints.module_dir(workdir, k).exists()])
   params = prepare.saved_layout(s.config, state.params)
   checkpoints.save_modules(workdir, {module_name(k): params[module_name(k)] for k in damaged})
   where = f" (the damaged items are in {moved[0].parent})" if moved else ""

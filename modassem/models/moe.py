@@ -114,19 +114,22 @@ def route(logits, *, k: int, router: str, capacity_factor: float = 0.0) -> Routi
   return Routing(experts, jnp.where(kept, weights, 0.0), kept, probs)
 
 
+def _kept_counts(routing: Routing) -> jax.Array:
+  """The kept assignments each expert takes, (E,)."""
+  num_experts = routing.probs.shape[-1]
+  return jnp.sum(jax.nn.one_hot(routing.experts, num_experts) * routing.kept[..., None], axis=(0, 1))
+
+
 def load_balancing_loss(routing: Routing) -> jax.Array:
   """E * sum_e f_e * P_e: f_e the share of kept assignments at expert e, P_e the mean gate probability of e."""
-  num_experts = routing.probs.shape[-1]
-  counts = jnp.sum(jax.nn.one_hot(routing.experts, num_experts) * routing.kept[..., None], axis=(0, 1))
+  counts = _kept_counts(routing)
   share = counts / jnp.maximum(jnp.sum(counts), 1.0)
-  return num_experts * jnp.sum(share * jnp.mean(routing.probs, axis=0))
+  return routing.probs.shape[-1] * jnp.sum(share * jnp.mean(routing.probs, axis=0))
 
 
 def expert_shares(routing: Routing) -> jax.Array:
   """The share of the T * k assignments each expert takes (kept ones; they sum to 1 - the dropped share)."""
-  num_experts = routing.probs.shape[-1]
-  counts = jnp.sum(jax.nn.one_hot(routing.experts, num_experts) * routing.kept[..., None], axis=(0, 1))
-  return counts / routing.experts.size
+  return _kept_counts(routing) / routing.experts.size
 
 
 def experts_apply(x, routing: Routing, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, activation):
