@@ -162,8 +162,8 @@ def _run(verb: str, fv) -> int:
 
 
 def _verb(verb: str, fv) -> None:
-  from modassem import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpoints.check_not_a_file(fv.workdir)
+  from modassem import records  # pylint: disable=g-import-not-at-top
+  records.check_not_a_file(fv.workdir)
   if verb == "train":
     from modassem import train  # pylint: disable=g-import-not-at-top
     train.train(fv.config, fv.workdir, allow_changed=fv.allow_changed)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from modassem import config as config_lib, cost, files, report as report_lib, train
-from modassem.checkpoints import RESULTS_FILE, RUN_FILE
+from modassem.records import RESULTS_FILE, RUN_FILE
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.report import METHOD, PLAIN

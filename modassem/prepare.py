@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from modassem import checkpoints, checks, data as data_lib, files, phases, sharding, steps
+from modassem import checkpoints, checks, data as data_lib, files, phases, records, sharding, steps
 from modassem.distributed import say
 from modassem.errors import ModassemError
 from modassem.models.vit import abstract_params, stack_blocks, unstack_blocks
@@ -55,7 +55,7 @@ def module_sources(config, plan: Plan) -> list[str]:
 
 
 def run_info(config, plan: Plan, total_steps: int) -> dict:
-  info = {"phase": plan.phase, "preset": config.preset, "arch": checkpoints.arch_of(config),
+  info = {"phase": plan.phase, "preset": config.preset, "arch": records.arch_of(config),
           "depths": list(plan.depths), "trained": list(plan.trained), "total_steps": total_steps,
           "sources": module_sources(config, plan), "scan": phases.scans(config)}
   if plan.teacher_depths is not None:
@@ -76,7 +76,7 @@ def meta_arch(config):
   incubation with stitch layers), else None. Anything else that differs is an error when the meta modules load."""
   if not config.stitch:
     return None
-  run = files.read_json(files.path(config.meta) / checkpoints.RUN_FILE) or {}
+  run = files.read_json(files.path(config.meta) / records.RUN_FILE) or {}
   arch = run.get("arch") or {}
   if "width" not in arch or arch["width"] == config.model.width:
     return None
@@ -105,7 +105,7 @@ def teacher_cut(config, plan: Plan) -> tuple[int, ...]:
   if where.endswith(".pth"):
     from modassem import convert  # pylint: disable=g-import-not-at-top  (torch, only for a .pth teacher)
     return check_teacher_cut(where, convert.pth_depths(where), plan)
-  run = files.read_json(files.path(where) / checkpoints.RUN_FILE)
+  run = files.read_json(files.path(where) / records.RUN_FILE)
   return check_teacher_cut(where, (run or {}).get("depths") or plan.depths, plan)
 
 
@@ -126,17 +126,17 @@ def load_teacher(config, plan: Plan, mesh, model_of) -> dict:
   meta = phases.frozen_arch(plan)   # the teacher's modules sit in the meta model as they are: its width, dense
   depths = plan.teacher_depths
   if not where.endswith(".pth"):
-    if files.read_json(files.path(where) / checkpoints.RUN_FILE) is None:
-      raise ModassemError(f"teacher {where!r} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir "
+    if files.read_json(files.path(where) / records.RUN_FILE) is None:
+      raise ModassemError(f"teacher {where!r} is not a run directory (no {records.RUN_FILE}): pass the --workdir "
                           f"of a finished assembly, e2e or imported run, or an official .pth")
     modules = load_modules(config, plan, mesh, model_of, plan.trained, depths, [where] * len(plan.trained), "teacher",
                            arch=meta)
   else:
     from modassem import convert  # pylint: disable=g-import-not-at-top  (torch, only for a .pth teacher)
-    expected = checkpoints.arch_of(config, **meta)
+    expected = records.arch_of(config, **meta)
     # Heads and eps leave no trace in the weights: the teacher's are this model's (its shapes are checked below).
     model = convert.model_from_pth(where, heads=expected["heads"], ln_eps=expected["ln_eps"])
-    detail = checkpoints.arch_difference(model.arch, expected)
+    detail = records.arch_difference(model.arch, expected)
     if detail:
       raise ModassemError(f"teacher {where!r} has another architecture than this config ({detail}): pass a "
                           f"checkpoint of preset {config.preset}")
@@ -171,7 +171,7 @@ def load_modules(config, plan: Plan, mesh, model_of, slots, depths, run_dirs, wh
   abstract = abstract_params(model_of(depths, scan=False, **arch))
   out = {}
   for k, run_dir in zip(slots, run_dirs):
-    expect = {"arch": checkpoints.arch_of(config, **arch), "preset": config.preset,
+    expect = {"arch": records.arch_of(config, **arch), "preset": config.preset,
               "num_modules": plan.num_modules, "depth": depths[k]}
     out[module_name(k)] = checkpoints.load_module(run_dir, k, expect=expect, what=what,
                                                   abstract=placed(abstract[module_name(k)], mesh, config))
@@ -203,10 +203,10 @@ def schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def with_absolute_paths(config):
-  """A copy of `config` whose run paths (`checkpoints.PATH_FIELDS`) are absolute, as the run records them."""
+  """A copy of `config` whose run paths (`records.PATH_FIELDS`) are absolute, as the run records them."""
   config = copy.deepcopy(config)
   with config.unlocked():
-    for f in checkpoints.PATH_FIELDS:
+    for f in records.PATH_FIELDS:
       if isinstance(config[f], str):
         config[f] = files.absolute(config[f])
   return config
@@ -219,7 +219,7 @@ def check_one_meta(config, dirs: list[str]) -> None:
     return
   seen = []   # (incubation run, its meta run), one per meta run
   for d in dict.fromkeys(dirs):
-    run = files.read_json(files.path(d) / checkpoints.RUN_FILE) or {}
+    run = files.read_json(files.path(d) / records.RUN_FILE) or {}
     meta = (run.get("sources") or [""])[0] if run.get("phase") == "incubate" else ""
     if not meta:
       continue   # not an incubation run: loading its modules names what is wrong
@@ -238,7 +238,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   checks.check_numbers(config)
   config = with_absolute_paths(config)
   if workdir is not None:
-    checkpoints.check_not_a_file(workdir)
+    records.check_not_a_file(workdir)
   mesh = sharding.make_mesh()
   plan = checked_plan(config, mesh, load_sources=load_sources)
   model_of = functools.partial(phases.model_for, config)
@@ -258,7 +258,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
   total, warmup = schedule_lengths(config, dataset.steps_per_epoch(config.batch_size))
   run = run_info(config, plan, total)
   if workdir is not None:
-    checkpoints.check_workdir(workdir, run)
+    records.check_workdir(workdir, run)
 
   frozen, sources = {}, None
   if plan.phase == "incubate":

@@ -15,7 +15,7 @@ import os
 import statistics
 
 from modassem import files
-from modassem.checkpoints import CONFIG_FILE, RESULTS_FILE, RUN_FILE, recorded_config
+from modassem.records import CONFIG_FILE, RESULTS_FILE, RUN_FILE, recorded_config
 from modassem.errors import ModassemError
 from modassem.metrics import METRICS_FILE
 

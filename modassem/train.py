@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modassem import checkpoints, cost, damage, files, full_disk, lock, preempt, prepare, sharding, summary
+from modassem import checkpoints, cost, damage, files, full_disk, lock, preempt, prepare, records, sharding, summary
 from modassem.distributed import is_main, say
 from modassem.errors import ModassemError
 from modassem.metrics import Progress, Writer
@@ -61,14 +61,14 @@ def train(config, workdir: str, *, allow_changed=()) -> dict:
   """Trains (or resumes, or reports a finished) run of `config.phase` in `workdir`.
 
   A resume must use the config the run was started with (`config.json`),
-  except for fields that only change reporting (`checkpoints.FREE_FIELDS`)
+  except for fields that only change reporting (`records.FREE_FIELDS`)
   and the fields named in `allow_changed`. One run writes a directory at a
   time (`lock.py`): a second one stops with an error naming the first.
   SIGTERM or SIGINT stops it after saving a checkpoint (`preempt.py`), with
   `preempt.Preempted`.
   """
   s = prepare.setup(config, workdir)
-  changed = checkpoints.check_config(workdir, s.config, tuple(allow_changed))
+  changed = records.check_config(workdir, s.config, tuple(allow_changed))
   with (full_disk.one_line(workdir, lambda: prepare.state_spec(s).abstract), lock.writer(workdir, say=say),
         preempt.handling() as stop):
     return _train(s, workdir, changed, stop)
@@ -78,12 +78,12 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   """`train` once the run's checks have passed and its directory is locked."""
   config = s.config
   wd = files.path(workdir)
-  done = files.read_json(wd / checkpoints.RESULTS_FILE)
+  done = files.read_json(wd / records.RESULTS_FILE)
   finished = done is not None and done.get("steps") == s.total_steps
   damaged = [k for k in s.plan.trained if not checkpoints.module_intact(workdir, k)] if finished else []
   finished, damaged = _agreed(finished, damaged, s.plan.num_modules)
   if finished:
-    done = done or files.read_json(wd / checkpoints.RESULTS_FILE)
+    done = done or files.read_json(wd / records.RESULTS_FILE)
     if damaged:
       _export_again(s, workdir, damaged)
     else:
@@ -104,10 +104,10 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   say(f"{s.plan.phase}: compiled in {info['compile_s']:.1f} s")
   wd.mkdir(parents=True, exist_ok=True)
   if is_main():
-    files.write_json(wd / checkpoints.RUN_FILE, s.run)
-    files.write_json(wd / checkpoints.CONFIG_FILE, checkpoints.config_record(config))
+    files.write_json(wd / records.RUN_FILE, s.run)
+    files.write_json(wd / records.CONFIG_FILE, records.config_record(config))
   if changed:
-    say(f"{workdir}: continuing with changed {', '.join(changed)} (now in {checkpoints.CONFIG_FILE})")
+    say(f"{workdir}: continuing with changed {', '.join(changed)} (now in {records.CONFIG_FILE})")
   mngr = checkpoints.manager(workdir, config)
   writer = Writer(workdir, process_index=jax.process_index())
   state, latest = checkpoints.restore_newest_intact(workdir, mngr, abstract_state, say=say)
@@ -162,7 +162,7 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     writer.close()
   # results.json last: its presence marks the run finished.
   if is_main():
-    files.write_json(wd / checkpoints.RESULTS_FILE, result)
+    files.write_json(wd / records.RESULTS_FILE, result)
   say(f"{workdir}: {s.plan.phase} done in {wall:.0f} s: top-1 {result['top1']:.2f} %, "
        f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}")
   return result
@@ -328,8 +328,8 @@ class _Loop:
 def evaluate_run(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint of the run in `workdir` (made with `config`)."""
   wd = files.path(workdir)
-  if not (wd / checkpoints.RUN_FILE).exists():
-    raise ModassemError(f"{workdir} is not a run directory (no {checkpoints.RUN_FILE}): pass the --workdir of a run")
+  if not (wd / records.RUN_FILE).exists():
+    raise ModassemError(f"{workdir} is not a run directory (no {records.RUN_FILE}): pass the --workdir of a run")
   s = prepare.setup(config, workdir, load_sources=False)
   # A converted run has no checkpoints/ folder, and evaluating it must not make one.
   mngr = checkpoints.manager(workdir, config) if checkpoints.state_dir(workdir).is_dir() else None
@@ -343,7 +343,7 @@ def evaluate_run(config, workdir: str) -> dict:
       # (an official checkpoint has no Orbax train state to restore).
       params = prepare.load_modules(config, s.plan, s.mesh, s.model_of, s.plan.trained, s.plan.depths,
                                     [workdir] * len(s.plan.trained), "run")
-      latest = (files.read_json(wd / checkpoints.RUN_FILE) or {}).get("total_steps", 0)
+      latest = (files.read_json(wd / records.RUN_FILE) or {}).get("total_steps", 0)
     else:
       raise ModassemError(f"{workdir} has no checkpoint yet: train the run first")
   finally:

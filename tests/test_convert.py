@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from conftest import REPO, tiny  # noqa: E402
-from modassem import checkpoints, cli, convert, prepare, train  # noqa: E402
+from modassem import checkpoints, cli, convert, prepare, records, train  # noqa: E402
 from modassem.errors import ModassemError  # noqa: E402
 from modassem.models.presets import PRESETS  # noqa: E402
 import modassem  # noqa: E402
@@ -157,7 +157,7 @@ def test_import_writes_runs_that_say_what_they_are(official, capsys):
     with open(os.path.join(official["runs"][name], "run.json")) as f:
       run = json.load(f)
     assert (run["phase"], run["trained"], run["depths"], run["preset"]) == (phase, trained, depths, "tiny")
-    assert run["arch"] == checkpoints.arch_of(tiny(phase))
+    assert run["arch"] == records.arch_of(tiny(phase))
     assert run["sources"] == [os.path.abspath(official["files"][name])]
     present = sorted(os.listdir(os.path.join(official["runs"][name], "modules")))
     assert present == [f"module_{k}" for k in trained]

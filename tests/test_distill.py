@@ -17,7 +17,7 @@ import pytest
 
 import stepping
 from conftest import TINY, tiny
-from modassem import checkpoints, files, steps, train
+from modassem import checkpoints, files, records, steps, train
 from modassem import report as report_lib
 from modassem.errors import ModassemError
 from test_errors import assert_names, train_error
@@ -94,7 +94,7 @@ def _fake_run(folder, **changes):
   """A run directory whose run.json is the tiny pipeline's assembly's with `changes` (no modules needed: the checks
   read run.json first)."""
   os.makedirs(folder)
-  run = {"phase": "assemble", "preset": "tiny", "arch": checkpoints.arch_of(tiny("assemble")),
+  run = {"phase": "assemble", "preset": "tiny", "arch": records.arch_of(tiny("assemble")),
          "depths": [2, 2, 2, 2], "trained": [0, 1, 2, 3], "total_steps": 6}
   run.update(changes)
   files.write_json(os.path.join(folder, "run.json"), run)
@@ -106,7 +106,7 @@ def test_a_teacher_that_does_not_fit_is_a_one_line_error(capsys, tmp_path, runs)
   three = _fake_run(str(tmp_path / "three"), depths=[3, 3, 2])
   line = train_error(capsys, tmp_path, f"{TINY}:incubate", *inc, f"--config.teacher={three}", sources=[runs["meta"]])
   assert_names(line, f"teacher {three!r} is cut into 3 modules [3, 3, 2], this model into 4", "num_modules=4")
-  wide = _fake_run(str(tmp_path / "wide"), arch={**checkpoints.arch_of(tiny("assemble")), "width": 64})
+  wide = _fake_run(str(tmp_path / "wide"), arch={**records.arch_of(tiny("assemble")), "width": 64})
   line = train_error(capsys, tmp_path, f"{TINY}:incubate", *inc, f"--config.teacher={wide}")
   assert_names(line, f"teacher {wide!r}", "another architecture", "width 64 vs 16")
   line = train_error(capsys, tmp_path, f"{TINY}:incubate", *inc, f"--config.teacher={tmp_path}")

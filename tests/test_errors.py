@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 
 from conftest import REPO, TINY, run_cli, tiny
 from bitrot import garble
-from modassem import checkpoints, cli, digests, lock, prepare, report, train
+from modassem import checkpoints, cli, digests, lock, prepare, records, report, train
 from modassem.errors import ModassemError
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -357,7 +356,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
   assert (bad, good) == (3, 1)
 
   # Unfinished: no results, no exported modules; only checkpoints from before the divergence.
-  assert not os.path.exists(os.path.join(workdir, checkpoints.RESULTS_FILE))
+  assert not os.path.exists(os.path.join(workdir, records.RESULTS_FILE))
   assert not os.path.exists(os.path.join(workdir, "modules"))
   kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert kept and max(kept) == good, kept
@@ -434,7 +433,7 @@ def test_a_divergence_at_the_last_step_stops_before_anything_is_exported(capsys,
   assert_names(line, "the last step (1) diverged: its parameters are finite, their held-out loss is nan: "
                "training stopped",
                "no good checkpoint was saved yet, so a rerun starts over", "lower --config.optim.lr")
-  assert not os.path.exists(os.path.join(workdir, checkpoints.RESULTS_FILE))
+  assert not os.path.exists(os.path.join(workdir, records.RESULTS_FILE))
   assert not os.path.exists(os.path.join(workdir, "modules"))
   assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -443,7 +442,7 @@ def test_a_divergence_at_the_last_step_stops_before_anything_is_exported(capsys,
   # Resumable: rerun with a learning rate that works, it starts over and finishes.
   assert cli.main(["train", f"--config={TINY}:meta", "--config.optim.lr=0.001", "--allow_changed=optim.lr", *last,
                    f"--workdir={workdir}"]) == 0
-  with open(os.path.join(workdir, checkpoints.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, records.RESULTS_FILE)) as f:
     assert math.isfinite(json.load(f)["loss"])
 
 

@@ -163,7 +163,7 @@ def test_module_names_come_from_one_function():
 def test_config_fields_are_read_without_fallbacks():
   """A live config has every field from its preset, so the code reads fields directly: a `config.get(field,
   default)` would be a second default that can disagree with the preset's (as `mixup_group` once did: 128 in the
-  preset, 0 in the step). Older runs' config.json files are completed in one place, `checkpoints.ADDED_FIELDS`."""
+  preset, 0 in the step). Older runs' config.json files are completed in one place, `records.ADDED_FIELDS`."""
   fallbacks = []
   for name, path in MODULES.items():
     for node in ast.walk(ast.parse(open(path).read(), path)):
@@ -175,12 +175,12 @@ def test_config_fields_are_read_without_fallbacks():
 
 def test_fields_older_runs_lack_are_live_fields_and_complete_their_configs(tmp_path):
   from conftest import tiny  # pylint: disable=g-import-not-at-top
-  from modassem import checkpoints  # pylint: disable=g-import-not-at-top
-  live = checkpoints._flat(checkpoints.config_record(tiny("incubate")))  # pylint: disable=protected-access
-  assert set(checkpoints.ADDED_FIELDS) <= set(live)
+  from modassem import records  # pylint: disable=g-import-not-at-top
+  live = records._flat(records.config_record(tiny("incubate")))  # pylint: disable=protected-access
+  assert set(records.ADDED_FIELDS) <= set(live)
   # A run of an older version, started before mixup_group and the m2mKD fields existed: it mixed once per batch.
   (tmp_path / "config.json").write_text(json.dumps({"phase": "incubate", "optim": {"lr": 0.004}}))
-  old = checkpoints.recorded_config(tmp_path)
+  old = records.recorded_config(tmp_path)
   assert old["mixup_group"] == 0 and old["teacher"] == "" and old["distill.alpha"] == 0.5
   assert old["optim.lr"] == 0.004 and old["phase"] == "incubate"
 

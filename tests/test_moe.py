@@ -15,7 +15,7 @@ import pytest
 
 import stepping
 from conftest import TINY, tiny
-from modassem import checkpoints, cli, train
+from modassem import checkpoints, cli, records, train
 from modassem.errors import ModassemError
 from modassem.models import moe, vit
 
@@ -219,7 +219,7 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
   assert abs(sum(shares) - 1.0) < 1e-6 and logged["moe/module_1/blocks_0/dropped"] == 0.0
   result = train.train(tiny("assemble", modules=",".join([inc] * 4), **_SPARSE), asm)
   assert math.isfinite(result["loss"])
-  assert json.load(open(os.path.join(asm, checkpoints.RUN_FILE)))["arch"]["moe"] == {"experts": 4, "k": 2,
+  assert json.load(open(os.path.join(asm, records.RUN_FILE)))["arch"]["moe"] == {"experts": 4, "k": 2,
                                                                                       "router": "topk_softmax"}
   with pytest.raises(ModassemError, match=r"has another architecture than this config \(moe \{'experts': 4"):
     train.train(tiny("assemble", modules=",".join([inc] * 4)), str(tmp_path / "dense"))

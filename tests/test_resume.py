@@ -223,6 +223,27 @@ def test_a_second_ctrl_c_stops_at_once_with_the_interrupt_status(tmp_path, capsy
   assert _steps(work)[0] == 4 and _steps(work)[-1] < STEPS and not os.path.exists(os.path.join(work, "results.json"))
 
 
+def test_a_ctrl_c_while_the_digest_pass_starts_still_lets_the_stop_wait_and_close(tmp_path, monkeypatch):
+  """A second Ctrl-C can land inside `Thread.start` of the digest pass (its wait for the thread to run): the stop
+  that follows waits for the manager and closes it without an error of its own."""
+  mngr = checkpoints.Manager(str(tmp_path / "checkpoints"), item_names=("state",))
+  mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.arange(4.0)})))
+  start = threading.Thread.start
+
+  def interrupted(thread):
+    if thread.name == "modassem-digests":
+      raise KeyboardInterrupt   # before the thread runs: a thread never started cannot be joined
+    start(thread)
+
+  monkeypatch.setattr(threading.Thread, "start", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    mngr.wait_until_finished()
+  monkeypatch.undo()
+  mngr.wait_until_finished()
+  mngr.close()
+  assert mngr.latest_step() == 1
+
+
 def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_path, capsys):
   """SIGKILL twice, the second time in the rerun of the run killed first, each once the run has committed a
   checkpoint of its own: a seeded number of steps later, then a seeded moment into its next asynchronous save. The

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from modassem import checkpoints, files
+from modassem import checkpoints, files, records
 from modassem.convert.arch import Model, at_image_size, describe, match_preset, run_depths
 from modassem.convert.official import infer_arch, module_to_stage, read_pth, stage_to_module, write_pth
 from modassem.errors import ModassemError
@@ -71,13 +71,13 @@ def model_to_stages(model: Model) -> list[dict]:
 # --- run directories --------------------------------------------------------
 
 def _read_run(run_dir: str) -> dict:
-  run = files.read_json(files.path(run_dir) / checkpoints.RUN_FILE)
+  run = files.read_json(files.path(run_dir) / records.RUN_FILE)
   if run is None:
-    raise ModassemError(f"{run_dir} has no {checkpoints.RUN_FILE}: pass a modassem run directory or an official "
+    raise ModassemError(f"{run_dir} has no {records.RUN_FILE}: pass a modassem run directory or an official "
                         f".pth file")
   missing = [k for k in ("phase", "arch", "depths", "trained") if k not in run]
   if missing:
-    raise ModassemError(f"{files.join(run_dir, checkpoints.RUN_FILE)} lacks {missing[0]!r}: "
+    raise ModassemError(f"{files.join(run_dir, records.RUN_FILE)} lacks {missing[0]!r}: "
                         f"not a modassem run directory")
   return run
 
@@ -139,7 +139,7 @@ def jax_free(tree):
 
 def write_run(model: Model, run_dir: str, sources: list[str]) -> dict:
   """A run directory holding the model's trained modules, readable by every phase that reads runs."""
-  if (files.path(run_dir) / checkpoints.RUN_FILE).exists():
+  if (files.path(run_dir) / records.RUN_FILE).exists():
     raise ModassemError(f"{run_dir} already holds a run: pass a new directory to --to")
   phase, trained = model.kind
   run = {"phase": phase, "preset": model.preset, "arch": {f: model.arch[f] for f in ARCH_FIELDS},
@@ -148,7 +148,7 @@ def write_run(model: Model, run_dir: str, sources: list[str]) -> dict:
   files.path(run_dir).mkdir(parents=True, exist_ok=True)
   checkpoints.save_modules(run_dir, {module_name(k): model.modules[k] for k in trained})
   # run.json last: a run directory with it is complete.
-  files.write_json(files.path(run_dir) / checkpoints.RUN_FILE, run)
+  files.write_json(files.path(run_dir) / records.RUN_FILE, run)
   return run
 
 
