@@ -11,14 +11,17 @@ cores, so the session is arranged to compile less and to keep both cores busy:
   (`--xla_backend_optimization_level=0`): a quarter less compile time, for
   programs that run a few steps on tiny shapes. Every process of the session
   uses the same setting, so runs compared with each other compile alike.
+- The tests run in two pytest-xdist workers, a test file at a time (`-n 2
+  --dist loadfile` in pyproject.toml), so that both cores stay busy to the end.
 - The heavy subprocesses (`modassem pipeline` on the tiny preset, whose runs
   many tests read, and the 8-device cases of the sharding tests) are `JOBS`:
-  they start one after another in the background as soon as the tests are
-  collected, and the tests that need none of them run first, here, on the
-  other core.
+  the workers share them out and start them in the background as soon as
+  the tests are collected, and every worker reads their results from the
+  session folder; the tests that need none of them run first.
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -28,10 +31,18 @@ import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-_SCRATCH = tempfile.mkdtemp(prefix="modassem-tests-")
+# pytest-xdist's workers inherit the environment of the process that starts them (the one where this file is
+# imported first): they share its session folder, and with it the compilation cache and the jobs' results.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")    # None in the process that starts the workers, or runs alone
+_SCRATCH = os.environ.get("MODASSEM_TEST_SCRATCH") or tempfile.mkdtemp(prefix="modassem-tests-")
+os.environ["MODASSEM_TEST_SCRATCH"] = _SCRATCH
+_JOB_RESULTS = os.path.join(_SCRATCH, "jobs")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SCRATCH, "jax-cache")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+# A size limit turns on the cache's file lock (JAX's LRU cache writes entries in place, and locks only with
+# eviction on): processes compiling side by side never read an entry half written.
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import pytest  # noqa: E402
@@ -50,13 +61,6 @@ class _Job:
   argv: list
   env: dict
   module: str          # the test file that needs it
-  done: threading.Event = dataclasses.field(default_factory=threading.Event)
-  returncode: int | None = None
-  stdout: str = ""
-  stderr: str = ""
-  start: float | None = None   # time.monotonic() at its start and end, for the session's timeline
-  end: float | None = None
-  waited: float = 0.0          # seconds tests spent waiting for it
 
 
 class Jobs:
@@ -64,13 +68,16 @@ class Jobs:
 
   A test module adds its job when it is imported (`JOBS.add(...)`, during
   collection); `JOBS.result(name)` waits for it. Only the jobs of modules
-  with collected tests run, the pipeline first.
+  with collected tests run, the pipeline first. The xdist workers share them
+  out (pytest itself runs them all where it has no workers), and each writes
+  a job's outcome to the session folder, where every worker reads it.
   """
 
   def __init__(self):
     self._jobs: dict[str, _Job] = {}
     self._procs: list = []
     self._stopped = False
+    self._waited: dict[str, float] = {}
 
   def add(self, name: str, argv: list, *, module: str, env: dict | None = None) -> None:
     self._jobs[name] = _Job(list(argv), dict(env or os.environ), os.path.basename(module))
@@ -80,20 +87,26 @@ class Jobs:
     order += [n for n, job in self._jobs.items() if n != "pipeline" and job.module in modules]
     for name in set(self._jobs) - set(order):
       del self._jobs[name]
-    threading.Thread(target=self._run, args=(order,), daemon=True).start()
+    # Each worker runs every n-th job (n workers) in a background thread of its own.
+    index, count = int((_WORKER or "gw0")[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.makedirs(_JOB_RESULTS, exist_ok=True)
+    threading.Thread(target=self._run, args=(order[index::count],), daemon=True).start()
 
   def _run(self, order):
     for name in order:
-      job = self._jobs[name]
+      job, outcome = self._jobs[name], {"returncode": None, "stdout": "", "stderr": "stopped"}
       if not self._stopped:
-        job.start = time.monotonic()
+        start = time.time()
         proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         self._procs.append(proc)
-        job.stdout, job.stderr = proc.communicate()
-        job.returncode = proc.returncode
-        job.end = time.monotonic()
-      job.done.set()
+        stdout, stderr = proc.communicate()
+        outcome = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "start": start,
+                   "end": time.time()}
+      part = os.path.join(_JOB_RESULTS, f"{name}.part")
+      with open(part, "w") as f:
+        json.dump(outcome, f)
+      os.replace(part, os.path.join(_JOB_RESULTS, f"{name}.json"))   # whole, or not there yet
 
   def modules(self) -> set:
     """The test files whose jobs run."""
@@ -101,24 +114,44 @@ class Jobs:
 
   def result(self, name: str, timeout: float = 1200) -> str:
     """The stdout of job `name` once it has finished; fails the test with its stderr if it failed."""
-    job = self._jobs[name]
-    t = time.monotonic()
-    finished = job.done.wait(timeout)
-    job.waited += time.monotonic() - t
-    assert finished, f"{name} did not finish in {timeout} s"
-    assert job.returncode == 0, f"{name} failed:\n{job.stdout[-2000:]}\n{job.stderr[-3000:]}"
-    return job.stdout
+    assert name in self._jobs, name
+    path, t = os.path.join(_JOB_RESULTS, f"{name}.json"), time.monotonic()
+    while not os.path.exists(path) and time.monotonic() - t < timeout:
+      time.sleep(0.05)
+    self._waited[name] = self._waited.get(name, 0.0) + time.monotonic() - t
+    assert os.path.exists(path), f"{name} did not finish in {timeout} s"
+    with open(path) as f:
+      job = json.load(f)
+    assert job["returncode"] == 0, f"{name} failed:\n{job['stdout'][-2000:]}\n{job['stderr'][-3000:]}"
+    return job["stdout"]
 
-  def timeline(self, t0: float) -> list[str]:
-    """Each job's start and end (seconds into the session) and how long tests waited for it."""
-    return [f"{name}: {job.start - t0:.0f} s to {job.end - t0:.0f} s ({job.end - job.start:.0f} s), tests waited "
-            f"{job.waited:.0f} s" for name, job in self._jobs.items() if job.start is not None and job.end is not None]
+  def save_waits(self) -> None:
+    if self._waited:
+      with open(os.path.join(_JOB_RESULTS, f"waited-{_WORKER or 'main'}.json"), "w") as f:
+        json.dump(self._waited, f)
 
   def stop(self):
     self._stopped = True
     for proc in self._procs:
       if proc.poll() is None:
         proc.kill()
+
+
+def _timeline(t0: float) -> list[str]:
+  """Each job's start and end (seconds into the session) and how long tests waited for it, from the session folder."""
+  if not os.path.isdir(_JOB_RESULTS):
+    return []
+  waited, jobs = {}, []
+  for name in sorted(os.listdir(_JOB_RESULTS)):
+    with open(os.path.join(_JOB_RESULTS, name)) as f:
+      record = json.load(f)
+    if name.startswith("waited-"):
+      for job, secs in record.items():
+        waited[job] = waited.get(job, 0.0) + secs
+    elif name.endswith(".json") and "start" in record:
+      jobs.append((record["start"], name[:-len(".json")], record["end"]))
+  return [f"{name}: {start - t0:.0f} s to {end - t0:.0f} s ({end - start:.0f} s), tests waited "
+          f"{waited.get(name, 0.0):.0f} s" for start, name, end in sorted(jobs)]
 
 
 JOBS = Jobs()
@@ -137,11 +170,11 @@ def pytest_collection_modifyitems(session, config, items):
   items.sort(key=needs)   # stable: file order otherwise
 
 
-_T0 = time.monotonic()
+_T0 = time.time()
 
 
 def pytest_terminal_summary(terminalreporter):
-  lines = JOBS.timeline(_T0)
+  lines = _timeline(_T0)
   if lines:
     terminalreporter.write_sep("=", "background jobs")
     for line in lines:
@@ -150,7 +183,12 @@ def pytest_terminal_summary(terminalreporter):
 
 def pytest_sessionfinish(session, exitstatus):
   JOBS.stop()
-  shutil.rmtree(_SCRATCH, ignore_errors=True)
+  JOBS.save_waits()
+
+
+def pytest_unconfigure(config):
+  if _WORKER is None:   # after the workers and the summary: the session folder goes
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
 def tiny(phase: str, **overrides):
