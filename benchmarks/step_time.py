@@ -92,10 +92,10 @@ def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mo
 def measure(s: prepare.Setup, repeats: int) -> dict:
   """Compiles the step; with repeats > 0 also times it (repeats = 0: FLOPs and memory only)."""
   t0 = time.perf_counter()
-  lowered, init_fn, _, key = prepare.lower_train_step(s)
+  lowered, _, init_fn, _, key = step = prepare.lower_train_step(s)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  flops = cost.train_step_flops(s, lowered)
+  flops = cost.train_step_flops(s, step)
   mem = compiled.memory_analysis()
   memory = None
   if mem is not None:

@@ -24,10 +24,12 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 
 import jax
+from jax.extend import core as jcore
 
 from modassem import config as config_lib, files, flags, phases, prepare
 from modassem.errors import ModassemError
@@ -65,17 +67,61 @@ def unrolled(s: prepare.Setup) -> prepare.Setup | None:
                              sources=None)
 
 
-def train_step_flops(s: prepare.Setup, lowered=None) -> float:
-  """FLOPs of one train step of `s` from XLA's cost analysis of its lowered program.
+def _ragged_dots(jaxpr):
+  """Every `ragged_dot_general` of `jaxpr` and of the jaxprs nested in it whose result is used: lowering leaves
+  the others out of the program (the forward dot of a VJP, say)."""
+  live = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live for v in eqn.outvars):
+      live.update(v for v in eqn.invars if isinstance(v, jcore.Var))
+      if eqn.primitive.name == "ragged_dot_general":
+        yield eqn
+      for sub in jcore.jaxprs_in_params(eqn.params):
+        yield from _ragged_dots(sub)
 
-  `lowered` is the step as the trainer lowers it (lowered here when not
-  given). A step with loops is counted on its `unrolled` twin, also lowered
-  only: compiling it would cost the time the scan saves.
+
+def ragged_dot_flops(eqn) -> float:
+  """What a ragged dot computes: each row of the left operand meets the matrix of its one group, so
+  2 x |lhs| x the right operand's free size (its dimensions that are neither contracted, batch nor group)."""
+  lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+  dims = eqn.params["ragged_dot_dimension_numbers"]
+  (_, rhs_contracting), (_, rhs_batch) = dims.dot_dimension_numbers
+  bound = {*rhs_contracting, *rhs_batch, *dims.rhs_group_dimensions}
+  return 2.0 * math.prod(lhs.shape) * math.prod(n for i, n in enumerate(rhs.shape) if i not in bound)
+
+
+def ragged_dot_correction(jaxpr) -> float:
+  """What XLA's count of a step misses on its ragged dots (the sparse MoE MLPs): the FLOPs they compute less
+  those counted for them.
+
+  XLA counts a ragged dot as the dense work it is lowered to (on CPU, every
+  row against every group's matrix: the number of experts times too many). Each
+  one is lowered alone, with the operands' shapes, to find what the step's
+  count holds for it.
+  """
+  correction = 0.0
+  for eqn in _ragged_dots(getattr(jaxpr, "jaxpr", jaxpr)):   # a ClosedJaxpr's jaxpr, or a Jaxpr
+    operands = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    params = {**eqn.params, "out_sharding": None} if "out_sharding" in eqn.params else eqn.params
+    alone = jax.jit(lambda *xs, p=eqn.primitive, kw=params: p.bind(*xs, **kw)).lower(*operands)
+    correction += ragged_dot_flops(eqn) - lowered_flops(alone)
+  return correction
+
+
+def train_step_flops(s: prepare.Setup, step: prepare.TrainStep | None = None) -> float:
+  """FLOPs of one train step of `s` from XLA's cost analysis of its lowered program, its ragged dots counted as
+  what they compute (`ragged_dot_correction`).
+
+  `step` is the step as the trainer lowers it (lowered here when not given).
+  A step with loops is counted on its `unrolled` twin, also lowered only:
+  compiling it would cost the time the scan saves.
   """
   twin = unrolled(s)
   if twin is not None:
-    return lowered_flops(prepare.lower_train_step(twin).step)
-  return lowered_flops(lowered if lowered is not None else prepare.lower_train_step(s).step)
+    step = prepare.lower_train_step(twin)
+  elif step is None:
+    step = prepare.lower_train_step(s)
+  return lowered_flops(step.step) + ragged_dot_correction(step.jaxpr)
 
 
 def step_flops(config) -> float:

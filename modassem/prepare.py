@@ -1,9 +1,8 @@
 """A run before its first step: the config checked (`checks.py`), the runs it builds on read and placed on the
 mesh, the sharded state's init, and the train step lowered against abstract values.
 
-Set-up reads and checks everything (config, data, the runs this one builds
-on) before anything is written, so bad input leaves no trace in a run
-directory. Shardings come from `jax.eval_shape`; the state is initialised (or
+Set-up reads and checks everything (config, data, the runs this one builds on) before anything is written, so bad
+input leaves no trace in a run directory. Shardings come from `jax.eval_shape`; the state is initialised (or
 restored) straight into them; the step is jitted with its state donated.
 """
 
@@ -333,11 +332,9 @@ def place_batch(batch: dict, shard) -> dict:
 def _init(s: Setup, tx):
   """The train state's init and the arguments it takes before the key.
 
-  Assembly starts from the loaded modules. They are an argument of the
-  compiled init, not constants it closes over: closed over, every parameter
-  would be written into the program text (ViT-H's would pass protobuf's 2 GB
-  limit), and with several processes JAX refuses to close over arrays that
-  span other processes' devices.
+  Assembly starts from the loaded modules. They are an argument of the compiled init, not constants it closes
+  over: closed over, every parameter would be written into the program text (ViT-H's would pass protobuf's 2 GB
+  limit), and with several processes JAX refuses to close over arrays that span other processes' devices.
   """
   plan = s.plan
   if s.sources is not None:
@@ -354,8 +351,9 @@ class StateSpec(NamedTuple):
 
 
 class TrainStep(NamedTuple):
-  """The train step, lowered (or compiled) for the mesh, with the state's init, its abstract value and the key."""
+  """The train step, lowered (or compiled) for the mesh, its jaxpr, the state's init, its abstract value, the key."""
   step: Any
+  jaxpr: Any
   init_fn: Any
   abstract: Any
   key: Any
@@ -389,7 +387,8 @@ def lower_train_step(s: Setup) -> TrainStep:
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
   key = jax.random.key(config.seed)
-  return TrainStep(step=jitted.lower(abstract, s.frozen, batch, key), init_fn=init_fn, abstract=abstract, key=key)
+  traced = jitted.trace(abstract, s.frozen, batch, key)   # its jaxpr: what XLA's count of the step misses (cost.py)
+  return TrainStep(step=traced.lower(), jaxpr=traced.jaxpr, init_fn=init_fn, abstract=abstract, key=key)
 
 
 def compile_train_step(s: Setup) -> TrainStep:

@@ -103,13 +103,15 @@ class Jobs:
         stdout, stderr = proc.communicate()
         outcome = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "start": start,
                    "end": time.time()}
+      if self._stopped:
+        return   # the session is over, its folder perhaps gone
       part = os.path.join(_JOB_RESULTS, f"{name}.part")
       with open(part, "w") as f:
         json.dump(outcome, f)
       os.replace(part, os.path.join(_JOB_RESULTS, f"{name}.json"))   # whole, or not there yet
 
   def modules(self) -> set:
-    """The test files whose jobs run."""
+    """The test files that have jobs."""
     return {job.module for job in self._jobs.values()}
 
   def result(self, name: str, timeout: float = 1200) -> str:
@@ -159,15 +161,22 @@ JOBS.add("pipeline", [sys.executable, "-m", "modassem", "pipeline", f"--config={
          module=__file__)
 
 
+def _uses_runs(item) -> bool:
+  return any(name in getattr(item, "fixturenames", ()) for name in _SESSION_RUNS)
+
+
 def pytest_collection_modifyitems(session, config, items):
-  """Starts the jobs the collected tests need, and runs the tests that need no job first."""
-  modules = {os.path.basename(str(item.fspath)) for item in items}
-  pipeline = any(name in getattr(item, "fixturenames", ()) for item in items for name in _SESSION_RUNS)
-  JOBS.start(modules, pipeline)
-  waits = JOBS.modules()
-  needs = lambda item: (any(name in getattr(item, "fixturenames", ()) for name in _SESSION_RUNS)
-                        or os.path.basename(str(item.fspath)) in waits)
-  items.sort(key=needs)   # stable: file order otherwise
+  """Runs the tests that need no job first."""
+  waits = JOBS.modules() | {os.path.basename(str(item.fspath)) for item in items if _uses_runs(item)}
+  # Whole files, since a worker takes a file at a time: one that waits for a job anywhere goes after every file
+  # that waits for none.
+  items.sort(key=lambda item: os.path.basename(str(item.fspath)) in waits)   # stable: file order otherwise
+
+
+def pytest_collection_finish(session):
+  """Starts the jobs that the tests left after deselection (`-k`, `-m`) need."""
+  JOBS.start({os.path.basename(str(item.fspath)) for item in session.items},
+             any(_uses_runs(item) for item in session.items))
 
 
 _T0 = time.time()

@@ -30,7 +30,7 @@ def run_steps(config, n: int):
   """(setup, state, [metrics of each step]) after `n` train steps of `config` from a fresh (or sourced) init."""
   from modassem import prepare  # pylint: disable=g-import-not-at-top
   s = prepare.setup(config, None)
-  compiled, init_fn, _, key = prepare.compile_train_step(s)
+  compiled, _, init_fn, _, key = prepare.compile_train_step(s)
   state = init_fn(key)
   batches = s.dataset.train_batches(config.batch_size, seed=config.seed)
   shard = prepare.sharding.batch_sharding(s.mesh)

@@ -15,7 +15,7 @@ import pytest
 
 import stepping
 from conftest import TINY, tiny
-from modassem import checkpoints, cli, records, train
+from modassem import checkpoints, cli, cost, records, train
 from modassem.errors import ModassemError
 from modassem.models import moe, vit
 
@@ -198,6 +198,23 @@ _SPARSE = {"model.moe.experts": 4, "model.moe.aux_weight": 0.01}
 def _module(run_dir, k):
   tree = ocp.StandardCheckpointer().restore(checkpoints.module_dir(run_dir, k))
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_ragged_dots_are_counted_as_what_they_compute():
+  """XLA counts a ragged dot as the dense work it is lowered to (every row against every group); the step's count
+  puts 2 x rows x inner x outer in its place for the forward dot and for each of its two transposes (a dot whose
+  result goes unused, as the forward one of a VJP here, is left out of the program, and of the count)."""
+  m, inner, outer, groups = 6, 4, 5, 3
+  x, w = jax.ShapeDtypeStruct((m, inner), jnp.float32), jax.ShapeDtypeStruct((groups, inner, outer), jnp.float32)
+  sizes, ct = jax.ShapeDtypeStruct((groups,), jnp.int32), jax.ShapeDtypeStruct((m, outer), jnp.float32)
+  forward = lambda x, w, sizes: jax.lax.ragged_dot(x, w, sizes)
+  backward = lambda x, w, sizes, ct: jax.vjp(lambda x, w: forward(x, w, sizes), x, w)[1](ct)
+  for f, args, dots in ((forward, (x, w, sizes), 1), (backward, (x, w, sizes, ct), 2)):
+    traced = jax.jit(f).trace(*args)
+    counted = cost.lowered_flops(traced.lower())
+    want = dots * 2 * m * inner * outer
+    assert counted > 2 * want, (counted, want)
+    assert counted + cost.ragged_dot_correction(traced.jaxpr) == pytest.approx(want, abs=1e-6), f
 
 
 def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_path):

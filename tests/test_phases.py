@@ -46,7 +46,7 @@ def _hybrid_loss(config, params, batch) -> float:
 def test_incubation_leaves_meta_bit_for_bit_and_trains_only_module_i(runs):
   config = tiny("incubate", meta=runs["meta"], module="1", **PLAIN)
   s = prepare.setup(config, None)
-  compiled, init_fn, _, key = prepare.compile_train_step(s)
+  compiled, _, init_fn, _, key = prepare.compile_train_step(s)
   state = fresh = init_fn(key)
   fresh = _leaves(fresh.params)
   batches = s.dataset.train_batches(config.batch_size, seed=config.seed)
