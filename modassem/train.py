@@ -92,8 +92,10 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     return done
 
   say(f"{workdir}: {s.plan.phase}: tracing the train step")
-  lowered, _, init_fn, abstract_state, key = step = prepare.lower_train_step(s)
+  step = prepare.lower_train_step(s)
   step_flops = cost.train_step_flops(s, step)
+  lowered, _, init_fn, abstract_state, key = step
+  del step   # its init_fn holds an assembly's loaded modules, released below once the state is initialised
   info = summary.startup(s, abstract_state.params, step_flops)
   for line in summary.startup_lines(s.plan.phase, info):
     say(line)
