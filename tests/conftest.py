@@ -94,17 +94,16 @@ class Jobs:
 
   def _run(self, order):
     for name in order:
-      job, outcome = self._jobs[name], {"returncode": None, "stdout": "", "stderr": "stopped"}
-      if not self._stopped:
-        start = time.time()
-        proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        self._procs.append(proc)
-        stdout, stderr = proc.communicate()
-        outcome = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "start": start,
-                   "end": time.time()}
+      if self._stopped:
+        return
+      job, start = self._jobs[name], time.time()
+      proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+      self._procs.append(proc)
+      stdout, stderr = proc.communicate()
       if self._stopped:
         return   # the session is over, its folder perhaps gone
+      outcome = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "start": start, "end": time.time()}
       part = os.path.join(_JOB_RESULTS, f"{name}.part")
       with open(part, "w") as f:
         json.dump(outcome, f)
@@ -144,13 +143,13 @@ def _timeline(t0: float) -> list[str]:
   if not os.path.isdir(_JOB_RESULTS):
     return []
   waited, jobs = {}, []
-  for name in sorted(os.listdir(_JOB_RESULTS)):
+  for name in sorted(n for n in os.listdir(_JOB_RESULTS) if n.endswith(".json")):   # not a job's `.part`
     with open(os.path.join(_JOB_RESULTS, name)) as f:
       record = json.load(f)
     if name.startswith("waited-"):
       for job, secs in record.items():
         waited[job] = waited.get(job, 0.0) + secs
-    elif name.endswith(".json") and "start" in record:
+    else:
       jobs.append((record["start"], name[:-len(".json")], record["end"]))
   return [f"{name}: {start - t0:.0f} s to {end - t0:.0f} s ({end - start:.0f} s), tests waited "
           f"{waited.get(name, 0.0):.0f} s" for start, name, end in sorted(jobs)]
