@@ -20,7 +20,8 @@ from modassem.errors import ModassemError
 def one_line(workdir: str, abstract_state):
   """A write that finds the disk full, wherever in the run (a checkpoint in Orbax's thread, TensorBoard, the
   metrics, the lock), ends the run with one line: the path, what is free and what one checkpoint needs, and the
-  checkpoint a rerun resumes from (the newest one sealed with its digests: written whole). Orbax's own log of the
+  checkpoint a rerun resumes from (the newest one saved; where its digest pass had not run yet, the newest one sealed
+  is named as well: a rerun falls back on it if the newer one turns out cut short). Orbax's own log of the
   failed write (a traceback from its thread per file it was writing) is left out: that line says it.
   `abstract_state()` gives the train state's ShapeDtypeStructs (what a first checkpoint needs), called only then."""
   hushed = _Hushed()
@@ -41,7 +42,12 @@ def one_line(workdir: str, abstract_state):
       abstract = jax.tree_util.tree_leaves(abstract_state())
       need, what = sum(a.size * a.dtype.itemsize for a in abstract), "this run's train state, one checkpoint"
     free = files.free_bytes(workdir)
-    resume = (f"resume from checkpoint {(sealed or steps)[0]}" if steps else "start it")
+    resume = f"resume from checkpoint {steps[0]}" if steps else "start it"
+    if steps and steps[0] not in sealed:
+      # Committed by Orbax, its digests not yet written: a rerun resumes from it where it reads back whole
+      # (`checkpoints.restore_newest_intact`), from an older one where it does not.
+      resume += f" (from {sealed[0]} if {steps[0]} turns out cut short)" if sealed else \
+          f" (or start over if {steps[0]} turns out cut short)"
     raise ModassemError(
         f"no space left on the device of {workdir} (writing {where or 'a file of the run'}; "
         f"{files.megabytes(free) if free is not None else 'unknown'} free): free at least {files.megabytes(need)} "

@@ -3,6 +3,7 @@ stopped, bit for bit: SIGTERM (preemption) and Ctrl-C save a checkpoint where th
 SIGKILL loses what came after the last checkpoint; a latest checkpoint damaged (bytes overwritten in place, which its
 digests find, or cut short) is moved aside and the one before it used. (Two processes preempted together: test_multiprocess.py.)"""
 
+import errno
 import gc
 import os
 import random
@@ -21,7 +22,8 @@ import pytest
 
 from conftest import REPO, TINY, tiny
 from bitrot import garble
-from modassem import checkpoints, cli, digests, files, preempt, train
+from modassem import checkpoints, cli, digests, files, full_disk, preempt, train
+from modassem.errors import ModassemError
 
 # The tiny preset's epoch is 1437 // 32 = 44 steps: runs stopped before it and resumed cross the epoch boundary,
 # where the data order reshuffles. How often a run logs and checkpoints does not change what it trains, so every
@@ -314,9 +316,16 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_space_is_freed_ends_bit_ide
                                                  f"(writing "), err[-3000:]
   assert " free): free at least " in lines[0] and " MiB (" in lines[0], lines[0]
   steps = _steps(out / "run1")
+  # The disk may fill in the digest pass of a checkpoint Orbax has committed: the line names it, and the newest
+  # checkpoint sealed with its digests for a rerun to fall back on.
+  sealed = [s for s in steps if os.path.exists(os.path.join(checkpoints.state_dir(out / "run1"), str(s),
+                                                             digests.DIGESTS_FILE))]
   if steps:
-    assert lines[0].endswith(f"and rerun the same command to resume from checkpoint {steps[-1]}"), lines[0]
-    assert os.path.exists(os.path.join(checkpoints.state_dir(out / "run1"), str(steps[-1]), digests.DIGESTS_FILE))
+    resume = f"and rerun the same command to resume from checkpoint {steps[-1]}"
+    if steps[-1] not in sealed:
+      resume += (f" (from {sealed[-1]} if {steps[-1]} turns out cut short)" if sealed else
+                 f" (or start over if {steps[-1]} turns out cut short)")
+    assert lines[0].endswith(resume), lines[0]
   else:
     assert size == "8k" and lines[0].endswith("and rerun the same command to start it"), lines[0]
   assert not os.path.exists(out / "run1" / "lock.json")
@@ -325,6 +334,26 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_space_is_freed_ends_bit_ide
   assert not steps or f"resuming meta from step {steps[-1]}/" in read("out2")
   _assert_same(_params(str(out / "run2")), reference)
   assert not [d for d in os.listdir(checkpoints.state_dir(out / "run2")) if "tmp" in d]   # no half-written save left
+
+
+@pytest.mark.parametrize("sealed", [(10, 20), (10,), ()])
+def test_a_full_disk_names_the_checkpoint_a_rerun_resumes_from_and_its_fallback(tmp_path, sealed):
+  """The disk may fill in the digest pass of a checkpoint Orbax has committed: a rerun resumes from it where it reads
+  back whole, from the newest sealed one where it does not, and the line says both."""
+  for step in (10, 20):
+    folder = checkpoints.state_dir(tmp_path) / str(step)
+    (folder / "state").mkdir(parents=True)
+    (folder / "state" / "data").write_bytes(b"x" * 1000)
+    if step in sealed:
+      (folder / digests.DIGESTS_FILE).write_text("{}")
+  with pytest.raises(ModassemError) as e:
+    with full_disk.one_line(str(tmp_path), abstract_state=None):
+      raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+  line = str(e.value)
+  assert f"(writing {tmp_path / 'metrics.jsonl'}; " in line
+  assert line.endswith({(10, 20): "to resume from checkpoint 20",
+                        (10,): "to resume from checkpoint 20 (from 10 if 20 turns out cut short)",
+                        (): "to resume from checkpoint 20 (or start over if 20 turns out cut short)"}[sealed]), line
 
 
 def test_an_assembly_resumes_without_its_incubation_runs_and_holds_no_second_copy_of_them(
