@@ -96,6 +96,7 @@ directory, or an official `.pth` checkpoint), here used on a few held-out images
     ("code", """\
 import json
 
+import jax
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
@@ -109,7 +110,8 @@ with open(os.path.join(run, "config.json")) as f:
   config = ml_collections.ConfigDict(json.load(f))
 held_out = data.build(config.data, config.model.image_size)
 batch = next(held_out.eval_batches(12))
-predicted = np.asarray(model.apply({"params": params}, batch["image"])).argmax(-1)
+predict = jax.jit(model.apply)   # compiled once, then fast for every batch
+predicted = np.asarray(predict({"params": params}, batch["image"])).argmax(-1)
 print("predicted:", predicted.tolist())
 print("true:     ", batch["label"].tolist())
 fig, axes = plt.subplots(1, 12, figsize=(12, 1.6))

@@ -20,7 +20,7 @@ from modassem import checkpoints, checks, data as data_lib, files, phases, recor
 from modassem.distributed import say
 from modassem.errors import ModassemError
 from modassem.models.vit import abstract_params, stack_blocks, unstack_blocks
-from modassem.optim import lr_schedule, make_optimizer
+from modassem.optim import lr_schedule, make_optimizer, schedule_values
 from modassem.phases import Plan, module_name
 
 
@@ -306,7 +306,6 @@ def abstract_setup(config, total_steps: int, warmup_steps: int) -> Setup:
                total_steps=total_steps, warmup_steps=warmup_steps, frozen=frozen, sources=None)
 
 
-
 def read_sources(config, plan: Plan, mesh, model_of) -> dict:
   """Assembly's modules, one from each incubation run of `config.modules`, checked and placed on the mesh."""
   return load_modules(config, plan, mesh, model_of, range(plan.num_modules), plan.depths,
@@ -343,52 +342,53 @@ def _init(s: Setup, tx):
 
 
 class StateSpec(NamedTuple):
-  """A run's optimizer, its schedule, the state's init (`init_fn(key)`), its abstract value with shardings."""
-  tx: Any
-  schedule: Any
+  """A run's state init (`init_fn(key)`) and its abstract value with shardings."""
   init_fn: Any
   abstract: Any
 
 
 class TrainStep(NamedTuple):
-  """The train step, lowered (or compiled) for the mesh, its jaxpr, the state's init, its abstract value, the key."""
+  """The train step, lowered (or compiled) for the mesh, its jaxpr, the state's init, its abstract value, the key,
+  and the schedule's numbers: the step is called as `step(state, frozen, batch, key, schedule)`."""
   step: Any
   jaxpr: Any
   init_fn: Any
   abstract: Any
   key: Any
+  schedule: Any
 
 
 def state_spec(s: Setup) -> StateSpec:
-  """The optimizer, its schedule, the state's init and its abstract value carrying shardings."""
+  """The state's init and its abstract value carrying shardings."""
   config, mesh = s.config, s.mesh
-  tx = make_optimizer(config, s.total_steps, s.warmup_steps)
-  schedule = lr_schedule(config, s.total_steps, s.warmup_steps)
+  # The optimizer's state does not depend on its schedule; the step builds its own on the traced schedule values.
+  tx = make_optimizer(config, lr_schedule(config, s.total_steps, s.warmup_steps))
   init, args = _init(s, tx)
   key = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, *args, key)
   state_sh = sharding.tree_shardings(abstract, mesh, config.sharding)
   init_fn = functools.partial(jax.jit(init, out_shardings=state_sh), *args)
-  return StateSpec(tx=tx, schedule=schedule, init_fn=init_fn, abstract=_with_shardings(abstract, state_sh))
+  return StateSpec(init_fn=init_fn, abstract=_with_shardings(abstract, state_sh))
 
 
 def lower_train_step(s: Setup) -> TrainStep:
   """The jitted, donated train step lowered for the mesh (`.step`), with the state's init and abstract value."""
   config, plan, mesh = s.config, s.plan, s.mesh
-  tx, schedule, init_fn, abstract = state_spec(s)
+  init_fn, abstract = state_spec(s)
   state_sh = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
   frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, s.frozen)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  step_fn = functools.partial(steps.train_step, config=config, plan=plan, model_of=s.model_of, tx=tx,
-                              schedule=schedule)
-  jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
+  step_fn = functools.partial(steps.train_step, config=config, plan=plan, model_of=s.model_of)
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh, repl, repl),
                    out_shardings=(state_sh, repl), donate_argnums=0)
   size = config.model.image_size
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
   key = jax.random.key(config.seed)
-  traced = jitted.trace(abstract, s.frozen, batch, key)   # its jaxpr: what XLA's count of the step misses (cost.py)
-  return TrainStep(step=traced.lower(), jaxpr=traced.jaxpr, init_fn=init_fn, abstract=abstract, key=key)
+  schedule = schedule_values(config, s.total_steps, s.warmup_steps)
+  traced = jitted.trace(abstract, s.frozen, batch, key, schedule)   # its jaxpr: what XLA's count misses (cost.py)
+  return TrainStep(step=traced.lower(), jaxpr=traced.jaxpr, init_fn=init_fn, abstract=abstract, key=key,
+                   schedule=schedule)
 
 
 def compile_train_step(s: Setup) -> TrainStep:

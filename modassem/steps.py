@@ -1,7 +1,8 @@
 """The compiled core: train state, one train step and one eval step for every plan.
 
-Both steps are pure functions of (state, frozen meta modules, batch, key);
-`train.py` jits them against the mesh's shardings. The gradient is taken with
+Both steps are pure functions of (state, frozen meta modules, batch, key), the
+train step also of the learning rate schedule's numbers; `train.py` jits them
+against the mesh's shardings. The gradient is taken with
 respect to the trained modules only, so frozen modules get no weight
 gradients and no optimizer state, and the meta modules before the first
 trained slot get no backward pass at all.
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modassem import phases
+from modassem import optim, phases
 from modassem.mixup import mix_groups, smooth_labels
 from modassem.names import metric_name
 from modassem.phases import Plan
@@ -72,8 +73,12 @@ def _losses(plan, model_of, distill, aux_weight, params, frozen, images, targets
   return sum(losses.values()), (losses, terms)
 
 
-def train_step(state: TrainState, frozen, batch, base_key, *, config, plan: Plan,
-               model_of: Callable, tx: optax.GradientTransformation, schedule: Callable):
+def train_step(state: TrainState, frozen, batch, base_key, schedule_values: dict, *, config, plan: Plan,
+               model_of: Callable):
+  """One update of every group's modules. `schedule_values` (`optim.schedule_values`) are traced, not constants: the
+  compiled step is the same for runs that differ only in length, warmup or learning rate."""
+  schedule = functools.partial(optim.lr_at, values=schedule_values)
+  tx = optim.make_optimizer(config, schedule)
   key = jax.random.fold_in(base_key, state.step)
   mix_key, drop_key = jax.random.split(key)
   targets = smooth_labels(batch["label"], config.model.num_classes, config.label_smoothing)

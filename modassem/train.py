@@ -94,7 +94,7 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
   say(f"{workdir}: {s.plan.phase}: tracing the train step")
   step = prepare.lower_train_step(s)
   step_flops = cost.train_step_flops(s, step)
-  lowered, _, init_fn, abstract_state, key = step
+  lowered, _, init_fn, abstract_state, key, schedule = step
   del step   # its init_fn holds an assembly's loaded modules, released below once the state is initialised
   info = summary.startup(s, abstract_state.params, step_flops)
   for line in summary.startup_lines(s.plan.phase, info):
@@ -141,7 +141,7 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     progress = Progress(s.total_steps, start, config.batch_size, config.progress if is_main() else "off",
                         label=s.plan.phase, quiet=not is_main(), step_flops=info["step_flops"],
                         peak_flops=info["peak_flops"], num_devices=info["devices"])
-    loop = _Loop(s=s, compiled=compiled, key=key, mngr=mngr, writer=writer, progress=progress, stop=stop,
+    loop = _Loop(s=s, compiled=compiled, key=key, schedule=schedule, mngr=mngr, writer=writer, progress=progress, stop=stop,
                  wall_before=wall_before)
     state = loop.run(state, start)
     loop_wall = time.perf_counter() - loop.t0
@@ -237,6 +237,7 @@ class _Loop:
   s: Setup
   compiled: Any
   key: Any
+  schedule: dict   # the learning rate schedule's numbers (`optim.schedule_values`), an argument of the step
   mngr: Any
   writer: Writer
   progress: Progress
@@ -269,7 +270,7 @@ class _Loop:
         process_count=jax.process_count()), sharding.batch_sharding(s.mesh))
     try:
       for step in range(start + 1, s.total_steps + 1):
-        state, metrics = self.compiled(state, s.frozen, next(batches), self.key)
+        state, metrics = self.compiled(state, s.frozen, next(batches), self.key, self.schedule)
         if self.pending is not None:
           self.check()
         self.pending = (step, metrics)

@@ -30,13 +30,13 @@ def run_steps(config, n: int):
   """(setup, state, [metrics of each step]) after `n` train steps of `config` from a fresh (or sourced) init."""
   from modassem import prepare  # pylint: disable=g-import-not-at-top
   s = prepare.setup(config, None)
-  compiled, _, init_fn, _, key = prepare.compile_train_step(s)
+  compiled, _, init_fn, _, key, schedule = prepare.compile_train_step(s)
   state = init_fn(key)
   batches = s.dataset.train_batches(config.batch_size, seed=config.seed)
   shard = prepare.sharding.batch_sharding(s.mesh)
   history = []
   for _ in range(n):
-    state, metrics = compiled(state, s.frozen, prepare.place_batch(next(batches), shard), key)
+    state, metrics = compiled(state, s.frozen, prepare.place_batch(next(batches), shard), key, schedule)
     history.append(metrics)
   return s, state, history
 

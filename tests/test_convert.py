@@ -129,7 +129,7 @@ def torch_logits(model, x):
 
 def jax_logits(path, x, **kw):
   model, params = modassem.load(path, **kw)
-  return np.asarray(model.apply({"params": params}, x))
+  return np.asarray(jax.jit(model.apply)({"params": params}, x))
 
 
 @pytest.fixture(scope="module")

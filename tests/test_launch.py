@@ -327,6 +327,7 @@ def test_the_notebooks_load_cell_classifies_held_out_images(pipeline_dir, monkey
   true = json.loads(lines[1].split(":", 1)[1])
   # The same 12 held-out digits through the assembly's final train state, as the trainer restores it, in the
   # model the trainer builds: not through modassem.load.
+  import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from conftest import tiny  # pylint: disable=import-outside-toplevel
@@ -335,11 +336,11 @@ def test_the_notebooks_load_cell_classifies_held_out_images(pipeline_dir, monkey
   run = os.path.join(pipeline_dir, "assemble")
   params = ocp.StandardCheckpointer().restore(checkpoints.state_dir(run) / str(config.total_steps) / "state")["params"]
   batch = next(data.build(config.data, config.model.image_size).eval_batches(12))
-  logits = phases.model_for(config, config.model.depths).apply({"params": params}, batch["image"])
+  logits = jax.jit(phases.model_for(config, config.model.depths).apply)({"params": params}, batch["image"])
   assert true == batch["label"].tolist()
   assert predicted == np.asarray(logits).argmax(-1).tolist()
   # The tiny model is near chance and predicts few classes: its logits say more than their argmax.
-  cell_logits = cell_vars["model"].apply({"params": cell_vars["params"]}, batch["image"])
+  cell_logits = cell_vars["predict"]({"params": cell_vars["params"]}, batch["image"])
   np.testing.assert_allclose(cell_logits, logits, rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 """The model, the presets and the recipe's pieces, checked against the paper's numbers."""
 
+import functools
 import math
 
 import jax
@@ -59,18 +60,19 @@ def test_drop_path_is_linear_over_the_whole_model():
 def test_drop_path_and_dropout_only_in_training():
   model = ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, drop_path=0.5)
   x = jnp.ones((4, 8, 8, 3))
-  params = model.init(jax.random.key(0), x)["params"]
-  a, b = (model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(i)}) for i in (1, 2))
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  train, evaluate = jax.jit(functools.partial(model.apply, train=True)), jax.jit(model.apply)
+  a, b = (train({"params": params}, x, rngs={"dropout": jax.random.key(i)}) for i in (1, 2))
   assert not np.allclose(a, b)
-  np.testing.assert_array_equal(model.apply({"params": params}, x), model.apply({"params": params}, x))
+  np.testing.assert_array_equal(evaluate({"params": params}, x), evaluate({"params": params}, x))
 
 
 def test_bfloat16_compute_keeps_float32_params():
   model = ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, dtype=jnp.bfloat16)
   x = jnp.ones((2, 8, 8, 3))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-  assert model.apply({"params": params}, x).dtype == jnp.float32
+  assert jax.jit(model.apply)({"params": params}, x).dtype == jnp.float32
 
 
 @pytest.mark.parametrize("phase, epochs, warmup, drop_path, clip", [
@@ -111,6 +113,19 @@ def test_schedule_is_the_official_schedulers_formula(phase):
     assert float(sched(warmup)) == pytest.approx(1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + math.cos(math.pi * 0.2)))
 
 
+def test_runs_that_differ_in_length_warmup_and_lr_share_one_compiled_step():
+  """The schedule's numbers are an argument of the step, not constants in it: the two steps lower to the same
+  program (one compilation, then JAX's cache), and each run's own numbers go in beside it."""
+  from conftest import tiny
+  from modassem import prepare
+  short = prepare.lower_train_step(prepare.abstract_setup(tiny("e2e"), 6, 2))
+  long = prepare.lower_train_step(prepare.abstract_setup(tiny("e2e", **{"optim.lr": 1e-3}), 500, 0))
+  assert short.step.as_text() == long.step.as_text()
+  assert {k: float(v) for k, v in long.schedule.items()} == pytest.approx(
+      {"peak": 1e-3 * 32 / 512, "warmup_lr": 1e-6, "min_lr": 1e-5, "total": 500.0, "warmup": 0.0})
+  assert float(short.schedule["total"]) == 6.0 and float(short.schedule["warmup"]) == 2.0
+
+
 def test_weight_decay_skips_biases_norms_and_tokens():
   params = _params(ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3))
   mask = optim.decay_mask(params)
@@ -129,9 +144,9 @@ def test_mixup_and_cutmix_mix_images_and_targets_consistently(alpha_mix, alpha_c
   np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
   assert float(targets.max()) == pytest.approx(0.925)
   changed = 0
+  mix = jax.jit(functools.partial(mixup.mix, mixup=alpha_mix, cutmix=alpha_cut, switch_prob=0.5, prob=1.0))
   for seed in range(6):
-    mixed, t = mixup.mix(jax.random.key(seed), images, targets, mixup=alpha_mix, cutmix=alpha_cut, switch_prob=0.5,
-                         prob=1.0)
+    mixed, t = mix(jax.random.key(seed), images, targets)
     np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
     # Every example is a blend of itself and its partner (B-1-n), with the target's weight.
     lam = (t[0] - targets[7]) / (targets[0] - targets[7])
@@ -150,13 +165,13 @@ def test_mixup_and_cutmix_mix_images_and_targets_consistently(alpha_mix, alpha_c
 def test_rematerialisation_gives_the_same_loss_and_gradients(remat):
   kwargs = dict(depths=(2, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, drop_path=0.2)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
-  params = ViT(**kwargs).init(jax.random.key(0), x)["params"]
+  params = jax.jit(ViT(**kwargs).init)(jax.random.key(0), x)["params"]
 
   def loss(model, p):
     return model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).sum()
 
-  plain = jax.value_and_grad(lambda p: loss(ViT(**kwargs), p))(params)
-  remat_ = jax.value_and_grad(lambda p: loss(ViT(**kwargs, remat=remat), p))(params)
+  plain = jax.jit(jax.value_and_grad(lambda p: loss(ViT(**kwargs), p)))(params)
+  remat_ = jax.jit(jax.value_and_grad(lambda p: loss(ViT(**kwargs, remat=remat), p)))(params)
   np.testing.assert_allclose(remat_[0], plain[0], rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(remat_[1]), jax.tree_util.tree_leaves(plain[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -184,23 +199,23 @@ def test_scanned_blocks_compute_what_the_per_block_model_computes():
   kwargs = dict(depths=(1, 3, 2, 2), image_size=8, patch=4, width=16, heads=2, num_classes=3, remat="full")
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
   plain, scanned = ViT(**kwargs), ViT(**kwargs, scan=True)
-  params = plain.init(jax.random.key(0), x)["params"]
-  stacked = stack_blocks(params)
+  params = jax.jit(plain.init)(jax.random.key(0), x)["params"]
+  stacked = jax.jit(stack_blocks)(params)
   # The stacked layout is exactly what the scanned model declares, and converts back losslessly.
   want = jax.eval_shape(lambda: scanned.init(jax.random.key(0), x))["params"]
   assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(want)
   assert [a.shape for a in jax.tree_util.tree_leaves(stacked)] == [a.shape for a in jax.tree_util.tree_leaves(want)]
   assert stacked["module_1"]["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 16, 48)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, unstack_blocks(stacked), params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.jit(unstack_blocks)(stacked), params)
 
-  np.testing.assert_allclose(scanned.apply({"params": stacked}, x), plain.apply({"params": params}, x),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(scanned.apply)({"params": stacked}, x),
+                             jax.jit(plain.apply)({"params": params}, x), rtol=1e-5, atol=1e-6)
 
   def loss(model, p):
     return model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).sum()
 
-  g_plain = jax.grad(lambda p: loss(plain, p))(params)
-  g_scan = unstack_blocks(jax.grad(lambda p: loss(scanned, p))(stacked))
+  g_plain = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+  g_scan = jax.jit(lambda p: unstack_blocks(jax.grad(lambda q: loss(scanned, q))(p)))(stacked)
   for a, b in zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_plain)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -218,17 +233,17 @@ def test_each_block_drops_its_branches_at_its_own_rate(scan):
                      width=16, heads=2, mlp_ratio=4.0, qkv_bias=True, ln_eps=1e-6, num_classes=3, drop_path=p,
                      scan=scan)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 5, 16)), jnp.float32)
-  params = unstack_blocks({"m": module.init(jax.random.key(0), x[:1])["params"]})["m"]
+  params = jax.jit(lambda k: unstack_blocks({"m": module.init(k, x[:1])["params"]})["m"])(jax.random.key(0))
   params = jax.tree_util.tree_map_with_path(
-      lambda path, a: jnp.zeros_like(a) if "blocks_0" in jax.tree_util.keystr(path)
+      lambda path, a: np.zeros_like(a) if "blocks_0" in jax.tree_util.keystr(path)
       and ("proj" in jax.tree_util.keystr(path) or "fc2" in jax.tree_util.keystr(path)) else a, params)
   if scan:
-    params = stack_blocks({"m": params})["m"]
-  out = module.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
+    params = jax.jit(stack_blocks)({"m": params})["m"]
+  out = jax.jit(functools.partial(module.apply, train=True))({"params": params}, x, rngs={"dropout": jax.random.key(3)})
   unchanged = np.asarray((out == x).all(axis=(1, 2))).mean()
   assert unchanged == pytest.approx(p ** 2, abs=0.04)
   # In evaluation nothing is dropped.
-  assert not np.asarray((module.apply({"params": params}, x) == x).all(axis=(1, 2))).any()
+  assert not np.asarray((jax.jit(module.apply)({"params": params}, x) == x).all(axis=(1, 2))).any()
 
 
 def test_scanned_layout_keeps_decay_mask_and_never_splits_the_block_axis():

@@ -3,6 +3,7 @@ reference's top-k-then-softmax with no drops, V-MoE's softmax-then-top-k with a 
 the auxiliary load-balancing loss, and the mixture with every expert taken computed by hand; then the layer in the
 ViT's blocks, where the layout puts it, with a dense ViT unchanged."""
 
+import functools
 import json
 import math
 import os
@@ -76,7 +77,8 @@ def _np_layer(x, params, k, router, capacity_factor):
 def _layer(**kw):
   layer = moe.MoeMlp(width=WIDTH, hidden=HIDDEN, num_experts=E, **kw)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, T // 2, WIDTH))
-  params = layer.init(jax.random.PRNGKey(0), x, train=False)["params"]
+  # Jitted, here and below: one compiled program, not one per operation.
+  params = jax.jit(functools.partial(layer.init, train=False))(jax.random.PRNGKey(0), x)["params"]
   # A gate with a wide spread, so that the routing is far from ties and uneven across experts.
   params["gate"]["kernel"] = params["gate"]["kernel"] * 8.0
   return layer, params, x
@@ -87,7 +89,7 @@ def _layer(**kw):
     ("softmax_topk", 1, 0.5)])
 def test_layer_against_numpy(router, k, capacity_factor):
   layer, params, x = _layer(k=k, router=router, capacity_factor=capacity_factor)
-  y, state = layer.apply({"params": params}, x, train=False, mutable=["moe"])
+  y, state = jax.jit(functools.partial(layer.apply, train=False, mutable=["moe"]))({"params": params}, x)
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   want, aux, share, dropped = _np_layer(np.asarray(x, np.float64).reshape(T, WIDTH), p, k, router, capacity_factor)
   np.testing.assert_allclose(np.asarray(y).reshape(T, WIDTH), want, atol=2e-5, rtol=1e-4)
@@ -104,19 +106,22 @@ def test_layer_against_numpy(router, k, capacity_factor):
 def test_k_equal_to_the_experts_without_capacity_is_the_dense_mixture():
   """Every expert taken, weighted by the softmax over all of them: sum_e softmax(gate(x))_e * mlp_e(x), by hand."""
   layer, params, x = _layer(k=E, router="topk_softmax")
-  y = layer.apply({"params": params}, x, train=False)
-  tokens = x.reshape(T, WIDTH)
-  probs = jax.nn.softmax(tokens @ params["gate"]["kernel"] + params["gate"]["bias"])
-  mixture = sum(probs[:, e:e + 1] * (jax.nn.gelu(tokens @ params["fc1_kernel"][e] + params["fc1_bias"][e],
-                                                  approximate=False) @ params["fc2_kernel"][e] + params["fc2_bias"][e])
-                for e in range(E))
+  y = jax.jit(functools.partial(layer.apply, train=False))({"params": params}, x)
+
+  @jax.jit
+  def by_hand(params, tokens):
+    probs = jax.nn.softmax(tokens @ params["gate"]["kernel"] + params["gate"]["bias"])
+    return sum(probs[:, e:e + 1] * (jax.nn.gelu(tokens @ params["fc1_kernel"][e] + params["fc1_bias"][e],
+                                                 approximate=False) @ params["fc2_kernel"][e] + params["fc2_bias"][e])
+               for e in range(E))
+  mixture = by_hand(params, x.reshape(T, WIDTH))
   np.testing.assert_allclose(np.asarray(y).reshape(T, WIDTH), np.asarray(mixture), atol=1e-5)
 
 
 def test_capacity_follows_batch_priority():
   """Four tokens all preferring expert 0, capacity 1 per expert: the most confident token keeps it."""
   logits = jnp.array([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [0.5, 0.0]])
-  routing = moe.route(logits, k=1, router="softmax_topk", capacity_factor=0.5)
+  routing = jax.jit(functools.partial(moe.route, k=1, router="softmax_topk", capacity_factor=0.5))(logits)
   assert moe.capacity(4, 2, 1, 0.5) == 1
   np.testing.assert_array_equal(np.asarray(routing.kept[:, 0]), [False, True, False, False])
 
@@ -134,8 +139,8 @@ _SPEC = moe.MoeSpec(experts=4, k=2)
 
 
 def _init_apply(model, images, **kw):
-  params = model.init(jax.random.PRNGKey(0), images)["params"]
-  return params, model.apply({"params": params}, images, **kw)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
+  return params, jax.jit(functools.partial(model.apply, **kw))({"params": params}, images)
 
 
 def test_a_model_with_no_moe_block_is_the_dense_vit_bit_for_bit():
@@ -154,7 +159,8 @@ def test_the_layout_puts_moe_mlps_where_it_says():
   assert moe.moe_layout((4, 2), blocks=(0, 5)) == ((0,), (1,))
   assert moe.moe_layout((2, 2), every=1) == ((0, 1), (0, 1))
   images = jnp.zeros((1, 8, 8, 3))
-  params = vit.ViT(depths=(2, 3), moe=_SPEC, moe_layout=layout, **_ARCH).init(jax.random.PRNGKey(0), images)["params"]
+  model = vit.ViT(depths=(2, 3), moe=_SPEC, moe_layout=layout, **_ARCH)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
   kinds = {(m, b): sorted(params[m][b]["mlp"]) for m in params for b in params[m] if b.startswith("blocks_")}
   moe_keys = ["fc1_bias", "fc1_kernel", "fc2_bias", "fc2_kernel", "gate"]
   assert kinds == {("module_0", "blocks_0"): ["fc1", "fc2"], ("module_0", "blocks_1"): moe_keys,
@@ -169,7 +175,8 @@ def test_a_scanned_moe_module_matches_the_unrolled_one_and_sows_per_block():
   params, (out, sown) = _init_apply(vit.ViT(depths=(3, 2), moe=_SPEC, moe_layout=layout, **_ARCH), images,
                                     mutable=["moe"])
   scanned = vit.ViT(depths=(3, 2), moe=_SPEC, moe_layout=layout, scan=True, **_ARCH)
-  out_s, sown_s = scanned.apply({"params": vit.stack_blocks(params)}, images, mutable=["moe"])
+  out_s, sown_s = jax.jit(functools.partial(scanned.apply, mutable=["moe"]))({"params": vit.stack_blocks(params)},
+                                                                           images)
   np.testing.assert_allclose(np.asarray(out_s), np.asarray(out), atol=1e-6)
   per_block = [np.asarray(sown["moe"]["module_0"][f"blocks_{j}"]["mlp"]["aux_loss"][0]) for j in range(3)]
   np.testing.assert_allclose(np.asarray(sown_s["moe"]["module_0"]["blocks"]["mlp"]["aux_loss"][0]), per_block,

@@ -35,7 +35,7 @@ def _hybrid_loss(config, params, batch) -> float:
   plan = phases.make_plan(config)
   (i,) = plan.trained
   model = phases.model_for(config, plan.hybrid_depths(i))
-  logits = np.asarray(model.apply({"params": params}, batch["image"]), np.float64)
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, batch["image"]), np.float64)
   n = config.model.num_classes
   targets = np.eye(n)[batch["label"]] * (1 - config.label_smoothing) + config.label_smoothing / n
   log_p = logits - logits.max(-1, keepdims=True)
@@ -46,14 +46,14 @@ def _hybrid_loss(config, params, batch) -> float:
 def test_incubation_leaves_meta_bit_for_bit_and_trains_only_module_i(runs):
   config = tiny("incubate", meta=runs["meta"], module="1", **PLAIN)
   s = prepare.setup(config, None)
-  compiled, _, init_fn, _, key = prepare.compile_train_step(s)
+  compiled, _, init_fn, _, key, schedule = prepare.compile_train_step(s)
   state = fresh = init_fn(key)
   fresh = _leaves(fresh.params)
   batches = s.dataset.train_batches(config.batch_size, seed=config.seed)
   shard = prepare.sharding.batch_sharding(s.mesh)
   for _ in range(4):
     batch, module_1 = next(batches), jax.device_get(state.params["module_1"])   # the state is donated
-    state, metrics = compiled(state, s.frozen, prepare.place_batch(batch, shard), key)
+    state, metrics = compiled(state, s.frozen, prepare.place_batch(batch, shard), key, schedule)
   # The frozen meta modules survive the donated steps, and the last step computed its loss with exactly the
   # meta run's modules: the same loss comes out of a hybrid built by hand from the modules on disk and the
   # module 1 that step started from.
@@ -134,7 +134,7 @@ def test_assembly_init_takes_its_modules_as_arguments():
     config = tiny("assemble", **{"model.width": width})
     plan, mesh = phases.make_plan(config), prepare.sharding.make_mesh()
     model_of = functools.partial(phases.model_for, config)
-    sources = model_of(plan.depths).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    sources = jax.eval_shape(model_of(plan.depths).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
     s = prepare.Setup(config=config, plan=plan, dataset=None, mesh=mesh, model_of=model_of, run={}, total_steps=6,
                       warmup_steps=2, frozen={}, sources=sources)
     init_fn = prepare.state_spec(s).init_fn   # the jitted init, its sources bound as arguments
@@ -147,10 +147,10 @@ def test_assembled_model_runs_as_one_vit(runs):
   s = prepare.setup(config, None)
   model = phases.model_for(config, s.plan.depths)
   images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
-  whole = model.apply({"params": s.sources}, images)
+  whole = jax.jit(model.apply)({"params": s.sources}, images)
   x = images
   for k in range(4):
-    x = model.module(k).apply({"params": s.sources[f"module_{k}"]}, x)
+    x = jax.jit(model.module(k).apply)({"params": s.sources[f"module_{k}"]}, x)
   np.testing.assert_allclose(whole, x, rtol=1e-6, atol=1e-6)
   assert whole.shape == (2, 10)
 
@@ -211,13 +211,13 @@ def test_incubation_runs_meta_modules_in_train_mode_at_the_hybrids_drop_path_rat
   plan = phases.make_plan(config)
   model_of = functools.partial(phases.model_for, config)
   images = jnp.asarray(np.random.default_rng(1).normal(size=(n, 8, 8, 3)), jnp.float32)
-  meta = model_of(plan.meta_depths).init(jax.random.key(0), images[:1])["params"]
-  target = model_of(plan.depths).init(jax.random.key(1), images[:1])["params"]
-  forward = jax.jit(lambda trained, frozen, key: phases.forward(plan, model_of, trained, frozen, images, train=True,
-                                                                key=key))
-  identity = phases.forward(plan, model_of, _branches({m: target[m] for m in map(phases.module_name, plan.trained)},
-                                                      lambda _: False),
-                            _branches(meta, lambda _: False), images, train=False, key=jax.random.key(0))
+  meta = jax.jit(model_of(plan.meta_depths).init)(jax.random.key(0), images[:1])["params"]
+  target = jax.jit(model_of(plan.depths).init)(jax.random.key(1), images[:1])["params"]
+  forward = jax.jit(lambda trained, frozen, key, train=True: phases.forward(plan, model_of, trained, frozen, images,
+                                                                            train=train, key=key),
+                    static_argnames="train")
+  identity = forward(_branches({m: target[m] for m in map(phases.module_name, plan.trained)}, lambda _: False),
+                     _branches(meta, lambda _: False), jax.random.key(0), train=False)
   checked = 0
   for k in range(plan.num_modules):
     live = lambda name, k=k: f"['module_{k}']" in name
@@ -235,7 +235,8 @@ def test_incubation_runs_meta_modules_in_train_mode_at_the_hybrids_drop_path_rat
       if module != "all":
         # A hybrid built by hand: one ViT of the hybrid's depths, applied whole in train mode.
         params = {**frozen, f"module_{i}": trained[f"module_{i}"]}
-        by_hand = model_of(depths).apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(11)})
+        by_hand = jax.jit(functools.partial(model_of(depths).apply, train=True))(
+            {"params": params}, images, rngs={"dropout": jax.random.key(11)})
         by_hand = _unchanged(by_hand, identity[f"module_{i}"]).mean()
         assert by_hand == pytest.approx(rate ** 2, abs=tol), (i, k, by_hand, rate ** 2)
       checked += rate > 0

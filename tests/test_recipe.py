@@ -3,6 +3,8 @@ the float32 residual stream under bf16 (PyTorch AMP), PyTorch's Conv2d init for 
 leaves it to PyTorch), and Mixup/CutMix drawn per GPU batch (timm's `mode="batch"` on each GPU). The learning-rate
 schedule against timm's formula is in test_model.py."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ def test_the_residual_stream_is_float32_under_bf16():
   depth, delta = 12, 2.0 ** -10   # exact in bf16
   model = ViT(depths=(depth, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, dtype=jnp.bfloat16)
   images = jnp.zeros((2, 8, 8, 3), jnp.float32)
-  params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), images)["params"])
+  params = jax.tree_util.tree_map(np.asarray, jax.jit(model.init)(jax.random.key(0), images)["params"])
 
   def edit(path, x):
     name = "/".join(str(getattr(p, "key", p)) for p in path)
@@ -31,7 +33,7 @@ def test_the_residual_stream_is_float32_under_bf16():
       return np.ones_like(x)
     return x
   params = jax.tree_util.tree_map_with_path(edit, params)
-  stream = model.module(0).apply({"params": params["module_0"]}, images)
+  stream = jax.jit(model.module(0).apply)({"params": params["module_0"]}, images)
   assert stream.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(stream), 1.0 + depth * 2 * delta, rtol=0, atol=1e-5)
 
@@ -41,7 +43,7 @@ def test_the_patch_embedding_starts_as_pytorchs_conv2d():
   torch = pytest.importorskip("torch")   # the reference; the tests of this file without it run without torch
   width, patch = 768, 8
   model = ViT(depths=(1,), image_size=16, patch=patch, width=width, heads=12, num_classes=2)
-  conv = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]["module_0"]["patch_embed"]
+  conv = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]["module_0"]["patch_embed"]
   ours = {"kernel": np.asarray(conv["kernel"]), "bias": np.asarray(conv["bias"])}
   torch.manual_seed(0)
   ref = torch.nn.Conv2d(3, width, patch, stride=patch)
@@ -63,7 +65,7 @@ def test_dense_kernels_and_tokens_start_as_timms_trunc_normal():
   stats = pytest.importorskip("scipy.stats")
   torch = pytest.importorskip("torch")
   model = ViT(depths=(1,), image_size=16, patch=8, width=192, heads=3, num_classes=10)
-  p = model.init(jax.random.key(2), jnp.zeros((1, 16, 16, 3)))["params"]["module_0"]
+  p = jax.jit(model.init)(jax.random.key(2), jnp.zeros((1, 16, 16, 3)))["params"]["module_0"]
   leaves = {"qkv": p["blocks_0"]["attn"]["qkv"]["kernel"], "proj": p["blocks_0"]["attn"]["proj"]["kernel"],
             "fc1": p["blocks_0"]["mlp"]["fc1"]["kernel"], "fc2": p["blocks_0"]["mlp"]["fc2"]["kernel"],
             "head": p["head"]["kernel"], "tokens": jnp.concatenate([p["cls_token"].ravel(), p["pos_embed"].ravel()])}
@@ -85,11 +87,15 @@ def batch(b=12, hw=8, classes=5):
   return images, targets
 
 
+def _mixed(key, images, targets, **settings):
+  """`mix_groups` as the train step runs it: compiled, the settings fixed."""
+  return jax.jit(functools.partial(mix_groups, switch_prob=0.5, prob=1.0, **settings))(key, images, targets)
+
+
 def test_mixup_draws_one_lambda_per_group_and_mixes_within_it():
   """timm's Mixup on each GPU's batch of 4: x * lam + x.flip(0) * (1 - lam), one lam per GPU batch."""
   images, targets = batch()
-  out, t = map(np.asarray, mix_groups(jax.random.key(3), images, targets, group=4, mixup=0.8, cutmix=0.0,
-                                      switch_prob=0.5, prob=1.0))
+  out, t = map(np.asarray, _mixed(jax.random.key(3), images, targets, group=4, mixup=0.8, cutmix=0.0))
   lams = []
   for g in range(3):
     x, y = images[4 * g:4 * g + 4], targets[4 * g:4 * g + 4]
@@ -104,8 +110,7 @@ def test_mixup_draws_one_lambda_per_group_and_mixes_within_it():
 def test_cutmix_draws_one_box_per_group():
   """timm's CutMix on each GPU's batch: one box pasted from the mirrored partner, target weight = uncovered area."""
   images, targets = batch(b=16, hw=16)
-  out, t = map(np.asarray, mix_groups(jax.random.key(5), images, targets, group=4, mixup=0.0, cutmix=1.0,
-                                      switch_prob=0.5, prob=1.0))
+  out, t = map(np.asarray, _mixed(jax.random.key(5), images, targets, group=4, mixup=0.0, cutmix=1.0))
   boxes = []
   for g in range(4):
     x, y = images[4 * g:4 * g + 4], targets[4 * g:4 * g + 4]
@@ -122,7 +127,6 @@ def test_cutmix_draws_one_box_per_group():
 
 def test_group_zero_is_one_draw_for_the_whole_batch():
   images, targets = batch()
-  out = np.asarray(mix_groups(jax.random.key(3), images, targets, group=0, mixup=0.8, cutmix=0.0,
-                              switch_prob=0.5, prob=1.0)[0])
+  out = np.asarray(_mixed(jax.random.key(3), images, targets, group=0, mixup=0.8, cutmix=0.0)[0])
   lam = ((out - images[::-1]) / (images - images[::-1]))[0, 0, 0, 0]
   np.testing.assert_allclose(out, lam * images + (1 - lam) * images[::-1], rtol=1e-5, atol=1e-5)
