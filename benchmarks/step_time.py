@@ -92,7 +92,7 @@ def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mo
 def measure(s: prepare.Setup, repeats: int) -> dict:
   """Compiles the step; with repeats > 0 also times it (repeats = 0: FLOPs and memory only)."""
   t0 = time.perf_counter()
-  lowered, _, init_fn, _, key = step = prepare.lower_train_step(s)
+  lowered, _, init_fn, _, key, schedule = step = prepare.lower_train_step(s)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   flops = cost.train_step_flops(s, step)
@@ -113,12 +113,12 @@ def measure(s: prepare.Setup, repeats: int) -> dict:
   batch = {"image": jax.device_put(rng.normal(size=(c.batch_size, size, size, 3)).astype(np.float32), shard),
            "label": jax.device_put(rng.integers(0, c.model.num_classes, c.batch_size).astype(np.int32), shard)}
   for _ in range(2):  # warm-up: first calls pay for allocation
-    state, metrics = compiled(state, s.frozen, batch, key)
+    state, metrics = compiled(state, s.frozen, batch, key, schedule)
   jax.block_until_ready(state)
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
-    state, metrics = compiled(state, s.frozen, batch, key)
+    state, metrics = compiled(state, s.frozen, batch, key, schedule)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)

@@ -141,8 +141,8 @@ def _train(s: Setup, workdir: str, changed: list[str], stop: preempt.Stop) -> di
     progress = Progress(s.total_steps, start, config.batch_size, config.progress if is_main() else "off",
                         label=s.plan.phase, quiet=not is_main(), step_flops=info["step_flops"],
                         peak_flops=info["peak_flops"], num_devices=info["devices"])
-    loop = _Loop(s=s, compiled=compiled, key=key, schedule=schedule, mngr=mngr, writer=writer, progress=progress, stop=stop,
-                 wall_before=wall_before)
+    loop = _Loop(s=s, compiled=compiled, key=key, schedule=schedule, mngr=mngr, writer=writer, progress=progress,
+                 stop=stop, wall_before=wall_before)
     state = loop.run(state, start)
     loop_wall = time.perf_counter() - loop.t0
     mngr.wait_until_finished()
