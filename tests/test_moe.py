@@ -199,7 +199,8 @@ def test_bad_moe_settings_are_refused():
 
 # --- In every phase ----------------------------------------------------------------
 
-_SPARSE = {"model.moe.experts": 4, "model.moe.aux_weight": 0.01}
+# Every other block (the second of each module's two): modules of dense and MoE blocks side by side.
+_SPARSE = {"model.moe.experts": 4, "model.moe.every": 2, "model.moe.aux_weight": 0.01}
 
 
 def _module(run_dir, k):
@@ -225,8 +226,8 @@ def test_ragged_dots_are_counted_as_what_they_compute():
 
 
 def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_path):
-  """V-MoE modules (every block: 4 experts, top 2, the load-balancing loss weighed in) incubated all at once in the
-  tiny dense meta run: each is the module its single-module run trains; assembly stacks them and trains on; a dense
+  """V-MoE modules (every other block: 4 experts, top 2, the load-balancing loss weighed in) incubated all at once in
+  the tiny dense meta run: each is the module its single-module run trains; assembly stacks them and trains on; a dense
   config refuses them in one line naming the difference."""
   inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
   train.train(tiny("incubate", meta=runs["meta"], module="all", **_SPARSE), inc)
@@ -239,8 +240,9 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
     np.testing.assert_allclose(together[name], alone[name], rtol=1e-5, atol=1e-6, err_msg=name)
   with open(os.path.join(inc, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f if '"train"' in line][-1]
-  shares = [logged[f"moe/module_1/blocks_0/expert_{e}"] for e in range(4)]
-  assert abs(sum(shares) - 1.0) < 1e-6 and logged["moe/module_1/blocks_0/dropped"] == 0.0
+  shares = [logged[f"moe/module_1/blocks_1/expert_{e}"] for e in range(4)]
+  assert abs(sum(shares) - 1.0) < 1e-6 and logged["moe/module_1/blocks_1/dropped"] == 0.0
+  assert not any(key.startswith("moe/module_1/blocks_0/") for key in logged)
   result = train.train(tiny("assemble", modules=",".join([inc] * 4), **_SPARSE), asm)
   assert math.isfinite(result["loss"])
   assert json.load(open(os.path.join(asm, records.RUN_FILE)))["arch"]["moe"] == {"experts": 4, "k": 2,
