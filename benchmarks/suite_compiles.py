@@ -4,7 +4,8 @@
 
 Runs pytest with JAX's compile log on (`JAX_LOG_COMPILES`) in this process and every process it starts (a
 `sitecustomize` on PYTHONPATH adds a handler that appends each "Finished tracing / jaxpr to MLIR / XLA compilation"
-record to a file), then prints the seconds per stage and the programs that took most compile time. Compare the
+record, and each persistent cache hit, to a file), then prints the seconds per stage and the programs that took most
+compile time, reads from the persistent cache counted apart (JAX logs those as compilations too). Compare the
 total with pytest's CPU time (`time pytest`): the rest is imports, data, checkpoints and Python.
 """
 
@@ -24,7 +25,8 @@ import logging, os
 class _Compiles(logging.Handler):
   def emit(self, record):
     msg = record.getMessage()
-    if msg.startswith(("Finished tracing", "Finished jaxpr to MLIR", "Finished XLA compilation")):
+    if msg.startswith(("Finished tracing", "Finished jaxpr to MLIR", "Finished XLA compilation",
+                       "Persistent compilation cache hit")):
       with open(os.environ["MODASSEM_COMPILE_LOG"], "a") as f:
         f.write(f"{os.getpid()}\\t{msg[:300]}\\n")
 _handler = _Compiles(logging.DEBUG)
@@ -36,22 +38,42 @@ _STAGES = {"trace": r"Finished tracing (.*) in ([0-9.e-]+) sec",
            "compile": r"Finished XLA compilation of (.*) in ([0-9.e-]+) sec"}
 
 
+def _bare(name: str) -> str:
+  return re.sub(r"[^0-9A-Za-z]", "", name)
+
+
 def summarise(log_path: str) -> str:
-  seconds, per_program, count, processes = collections.Counter(), collections.Counter(), collections.Counter(), set()
+  """Seconds per stage, and the programs that took most XLA time. JAX logs "Finished XLA compilation" for a read from
+  the persistent cache too, right after its "cache hit" line: those are counted as cache reads, not compilations."""
+  seconds, per_program, count, reads, processes = (collections.Counter(), collections.Counter(), collections.Counter(),
+                                                   collections.Counter(), set())
+  hit = {}   # process -> the program whose cache hit it logged last
   with open(log_path) as f:
     for line in f:
       pid, msg = line.rstrip("\n").split("\t", 1)
       processes.add(pid)
+      m = re.match(r"Persistent compilation cache hit for '([^']+)'", msg)
+      if m:
+        hit[pid] = m.group(1)
+        continue
       for stage, pattern in _STAGES.items():
         m = re.match(pattern, msg)
-        if m:
-          seconds[stage] += float(m.group(2))
-          if stage == "compile":
-            per_program[m.group(1)] += float(m.group(2))
-            count[m.group(1)] += 1
+        if not m:
+          continue
+        if stage == "compile":
+          name = m.group(1)
+          # The cache names jit(<lambda>) "jit__lambda": compared by their letters and digits.
+          if _bare(hit.pop(pid, "")) == _bare(name):
+            reads[name] += 1
+            seconds["cache reads"] += float(m.group(2))
+            continue
+          per_program[name] += float(m.group(2))
+          count[name] += 1
+        seconds[stage] += float(m.group(2))
   lines = [f"{len(processes)} processes: tracing {seconds['trace']:.0f} s, lowering {seconds['lower']:.0f} s, "
-           f"XLA compiling {seconds['compile']:.0f} s", "seconds  compilations  program"]
-  lines += [f"{s:7.1f}  {count[name]:12d}  {name[:70]}" for name, s in per_program.most_common(12)]
+           f"XLA compiling {seconds['compile']:.0f} s, reading {sum(reads.values())} programs from the persistent "
+           f"cache {seconds['cache reads']:.0f} s", "seconds  compilations  cache reads  program"]
+  lines += [f"{s:7.1f}  {count[name]:12d}  {reads[name]:11d}  {name[:70]}" for name, s in per_program.most_common(12)]
   return "\n".join(lines)
 
 
