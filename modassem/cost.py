@@ -99,12 +99,15 @@ def ragged_dot_correction(jaxpr) -> float:
   one is lowered alone, with the operands' shapes, to find what the step's
   count holds for it.
   """
-  correction = 0.0
+  correction, counted = 0.0, {}   # XLA's count per kind of dot: a model's MoE layers repeat a few shapes
   for eqn in _ragged_dots(getattr(jaxpr, "jaxpr", jaxpr)):   # a ClosedJaxpr's jaxpr, or a Jaxpr
     operands = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
     params = {**eqn.params, "out_sharding": None} if "out_sharding" in eqn.params else eqn.params
-    alone = jax.jit(lambda *xs, p=eqn.primitive, kw=params: p.bind(*xs, **kw)).lower(*operands)
-    correction += ragged_dot_flops(eqn) - lowered_flops(alone)
+    kind = repr((operands, sorted(params.items())))
+    if kind not in counted:
+      alone = jax.jit(lambda *xs, p=eqn.primitive, kw=params: p.bind(*xs, **kw)).lower(*operands)
+      counted[kind] = lowered_flops(alone)
+    correction += ragged_dot_flops(eqn) - counted[kind]
   return correction
 
 

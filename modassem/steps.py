@@ -2,10 +2,10 @@
 
 Both steps are pure functions of (state, frozen meta modules, batch, key), the
 train step also of the learning rate schedule's numbers; `train.py` jits them
-against the mesh's shardings. The gradient is taken with
-respect to the trained modules only, so frozen modules get no weight
-gradients and no optimizer state, and the meta modules before the first
-trained slot get no backward pass at all.
+against the mesh's shardings. The gradient is taken with respect to the
+trained modules only, so frozen modules get no weight gradients and no
+optimizer state, and the meta modules before the first trained slot get no
+backward pass at all.
 """
 
 from __future__ import annotations
