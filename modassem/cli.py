@@ -177,7 +177,21 @@ def _verb(verb: str, fv) -> None:
     pipeline.run(spec, overrides, fv.workdir, compare_plain=fv.compare_plain)
 
 
+def quick_tensorflow_import() -> None:
+  """Lets `import tensorflow` skip Keras, which modassem never uses.
+
+  TensorFlow imports the whole of Keras at `import tensorflow` (and Keras imports scikit-learn and SciPy where they
+  are installed): about 1.5 s of every run's start on a 2-core machine. It skips that import when told that Keras is
+  the legacy `tf_keras` package and that package is absent. The command line's process is modassem's own and uses
+  tf.data only, so it says so there, unless the environment has decided already or `tf_keras` is installed (where
+  the variable would change what `tf.keras` is). `import modassem` in a user's program leaves TensorFlow as it is."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if "tensorflow" not in sys.modules and importlib.util.find_spec("tf_keras") is None:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+
 def entry() -> None:
+  quick_tensorflow_import()
   sys.exit(main())
 
 

@@ -47,6 +47,12 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_opti
 
 import pytest  # noqa: E402
 
+from modassem.cli import quick_tensorflow_import  # noqa: E402
+
+# As the command line does: every process of the session (the workers, and the subprocesses that inherit this
+# environment) imports TensorFlow without Keras, about 1.5 s less per process.
+quick_tensorflow_import()
+
 from processes import env_with_devices as devices_env  # noqa: E402,F401  (for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -193,6 +193,13 @@ def test_detection_from_depths():
   assert convert.run_depths([1, 3, 1, 1]) == [3, 3, 3, 3]
 
 
-def test_import_modassem_does_not_import_torch():
-  code = "import sys, modassem, modassem.cli, modassem.convert, modassem.api; assert 'torch' not in sys.modules"
-  subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+def test_import_modassem_does_not_import_torch_and_the_command_line_imports_tensorflow_without_keras():
+  code = ("import sys, modassem, modassem.cli, modassem.convert, modassem.api\n"
+          "assert 'torch' not in sys.modules\n"
+          "modassem.cli.quick_tensorflow_import()\n"
+          "from modassem.data._tf import tf\n"
+          "assert int(tf().data.Dataset.range(4).reduce(tf().constant(0, tf().int64), lambda a, b: a + b)) == 6\n"
+          "assert 'keras' not in sys.modules and 'sklearn' not in sys.modules, 'keras imported'\n")
+  env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}   # as a user's shell has it
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
