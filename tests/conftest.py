@@ -67,6 +67,7 @@ class _Job:
   argv: list
   env: dict
   module: str          # the test file that needs it
+  after: str | None    # a job whose runs it reads: it starts once that one has finished
 
 
 class Jobs:
@@ -85,12 +86,13 @@ class Jobs:
     self._stopped = False
     self._waited: dict[str, float] = {}
 
-  def add(self, name: str, argv: list, *, module: str, env: dict | None = None) -> None:
-    self._jobs[name] = _Job(list(argv), dict(env or os.environ), os.path.basename(module))
+  def add(self, name: str, argv: list, *, module: str, env: dict | None = None, after: str | None = None) -> None:
+    self._jobs[name] = _Job(list(argv), dict(env or os.environ), os.path.basename(module), after)
 
   def start(self, modules: set, pipeline: bool) -> None:
-    order = [n for n in self._jobs if n == "pipeline" and pipeline]
-    order += [n for n, job in self._jobs.items() if n != "pipeline" and job.module in modules]
+    order = [n for n, job in self._jobs.items() if n != "pipeline" and job.module in modules]
+    if pipeline or any(self._jobs[n].after == "pipeline" for n in order):
+      order.insert(0, "pipeline")
     for name in set(self._jobs) - set(order):
       del self._jobs[name]
     # Each worker runs every n-th job (n workers) in a background thread of its own.
@@ -102,7 +104,12 @@ class Jobs:
     for name in order:
       if self._stopped:
         return
-      job, start = self._jobs[name], time.time()
+      job = self._jobs[name]
+      while job.after and not os.path.exists(os.path.join(_JOB_RESULTS, f"{job.after}.json")):
+        if self._stopped:
+          return
+        time.sleep(0.05)
+      start = time.time()
       proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
       self._procs.append(proc)

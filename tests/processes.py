@@ -1,13 +1,25 @@
-"""`modassem train` as one job of several processes on localhost (JAX's distributed runtime, CPU collectives).
+"""Jobs of several processes on localhost (JAX's distributed runtime, CPU collectives), the way hosts run them.
 
-    python tests/processes.py PROCESSES DEVICES_EACH WORKDIR [modassem train flags ...]
-    python tests/processes.py --preempt PROCESSES DEVICES_EACH WORKDIR [...]
+    python tests/processes.py SPEC_JSON
 
-Prints a JSON list with each process's stdout; exits non-zero with their
-stderr if any process failed. With --preempt, the last process is sent
-SIGTERM once process 0 has logged its first step (as when one host of a job
-is preempted), then the same job runs again: prints the JSON object
-{"stopped": [[returncode, stdout, stderr], ...], "rerun": [...]}.
+SPEC is {"processes": N, "devices": D, "parts": [[NAME, KIND, ARGS], ...],
+"preempt": NAME or null, "rerun": {"workdir": DIR, "args": [FLAGS ...]} or null}. N processes of D
+devices each join one distributed runtime, then run the parts in order, each
+in the same processes (as a host runs one command after another, without N
+new interpreters per command):
+- "train": `modassem train ARGS` through the command line's own code;
+- "reads": the records each process reads (reads.py) from the TFDS dataset
+  in ARGS[0] (written there by process 0 unless it exists), for each
+  START:STEPS of ARGS[1:];
+- "agreed": each process's view of a finished run, the views differing, and
+  what the processes agree on (`train._agreed`).
+The part named by "preempt" has its last process sent SIGTERM once process 0
+has logged its first step (as when one host of a job is preempted); it must be
+the last part. "rerun" then runs `modassem train FLAGS --workdir=DIR` as a new
+job of N new processes, with the coordinator flags a user passes.
+
+Prints {"parts": {NAME: [[returncode, stdout, stderr] per process]},
+"rerun": [[returncode, stdout, stderr] per process]} as JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import sys
 import threading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARK = "@@part"   # a line each process writes to its stdout and stderr where a part starts, and where it ends
 
 
 def free_port() -> int:
@@ -34,24 +47,11 @@ def env_with_devices(devices: int) -> dict:
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
-def train(processes: int, devices: int, workdir: str, args, timeout: float = 600, preempt: bool = False) -> list:
-  """Runs the job; returns each process's (returncode, stdout, stderr)."""
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "modassem", "train", *args, f"--workdir={workdir}",
-                             f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"],
-                            cwd=REPO, env=env_with_devices(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-           for i in range(processes)]
-  first_out = []
-  if preempt:
-    for line in procs[0].stdout:   # process 0 reports its steps; the last process is the one preempted
-      first_out.append(line)
-      if " step 1/" in line:
-        procs[-1].send_signal(signal.SIGTERM)
-        break
-  outs = [None] * processes
+def _communicate(procs, timeout: float, first_out=()) -> list:
+  """Each process's (returncode, stdout, stderr), read side by side (a full pipe would stop a process)."""
+  outs = [None] * len(procs)
   readers = [threading.Thread(target=lambda i=i: outs.__setitem__(i, procs[i].communicate(timeout=timeout)))
-             for i in range(processes)]
+             for i in range(len(procs))]
   for r in readers:
     r.start()
   for r in readers:
@@ -60,13 +60,91 @@ def train(processes: int, devices: int, workdir: str, args, timeout: float = 600
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
+def train(processes: int, devices: int, workdir: str, args, timeout: float = 600) -> list:
+  """`modassem train ARGS` as a job of new processes; returns each process's (returncode, stdout, stderr)."""
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "modassem", "train", *args, f"--workdir={workdir}",
+                             f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"],
+                            cwd=REPO, env=env_with_devices(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+           for i in range(processes)]
+  return _communicate(procs, timeout)
+
+
+def _member(coordinator: str, processes: int, process_id: int, spec: dict) -> None:
+  """One process of the job: every part in turn, each between two marks."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from modassem import cli, distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(coordinator, processes, process_id)
+  for name, kind, args in spec["parts"]:
+    for stream in (sys.stdout, sys.stderr):
+      print(f"{MARK} {name}", file=stream, flush=True)
+    rc = 0
+    if kind == "train":
+      rc = cli.main(["train", *args])
+    elif kind == "reads":
+      import reads  # pylint: disable=g-import-not-at-top
+      print(json.dumps(reads.member(args[0], args[1:])), flush=True)
+    elif kind == "agreed":
+      from modassem import train as train_lib  # pylint: disable=g-import-not-at-top
+      views = {0: (True, [1, 3]), 1: (False, [])}
+      print(json.dumps(train_lib._agreed(*views[jax.process_index()], num_modules=4)), flush=True)  # pylint: disable=protected-access
+    else:
+      raise ValueError(kind)
+    for stream in (sys.stdout, sys.stderr):
+      print(f"{MARK} {name} exit {rc}", file=stream, flush=True)
+
+
+def _split(text: str) -> dict:
+  """{part: (its text, its exit status or None)} of one process's stdout or stderr."""
+  parts, name = {}, None
+  for line in text.splitlines(keepends=True):
+    if line.startswith(MARK + " "):
+      words = line.split()
+      if len(words) == 2:
+        name = words[1]
+        parts[name] = ["", None]
+      else:
+        parts[words[1]][1] = int(words[3])
+        name = None
+    elif name is not None:
+      parts[name][0] += line
+  return parts
+
+
+def run(spec: dict, timeout: float = 900) -> dict:
+  n, port = spec["processes"], free_port()
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--member", f"127.0.0.1:{port}", str(n),
+                             str(i), json.dumps(spec)],
+                            cwd=REPO, env=env_with_devices(spec["devices"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(n)]
+  first_out = []
+  if spec.get("preempt"):
+    assert spec["parts"][-1][0] == spec["preempt"], "the preempted part must be the last one"
+    started = False
+    for line in procs[0].stdout:   # process 0 reports its steps; the last process is the one preempted
+      first_out.append(line)
+      started = started or line.strip() == f"{MARK} {spec['preempt']}"
+      if started and " step 1/" in line:
+        procs[-1].send_signal(signal.SIGTERM)
+        break
+  outs = _communicate(procs, timeout, first_out)
+  parts = {name: [] for name, _, _ in spec["parts"]}
+  for rc, out, err in outs:
+    out_parts, err_parts = _split(out), _split(err)
+    for name in parts:
+      text, status = out_parts.get(name, ("", None))
+      # A part a process did not end (it exited, or was stopped) takes the process's exit status.
+      parts[name].append([rc if status is None else status, text, err_parts.get(name, ("", None))[0] or err[-3000:]])
+  result = {"parts": parts, "rerun": None}
+  if spec.get("rerun"):
+    result["rerun"] = train(n, spec["devices"], spec["rerun"]["workdir"], spec["rerun"]["args"])
+  return result
+
+
 if __name__ == "__main__":
-  if sys.argv[1] == "--preempt":
-    n, d, work, rest = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
-    print(json.dumps({"stopped": train(n, d, work, rest, preempt=True), "rerun": train(n, d, work, rest)}))
+  if sys.argv[1] == "--member":
+    _member(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]))
     sys.exit(0)
-  outs = train(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
-  failed = [err for rc, _, err in outs if rc != 0]
-  if failed:
-    sys.exit("\n".join(e[-3000:] for e in failed))
-  print(json.dumps([out for _, out, _ in outs]))
+  print(json.dumps(run(json.loads(sys.argv[1]))))

@@ -1,27 +1,20 @@
 """Which records each process of a job reads, on a TFDS dataset in ArrayRecord files.
 
-    python tests/reads.py DATA_DIR PROCESSES DEVICES_EACH START:STEPS [START:STEPS ...]
-
-Writes the tiny dataset to DATA_DIR unless it exists, then starts PROCESSES processes (JAX's distributed runtime on localhost). Each
-builds the dataset, counts the records its ArrayRecord readers return, and
-for each START:STEPS takes STEPS batches of `train_batches` from step START;
-prints a JSON list, one entry per process: for each START:STEPS the indices
-of the train records it read and the example ids of its batches. The count
-is taken at TFDS's reader, under the whole tf.data pipeline.
+One part of a job of several processes (processes.py, part "reads"): process 0
+writes the tiny dataset unless it exists; each process builds the dataset,
+counts the records its ArrayRecord readers return, and for each START:STEPS
+takes STEPS batches of `train_batches` from step START. `member` returns, for
+each START:STEPS, the indices of the train records it read and the example ids
+of its batches. The count is taken at TFDS's reader, under the whole tf.data
+pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from processes import REPO, env_with_devices, free_port  # noqa: E402
 
 NAME = "modassem_tiny_images"
 BATCH = 10
@@ -89,37 +82,19 @@ def take(ds, counter, start: int, steps: int, process_index: int = 0, process_co
   return {"read": list(counter.read), "batches": ids}
 
 
-def _worker(data_dir: str, coordinator: str, processes: int, process_id: int, spans: list) -> None:
+def member(data_dir: str, spans: list) -> dict:
+  """This process's reads for each START:STEPS of `spans`, in a job whose distributed runtime is up; process 0
+  writes the dataset first unless it exists."""
   import jax  # pylint: disable=g-import-not-at-top
-  from modassem import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(coordinator, processes, process_id)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0 and not os.path.exists(data_dir):
+    write_tiny_tfds(data_dir, "array_record")
+  multihost_utils.sync_global_devices("the tiny dataset is written")
   ds, counter = counted_dataset(data_dir)
   out = {"process": jax.process_index(), "devices": jax.local_device_count(), "spans": {}}
   for span in spans:
     start, steps = (int(v) for v in span.split(":"))
     out["spans"][span] = take(ds, counter, start, steps, jax.process_index(), jax.process_count())
-  print(json.dumps(out))
+  return out
 
 
-def main(argv) -> None:
-  if argv[0] == "--worker":
-    _worker(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5:])
-    return
-  data_dir, processes, devices, spans = argv[0], int(argv[1]), int(argv[2]), argv[3:]
-  if not os.path.exists(data_dir):
-    write_tiny_tfds(data_dir, "array_record")
-  coordinator = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", data_dir, coordinator,
-                             str(processes), str(i), *spans],
-                            cwd=REPO, env=env_with_devices(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-           for i in range(processes)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  failed = [err for p, (_, err) in zip(procs, outs) if p.returncode]
-  if failed:
-    sys.exit("\n".join(e[-3000:] for e in failed))
-  print(json.dumps([json.loads(out.strip().splitlines()[-1]) for out, _ in outs]))
-
-
-if __name__ == "__main__":
-  main(sys.argv[1:])

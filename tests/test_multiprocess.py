@@ -1,9 +1,12 @@
 """2 processes x 4 simulated devices on localhost (JAX's distributed runtime, CPU collectives) against the
 session's one-process runs of the same configs: the same losses, the same parameters; and one host of the job
-preempted (SIGTERM), the job's rerun resuming to the parameters of the uninterrupted job. The two-process runs are
-session jobs (see conftest.py): they start in the background at collection, the assembly after the session
-pipeline whose incubated modules it reads. Input: the records each process of a 2 x 4 job reads from a TFDS
-dataset in ArrayRecord files, against the batches of one process."""
+preempted (SIGTERM), the job's rerun resuming to the parameters of the uninterrupted job. Input: the records each
+process of a 2 x 4 job reads from a TFDS dataset in ArrayRecord files, against the batches of one process. And the
+processes' agreement on a finished run they see differently.
+
+All of it is one session job (see conftest.py) of two processes that run the parts one after another, as hosts
+run one command after another, and then two new processes for the preempted run's rerun: it starts in the
+background once the session pipeline, whose incubated modules the assembly reads, has finished."""
 
 import json
 import os
@@ -20,26 +23,32 @@ from modassem import checkpoints
 # at step 2 of that epoch), and steps 2-4 (across the epoch boundary).
 READS = os.path.join(SCRATCH, "reads-tfds")
 SPANS = ("0:3", "2:1", "2:3")
-JOBS.add("two-process-reads", [sys.executable, os.path.join(REPO, "tests", "reads.py"), READS, "2", "4", *SPANS],
-         module=__file__)
-
-
 # The tiny preset's defaults: the configs of the session pipeline's runs (6 steps, a checkpoint every 3).
 META = [f"--config={TINY}:meta"]
 ASSEMBLE = [f"--config={TINY}:assemble", f"--config.modules={','.join([os.path.join(PIPELINE, 'incubate')] * 4)}"]
 WORK = {name: os.path.join(SCRATCH, "two", name) for name in ("meta", "assemble", "preempt")}
-for _name, _args in (("meta", META), ("assemble", ASSEMBLE)):
-  JOBS.add(f"two-process-{_name}", [sys.executable, os.path.join(REPO, "tests", "processes.py"), "2", "4",
-                                    WORK[_name], *_args], module=__file__)
 # The same meta run, its last process sent SIGTERM after the first step, then run again. (A log line every step
 # tells the job when to send it; how often a run logs does not change what it trains.)
-JOBS.add("two-process-preempt", [sys.executable, os.path.join(REPO, "tests", "processes.py"), "--preempt", "2", "4",
-                                 WORK["preempt"], *META, "--config.log_every_steps=1"], module=__file__)
+PREEMPT = [*META, "--config.log_every_steps=1"]
+SPEC = {"processes": 2, "devices": 4, "preempt": "preempt",
+        "parts": [["reads", "reads", [READS, *SPANS]], ["agreed", "agreed", []],
+                  ["meta", "train", [*META, f"--workdir={WORK['meta']}"]],
+                  ["assemble", "train", [*ASSEMBLE, f"--workdir={WORK['assemble']}"]],
+                  ["preempt", "train", [*PREEMPT, f"--workdir={WORK['preempt']}"]]],
+        "rerun": {"workdir": WORK["preempt"], "args": PREEMPT}}
+JOBS.add("two-process", [sys.executable, os.path.join(REPO, "tests", "processes.py"), json.dumps(SPEC)],
+         module=__file__, after="pipeline")
+
+
+def _result() -> dict:
+  return json.loads(JOBS.result("two-process").strip().splitlines()[-1])
 
 
 def _job(name):
-  """Each process's stdout of the background two-process run `name`."""
-  return json.loads(JOBS.result(f"two-process-{name}").strip().splitlines()[-1])
+  """Each process's stdout of part `name` of the job; fails the test with their stderr where one failed."""
+  outs = _result()["parts"][name]
+  assert all(rc == 0 for rc, _, _ in outs), "\n".join(err[-3000:] for _, _, err in outs)
+  return [out for _, out, _ in outs]
 
 
 def _losses(workdir):
@@ -71,8 +80,8 @@ def test_two_processes_match_one(runs):
 
 
 def test_a_preempted_host_stops_the_job_at_one_step_and_the_rerun_resumes_exactly():
-  job = json.loads(JOBS.result("two-process-preempt").strip().splitlines()[-1])
-  (rc0, out0, err0), (rc1, _, err1) = job["stopped"]
+  job = _result()
+  (rc0, out0, err0), (rc1, _, err1) = job["parts"]["preempt"]
   assert (rc0, rc1) == (75, 75), err0[-3000:] + err1[-3000:]
   message = [line for line in err0.splitlines() if line.startswith("modassem train: ")]
   assert len(message) == 1 and message[0].startswith("modassem train: stopped by SIGTERM at step "), err0[-3000:]
@@ -98,7 +107,7 @@ def test_assembly_on_two_processes_matches_one(pipeline_dir):
 
 def test_each_process_reads_only_its_share_of_the_records_and_a_resume_reads_nothing_before_it():
   import reads  # pylint: disable=g-import-not-at-top
-  job = _job("reads")
+  job = [json.loads(out.strip().splitlines()[-1]) for out in _job("reads")]
   assert [(p["process"], p["devices"]) for p in job] == [(0, 4), (1, 4)]
   ds, counter = reads.counted_dataset(READS)
   one = reads.take(ds, counter, 0, 5)   # one process, steps 0-4
@@ -121,24 +130,7 @@ def test_each_process_reads_only_its_share_of_the_records_and_a_resume_reads_not
     assert not {example_of[i] for i in resumed["read"]} & set(sum(one["batches"][:2], []))
 
 
-# Each process's view of a finished run (finished?, damaged modules), as a filesystem may show them for a while.
-_AGREED = """
-import json, sys
-import jax
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from modassem import train
-views = {0: (True, [1, 3]), 1: (False, [])}
-print(json.dumps(train._agreed(*views[jax.process_index()], num_modules=4)))
-"""
-
-
 def test_processes_take_the_first_ones_view_of_a_finished_run():
-  """Exporting modules again is collective: every process must take the branch process 0 takes, whatever it saw."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  from processes import env_with_devices, free_port  # pylint: disable=g-import-not-at-top
-  where = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen([sys.executable, "-c", _AGREED, where, str(i)], cwd=REPO, env=env_with_devices(1),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
-  assert [json.loads(out.strip().splitlines()[-1]) for out, _ in outs] == [[True, [1, 3]], [True, [1, 3]]]
+  """Exporting modules again is collective: every process must take the branch process 0 takes, whatever it saw
+  (process 0: finished, modules 1 and 3 damaged; process 1: not finished)."""
+  assert [json.loads(out.strip().splitlines()[-1]) for out in _job("agreed")] == [[True, [1, 3]], [True, [1, 3]]]

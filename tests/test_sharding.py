@@ -25,8 +25,8 @@ PLAIN = {"mixup": 0.0, "cutmix": 0.0, "model.drop_path": 0.0}
 OUT = os.path.join(SCRATCH, "sharding")   # each case's parameters, NAME.npz
 INC = {"meta": os.path.join(PIPELINE, "meta"), "module": "all"}
 ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the session's incubated modules
-# The 8-device cases, as two jobs that start in the background at collection (after the session pipeline, whose
-# meta run the incubation cases read), while the tests that need no job run here.
+# The 8-device cases, as two jobs that start in the background once the session pipeline (whose meta run and
+# modules the incubation and assembly cases read) has finished, while the tests that need no job run here.
 EIGHT = [{"e2e/data": ["e2e", {"sharding": "data"}], "incubate/data": ["incubate", {"sharding": "data", **INC}],
           "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}],
           "assemble/fsdp": ["assemble", {"sharding": "fsdp", **ASM}]},
@@ -34,7 +34,7 @@ EIGHT = [{"e2e/data": ["e2e", {"sharding": "data"}], "incubate/data": ["incubate
           "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}]}]
 for _i, _cases in enumerate(EIGHT):
   JOBS.add(f"sharding-8-{_i}", [sys.executable, os.path.join(REPO, "tests", "stepping.py"), json.dumps(_cases), OUT],
-           module=__file__, env=devices_env(8))
+           module=__file__, env=devices_env(8), after="pipeline")
 
 
 @pytest.fixture(scope="module")
