@@ -18,6 +18,21 @@ def smooth_labels(labels, num_classes: int, smoothing: float):
   return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
 
 
+def symmetric_beta(key, alpha: float):
+  """One draw of Beta(alpha, alpha), as `jax.random.beta(key, alpha, alpha)` draws it but without its loop.
+
+  Ulrich's method (Devroye, Non-Uniform Random Variate Generation, 1986, IX.4), exact for alpha > 1/2: with U and V
+  uniform on [0, 1), 1/2 (1 + sqrt(1 - U^(2 / (2 alpha - 1))) cos(2 pi V)) is Beta(alpha, alpha). Two uniforms and
+  a closed form, where `jax.random.beta` runs a rejection loop for each of two gamma draws: that loop was a fifth of
+  a small model's train step as XLA compiles it (and about a third of its CPU compile time). Mixup's 0.8 and
+  CutMix's 1.0 are above 1/2; smaller alphas take `jax.random.beta`.
+  """
+  if alpha <= 0.5:
+    return jax.random.beta(key, alpha, alpha)
+  u, v = jax.random.uniform(key, (2,))
+  return 0.5 * (1.0 + jnp.sqrt(1.0 - u ** (2.0 / (2.0 * alpha - 1.0))) * jnp.cos(2.0 * jnp.pi * v))
+
+
 def mix(key, images, targets, *, mixup: float, cutmix: float, switch_prob: float, prob: float):
   """Returns (images, targets) after Mixup (alpha `mixup`) or CutMix (alpha `cutmix`).
 
@@ -29,12 +44,12 @@ def mix(key, images, targets, *, mixup: float, cutmix: float, switch_prob: float
   b, h, w, _ = images.shape
   flipped, flipped_targets = images[::-1], targets[::-1]
 
-  lam_mix = jax.random.beta(k_mix, mixup, mixup) if mixup > 0 else jnp.float32(1.0)
+  lam_mix = symmetric_beta(k_mix, mixup) if mixup > 0 else jnp.float32(1.0)
   mixed = lam_mix * images + (1.0 - lam_mix) * flipped
 
   # CutMix box: side ratio sqrt(1 - lam), centre uniform, clipped to the image;
   # lam is then corrected to the area actually pasted.
-  lam_cut = jax.random.beta(k_cut, cutmix, cutmix) if cutmix > 0 else jnp.float32(1.0)
+  lam_cut = symmetric_beta(k_cut, cutmix) if cutmix > 0 else jnp.float32(1.0)
   ratio = jnp.sqrt(1.0 - lam_cut)
   ch, cw = (h * ratio).astype(jnp.int32), (w * ratio).astype(jnp.int32)
   cy, cx = jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)

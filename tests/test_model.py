@@ -161,6 +161,19 @@ def test_mixup_and_cutmix_mix_images_and_targets_consistently(alpha_mix, alpha_c
   np.testing.assert_array_equal(t, targets)
 
 
+@pytest.mark.parametrize("alpha", [0.8, 1.0, 3.0, 0.4])
+def test_the_mixing_weight_is_beta_distributed(alpha):
+  """Mixup's and CutMix's lambda, Beta(alpha, alpha) (the official code draws it with NumPy), against SciPy's
+  distribution: a Kolmogorov-Smirnov test of 20,000 draws, and the mean and variance; 0.4 takes JAX's sampler."""
+  import scipy.stats  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(0), 20000)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: mixup.symmetric_beta(k, alpha)))(keys), np.float64)
+  assert ((draws >= 0) & (draws <= 1)).all()
+  assert scipy.stats.kstest(draws, scipy.stats.beta(alpha, alpha).cdf).pvalue > 0.01
+  assert draws.mean() == pytest.approx(0.5, abs=0.01)
+  assert draws.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.03)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_rematerialisation_gives_the_same_loss_and_gradients(remat):
   kwargs = dict(depths=(2, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, drop_path=0.2)
