@@ -14,10 +14,14 @@ cores, so the session is arranged to compile less and to keep both cores busy:
 - The tests run in two pytest-xdist workers, a test file at a time (`-n 2
   --dist loadfile` in pyproject.toml), so that both cores stay busy to the end.
 - The heavy subprocesses (`modassem pipeline` on the tiny preset, whose runs
-  many tests read, and the 8-device cases of the sharding tests) are `JOBS`:
-  the workers share them out and start them in the background as soon as
-  the tests are collected, and every worker reads their results from the
-  session folder; the tests that need none of them run first.
+  many tests read, the depth study, the two-process job and the 8-device
+  cases of the sharding tests) are `JOBS`: the workers share them out and
+  start them in the background as soon as the tests are collected (a job
+  that reads the session pipeline's runs once the pipeline has finished),
+  and every worker reads their results from the session folder; the tests
+  that need none of them run first.
+- Every process of the session imports TensorFlow without Keras, as the
+  command line does (`cli.quick_tensorflow_import`).
 """
 
 import dataclasses
