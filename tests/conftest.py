@@ -89,6 +89,7 @@ class Jobs:
     self._procs: list = []
     self._stopped = False
     self._waited: dict[str, float] = {}
+    self._thread: threading.Thread | None = None
 
   def add(self, name: str, argv: list, *, module: str, env: dict | None = None, after: str | None = None) -> None:
     self._jobs[name] = _Job(list(argv), dict(env or os.environ), os.path.basename(module), after)
@@ -102,7 +103,8 @@ class Jobs:
     # Each worker runs every n-th job (n workers) in a background thread of its own.
     index, count = int((_WORKER or "gw0")[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.makedirs(_JOB_RESULTS, exist_ok=True)
-    threading.Thread(target=self._run, args=(order[index::count],), daemon=True).start()
+    self._thread = threading.Thread(target=self._run, args=(order[index::count],), daemon=True)
+    self._thread.start()
 
   def _run(self, order):
     for name in order:
@@ -147,6 +149,11 @@ class Jobs:
     if self._waited:
       with open(os.path.join(_JOB_RESULTS, f"waited-{_WORKER or 'main'}.json"), "w") as f:
         json.dump(self._waited, f)
+
+  def finish(self) -> None:
+    """Waits for this worker's jobs: a worker whose own tests are done may run a job another one still needs."""
+    if self._thread is not None:
+      self._thread.join()
 
   def stop(self):
     self._stopped = True
@@ -207,6 +214,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session, exitstatus):
+  if _WORKER is not None and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+    JOBS.finish()
   JOBS.stop()
   JOBS.save_waits()
 
