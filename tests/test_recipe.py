@@ -80,6 +80,35 @@ def test_dense_kernels_and_tokens_start_as_timms_trunc_normal():
     assert stats.ks_2samp(ours, theirs).pvalue > 1e-3, name
 
 
+def test_moe_experts_and_gate_start_as_the_reference_draws_them():
+  """m2mKD's V-MoE: the experts keep fastmoe's init, `kaiming_uniform_(a=sqrt(5))` on the (experts, out, in)
+  stack with zero biases; the gate is an `nn.Linear`, which timm's init draws as `trunc_normal_(std=.02)` with a
+  zero bias. Compared with PyTorch's own samplers on tensors of the reference's shapes: the bounds, the standard
+  deviations, and a two-sample Kolmogorov-Smirnov test."""
+  from modassem.models.moe import MoeMlp  # pylint: disable=g-import-not-at-top
+  stats = pytest.importorskip("scipy.stats")
+  torch = pytest.importorskip("torch")
+  experts, width, hidden = 4, 64, 256
+  layer = MoeMlp(width=width, hidden=hidden, num_experts=experts, k=2)
+  p = jax.jit(functools.partial(layer.init, train=False))(jax.random.key(0), jnp.zeros((2, 3, width)))["params"]
+  torch.manual_seed(0)
+  # fastmoe's FMoELinear: weight (experts, out, in), bias zeros; htoh4 is width -> hidden, h4toh hidden -> width.
+  for name, (out, inp) in (("fc1_kernel", (hidden, width)), ("fc2_kernel", (width, hidden))):
+    theirs = torch.empty(experts, out, inp, dtype=torch.float64)
+    torch.nn.init.kaiming_uniform_(theirs, a=np.sqrt(5))
+    ours, theirs = np.asarray(p[name], np.float64).ravel(), theirs.numpy().ravel()
+    bound = 1 / np.sqrt(width * hidden)
+    assert np.abs(ours).max() <= bound and np.abs(ours).max() > 0.99 * bound, name
+    assert ours.std() == pytest.approx(theirs.std(), rel=0.02), name
+    assert stats.ks_2samp(ours, theirs).pvalue > 1e-3, name
+  for name in ("fc1_bias", "fc2_bias"):
+    assert not np.asarray(p[name]).any(), name
+  gate = np.asarray(p["gate"]["kernel"], np.float64).ravel()
+  theirs = torch.nn.init.trunc_normal_(torch.empty(gate.size * 50, dtype=torch.float64), std=0.02).numpy()
+  assert gate.std() == pytest.approx(0.02, rel=0.15) and stats.ks_2samp(gate, theirs).pvalue > 1e-3
+  assert not np.asarray(p["gate"]["bias"]).any()
+
+
 def batch(b=12, hw=8, classes=5):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(b, hw, hw, 3)).astype(np.float32)

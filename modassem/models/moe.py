@@ -15,18 +15,20 @@ probability), sown for the trainer to weigh (its weight is 0 in the reference pr
 
 Parameters follow fastmoe's layout, so that a reference `.pth` converts by renaming and transposing: `gate/{kernel,
 bias}` and the experts' stacked `fc1_kernel` (E, width, hidden), `fc1_bias` (E, hidden), `fc2_kernel` (E, hidden,
-width) and `fc2_bias` (E, width).
+width) and `fc2_bias` (E, width). They start as the reference's do: fastmoe's expert init with zero biases, and
+timm's for the gate, an `nn.Linear` there (`inits.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from modassem.models.inits import fastmoe_expert_kernel, timm_trunc_normal
 
 ROUTERS = ("topk_softmax", "softmax_topk")
 
@@ -149,13 +151,6 @@ def experts_apply(x, routing: Routing, fc1_kernel, fc1_bias, fc2_kernel, fc2_bia
   return jax.ops.segment_sum(out * weights[:, None], token_sorted, num_segments=num_tokens)
 
 
-def _uniform_fan_in(fan_in: int):
-  """PyTorch's default Linear init, as fastmoe keeps it: U(+-1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5) for
-  the weight gives the same bound)."""
-  bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 class MoeMlp(nn.Module):
   """The MLP of a transformer block as `num_experts` expert MLPs, `k` of them per token (see the module doc)."""
   width: int
@@ -174,16 +169,18 @@ class MoeMlp(nn.Module):
       raise ValueError(f"moe k={self.k} must be between 1 and the number of experts ({self.num_experts})")
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
-    logits = nn.Dense(self.num_experts, dtype=jnp.float32, kernel_init=_uniform_fan_in(self.width),
-                      bias_init=_uniform_fan_in(self.width), name="gate")(tokens)
+    # The gate is an nn.Linear in the reference, so timm's init draws its kernel and zeroes its bias.
+    logits = nn.Dense(self.num_experts, dtype=jnp.float32, kernel_init=timm_trunc_normal(0.02),
+                      bias_init=nn.initializers.zeros, name="gate")(tokens)
     if train and self.noise_std > 0:
       logits = logits + self.noise_std * jax.random.normal(self.make_rng("dropout"), logits.shape)
     routing = route(logits, k=self.k, router=self.router, capacity_factor=self.capacity_factor)
     e, w, h = self.num_experts, self.width, self.hidden
-    fc1_kernel = self.param("fc1_kernel", _uniform_fan_in(w), (e, w, h))
-    fc1_bias = self.param("fc1_bias", _uniform_fan_in(w), (e, h))
-    fc2_kernel = self.param("fc2_kernel", _uniform_fan_in(h), (e, h, w))
-    fc2_bias = self.param("fc2_bias", _uniform_fan_in(h), (e, w))
+    # fastmoe's expert init (inits.fastmoe_expert_kernel), its biases zero.
+    fc1_kernel = self.param("fc1_kernel", fastmoe_expert_kernel(w, h), (e, w, h))
+    fc1_bias = self.param("fc1_bias", nn.initializers.zeros, (e, h))
+    fc2_kernel = self.param("fc2_kernel", fastmoe_expert_kernel(w, h), (e, h, w))
+    fc2_bias = self.param("fc2_bias", nn.initializers.zeros, (e, w))
     cast = lambda a: a.astype(self.dtype)
     # timm's GELU, the exact erf form, as in the dense MLP.
     activation = lambda a: nn.Dropout(self.dropout)(nn.gelu(a, approximate=False), deterministic=not train)

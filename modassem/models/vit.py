@@ -20,18 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from modassem.models.inits import timm_trunc_normal
 from modassem.models.moe import MoeMlp, MoeSpec
 from modassem.names import module_name
-
-
-def timm_trunc_normal(std: float = 0.02, a: float = -2.0, b: float = 2.0):
-  """timm's `trunc_normal_(std=0.02)`: a normal of std `std` cut at the *absolute* bounds [a, b].
-
-  At std 0.02 the cut is at +-100 standard deviations, so the draw is a plain normal of std 0.02. Flax's
-  `truncated_normal(stddev=0.02)` cuts at +-2 standard deviations instead, which leaves a std of about 0.0176;
-  JAX's bounds are in units of the standard deviation, hence the division.
-  """
-  return nn.initializers.truncated_normal(stddev=std, lower=a / std, upper=b / std)
 
 
 # timm initialises every Linear, the class token and the position embedding so; matching it keeps the official
