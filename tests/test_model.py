@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from modassem import config as config_lib, mixup, optim, phases, sharding
 from modassem.models.vit import ViT, ViTModule, drop_path_rates, stack_blocks, unstack_blocks
+from modassem.errors import ModassemError
 
 
 def _params(model):
@@ -31,6 +32,39 @@ def test_preset_sizes_match_the_paper(preset, millions):
   params = _params(phases.model_for(config, config.model.depths, scan=True))
   assert _count(params) / 1e6 == pytest.approx(millions, rel=0.02)
   assert set(params) == {f"module_{k}" for k in range(4)}
+
+
+def _vit_b16_parameters(moe_blocks: int, experts: int = 8) -> int:
+  """ViT-B/16's parameter count written out (timm's: 86,567,656), with `moe_blocks` MLPs made `experts` experts
+  and a gate (a Linear with bias)."""
+  w, hidden, tokens = 768, 3072, 14 * 14 + 1
+  mlp = w * hidden + hidden + hidden * w + w
+  block = 4 * w + (w * 3 * w + 3 * w) + (w * w + w) + mlp
+  dense = (16 * 16 * 3 * w + w) + w + tokens * w + 12 * block + 2 * w + (w * 1000 + 1000)
+  assert moe_blocks or dense == 86_567_656
+  return dense + moe_blocks * (experts * mlp + w * experts + experts - mlp)
+
+
+def test_vmoe_presets_are_the_references():
+  """m2mKD's V-MoE-B student and its recipe (configs/vmoe_b16.py), and Google's routing (vmoe_b16_google.py)."""
+  c = config_lib.load(f"{REPO}/configs/vmoe_b16.py:incubate")
+  assert dict(c.model.moe) == {"experts": 8, "k": 2, "every": 1, "blocks": (), "router": "topk_softmax",
+                               "capacity_factor": 0.0, "noise_std": 0.0, "aux_weight": 0.0}
+  assert c.model.depths == (3, 3, 3, 3) and c.stitch and (c.model.width, c.model.heads, c.model.patch) == (768, 12, 16)
+  assert (c.batch_size, c.epochs, c.warmup_epochs, c.model.drop_path, c.optim.clip_norm) == (2048, 100, 20, 0.1, 0)
+  assert optim.peak_lr(c) == pytest.approx(2e-3)
+  for phase in ("assemble", "e2e"):
+    c = config_lib.load(f"{REPO}/configs/vmoe_b16.py:{phase}")
+    assert (c.batch_size, c.epochs, c.warmup_epochs, c.model.drop_path, c.optim.clip_norm) == (1024, 100, 0, 0.1, 1)
+    assert optim.peak_lr(c) == pytest.approx(1e-3) and not c.stitch
+  # Every block sparse: one kind of block, so the count can come from a scanned model.
+  assert _count(_params(phases.model_for(c, c.model.depths, scan=True))) == _vit_b16_parameters(12)
+  with pytest.raises(ModassemError, match="m2mKD's meta model is ViT-L's: train it with configs/vit_l.py:meta"):
+    config_lib.load(f"{REPO}/configs/vmoe_b16.py:meta")
+  g = config_lib.load(f"{REPO}/configs/vmoe_b16_google.py:e2e")
+  assert (g.model.moe.router, g.model.moe.k, g.model.moe.capacity_factor, g.model.moe.noise_std,
+          g.model.moe.aux_weight, g.model.moe.blocks) == ("softmax_topk", 2, 1.05, 0.125, 0.01, (1, 3, 5, 7, 9, 11))
+  assert _count(_params(phases.model_for(g, g.model.depths))) == _vit_b16_parameters(6)
 
 
 def test_vit_h_has_no_qkv_bias_and_eps_1e_5():
