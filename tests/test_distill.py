@@ -172,11 +172,13 @@ def test_a_plan_prices_the_teacher_forward_pass(runs):
 
 def test_students_deeper_than_their_teacher_and_wider_than_the_meta_model(runs, tmp_path, capsys):
   """The meta run (width 16, one block per module) as meta model and teacher; students of width 32 with two blocks
-  per module. A meta run of another width is an error unless stitching is asked for; then each student module gets
-  stitch layers at its entry and exit (none before the stem, none after the head), trained with it and kept out of
-  modules/. `module=all` ends where a single-module run ends (slot 2: a meta prefix of two blocks, both stitch
-  layers, a meta block after it), and the students assemble into a width-32 model with no stitch in it."""
-  wide = {"model.width": 32, "model.heads": 4}
+  per module, the second one sparse (4 experts, top 2, as m2mKD's V-MoE students are): a dense teacher cut into
+  other depths than the students'. A meta run of another width is an error unless stitching is asked for; then
+  each student module gets stitch layers at its entry and exit (none before the stem, none after the head),
+  trained with it and kept out of modules/. `module=all` ends where a single-module run ends (slot 2: a meta prefix
+  of two blocks, both stitch layers, a meta block after it), and the students assemble into a width-32 model with
+  no stitch in it."""
+  wide = {"model.width": 32, "model.heads": 4, "model.moe.experts": 4, "model.moe.every": 2}
   line = train_error(capsys, tmp_path, f"{TINY}:incubate", f"--config.meta={runs['meta']}", "--config.model.width=32",
                      "--config.model.heads=4")
   assert_names(line, "width 16 vs 32", "or set --config.stitch=True")
@@ -215,6 +217,8 @@ def test_students_deeper_than_their_teacher_and_wider_than_the_meta_model(runs, 
   assert not any("stitch" in name for name in assembled)
   assert {name.split("]")[0] for name in assembled} == {"['blocks_0'", "['blocks_1'"}
   assert assembled["['blocks_0']['attn']['qkv']['kernel']"].shape == (32, 96)
+  assert assembled["['blocks_1']['mlp']['fc1_kernel']"].shape == (4, 32, 128)
+  assert "['blocks_0']['mlp']['fc1']['kernel']" in assembled
   # A stitched hybrid has no official layout: loading or exporting one says so and points at the assembly.
   import modassem  # pylint: disable=g-import-not-at-top
   with pytest.raises(ModassemError, match="stitch layers that no official layout holds"):
