@@ -228,7 +228,7 @@ def test_ragged_dots_are_counted_as_what_they_compute():
 def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_path):
   """V-MoE modules (every other block: 4 experts, top 2, the load-balancing loss weighed in) incubated all at once in
   the tiny dense meta run: each is the module its single-module run trains; assembly stacks them and trains on; a dense
-  config refuses them in one line naming the difference."""
+  config refuses them in one line naming the difference; `eval` reads the sparse assembly back to its result."""
   inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
   train.train(tiny("incubate", meta=runs["meta"], module="all", **_SPARSE), inc)
   alone = stepping.run_steps(tiny("incubate", meta=runs["meta"], module="2", **_SPARSE),
@@ -245,6 +245,9 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
   assert not any(key.startswith("moe/module_1/blocks_0/") for key in logged)
   result = train.train(tiny("assemble", modules=",".join([inc] * 4), **_SPARSE), asm)
   assert math.isfinite(result["loss"])
+  # `eval` reads the sparse run back to its own result.
+  again = train.evaluate_run(tiny("assemble", modules=",".join([inc] * 4), **_SPARSE), asm)
+  assert again["top1"] == pytest.approx(result["top1"]) and again["loss"] == pytest.approx(result["loss"], rel=1e-5)
   assert json.load(open(os.path.join(asm, records.RUN_FILE)))["arch"]["moe"] == {"experts": 4, "k": 2,
                                                                                       "router": "topk_softmax"}
   with pytest.raises(ModassemError, match=r"has another architecture than this config \(moe \{'experts': 4"):
