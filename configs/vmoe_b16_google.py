@@ -1,10 +1,12 @@
-"""V-MoE-B/16 with Google's routing (Riquelme et al. 2021, google-research/vmoe): `configs/vmoe_b16_google.py:PHASE`.
+"""V-MoE-B/16 with Google's routing (Riquelme et al. 2021, google-research/vmoe).
 
-The MoE layer in every other block (blocks 1, 3, ..., 11 of the twelve, as V-MoE's "every 2"), 8 experts, top 2 of a softmax over all
-experts (not renormalised), noisy gating (std 1/8 while training), a capacity factor of 1.05 with batch-priority
-routing (assignments past an expert's capacity are dropped: the token keeps its residual path), and the
-load-balancing loss at weight 0.01. The recipe otherwise is the DeiT one of the other ImageNet presets, so that
-the routing is what differs from `configs/vit_b.py`; for m2mKD's student and recipe see `configs/vmoe_b16.py`.
+    configs/vmoe_b16_google.py:meta|incubate|assemble|e2e
+
+The MoE layer in every other block (blocks 1, 3, ..., 11 of the twelve, as V-MoE's "every 2"), 8 experts, top 2
+of a softmax over all experts (not renormalised), noisy gating (std 1/8 while training), a capacity factor of 1.05
+with batch-priority routing (assignments past an expert's capacity are dropped: the token keeps its residual path),
+and the load-balancing loss at weight 0.01. The recipe otherwise is the DeiT one of the other ImageNet presets, so
+that the routing is what differs from `configs/vit_b.py`; for m2mKD's student and recipe see `configs/vmoe_b16.py`.
 """
 
 import common

@@ -88,7 +88,8 @@ def _member(coordinator: str, processes: int, process_id: int, spec: dict) -> No
     elif kind == "agreed":
       from modassem import train as train_lib  # pylint: disable=g-import-not-at-top
       views = {0: (True, [1, 3]), 1: (False, [])}
-      print(json.dumps(train_lib._agreed(*views[jax.process_index()], num_modules=4)), flush=True)  # pylint: disable=protected-access
+      agreed = train_lib._agreed(*views[jax.process_index()], num_modules=4)  # pylint: disable=protected-access
+      print(json.dumps(agreed), flush=True)
     else:
       raise ValueError(kind)
     for stream in (sys.stdout, sys.stderr):
