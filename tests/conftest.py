@@ -110,10 +110,14 @@ class Jobs:
     for name in order:
       if self._stopped:
         return
-      job = self._jobs[name]
+      job, deadline = self._jobs[name], time.monotonic() + 1200
+      # (Not past the deadline that `result` gives a job: a worker stopped with the job it waits on never writes
+      # its outcome, and this one then runs and fails rather than waits for ever.)
       while job.after and not os.path.exists(os.path.join(_JOB_RESULTS, f"{job.after}.json")):
         if self._stopped:
           return
+        if time.monotonic() > deadline:
+          break
         time.sleep(0.05)
       start = time.time()
       proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
