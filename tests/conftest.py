@@ -96,8 +96,9 @@ class Jobs:
 
   def start(self, modules: set, pipeline: bool) -> None:
     order = [n for n, job in self._jobs.items() if n != "pipeline" and job.module in modules]
-    if pipeline or any(self._jobs[n].after == "pipeline" for n in order):
-      order.insert(0, "pipeline")
+    # The jobs others read run too, and first: the pipeline where a test reads its runs.
+    needed = {self._jobs[n].after for n in order if self._jobs[n].after} | ({"pipeline"} if pipeline else set())
+    order = sorted(needed - set(order)) + order
     for name in set(self._jobs) - set(order):
       del self._jobs[name]
     # Each worker runs every n-th job (n workers) in a background thread of its own.

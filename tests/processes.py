@@ -3,10 +3,10 @@
     python tests/processes.py SPEC_JSON
 
 SPEC is {"processes": N, "devices": D, "parts": [[NAME, KIND, ARGS], ...],
-"preempt": NAME or null, "rerun": {"workdir": DIR, "args": [FLAGS ...]} or null}. N processes of D
-devices each join one distributed runtime, then run the parts in order, each
-in the same processes (as a host runs one command after another, without N
-new interpreters per command):
+"preempt": NAME or null, "rerun": {"workdir": DIR, "args": [FLAGS ...]} or
+null}. N processes of D devices each join one distributed runtime, then run
+the parts in order, each in the same processes (as a host runs one command
+after another, without N new interpreters per command):
 - "train": `modassem train ARGS` through the command line's own code;
 - "reads": the records each process reads (reads.py) from the TFDS dataset
   in ARGS[0] (written there by process 0 unless it exists), for each
@@ -97,7 +97,8 @@ def _member(coordinator: str, processes: int, process_id: int, spec: dict) -> No
 
 
 def _split(text: str) -> dict:
-  """{part: (its text, its exit status or None)} of one process's stdout or stderr."""
+  """{part: [its text, its exit status, or None where the process did not end it]} of one process's stdout or
+  stderr."""
   parts, name = {}, None
   for line in text.splitlines(keepends=True):
     if line.startswith(MARK + " "):
@@ -136,8 +137,10 @@ def run(spec: dict, timeout: float = 900) -> dict:
     out_parts, err_parts = _split(out), _split(err)
     for name in parts:
       text, status = out_parts.get(name, ("", None))
-      # A part a process did not end (it exited, or was stopped) takes the process's exit status.
-      parts[name].append([rc if status is None else status, text, err_parts.get(name, ("", None))[0] or err[-3000:]])
+      # A part a process did not end (it exited, or was stopped) takes the process's exit status; one it never
+      # started, the tail of its stderr.
+      part_err = err_parts[name][0] if name in err_parts else err[-3000:]
+      parts[name].append([rc if status is None else status, text, part_err])
   result = {"parts": parts, "rerun": None}
   if spec.get("rerun"):
     result["rerun"] = train(n, spec["devices"], spec["rerun"]["workdir"], spec["rerun"]["args"])

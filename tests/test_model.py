@@ -41,7 +41,7 @@ def _vit_b16_parameters(moe_blocks: int, experts: int = 8) -> int:
   mlp = w * hidden + hidden + hidden * w + w
   block = 4 * w + (w * 3 * w + 3 * w) + (w * w + w) + mlp
   dense = (16 * 16 * 3 * w + w) + w + tokens * w + 12 * block + 2 * w + (w * 1000 + 1000)
-  assert moe_blocks or dense == 86_567_656
+  assert dense == 86_567_656
   return dense + moe_blocks * (experts * mlp + w * experts + experts - mlp)
 
 
