@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from modassem import convert, files
 from modassem.errors import ModassemError
-from modassem.models.vit import ViT
+from modassem.models.vit import ViT, vit_of
 
 
 def load(path: str, *, preset: str | None = None, heads: int | None = None, ln_eps: float | None = None,
@@ -37,6 +37,6 @@ def load(path: str, *, preset: str | None = None, heads: int | None = None, ln_e
     m = convert.model_from_pth(path, preset, heads=heads, ln_eps=ln_eps)
   if image_size is not None:
     m = convert.at_image_size(m, image_size)
-  model = ViT(depths=tuple(m.depths), **m.arch)
+  model = vit_of(m.arch, m.depths)
   params = jax.tree_util.tree_map(jnp.asarray, m.params())
   return model, params

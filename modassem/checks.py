@@ -62,7 +62,7 @@ def _check_moe(config) -> None:
   if not config.model.moe.experts:
     return
   try:
-    spec, layout = phases.moe_of(config)
+    spec, layout = phases.moe_spec(config)
     spec.check()
   except ValueError as e:
     raise ModassemError(str(e)) from None

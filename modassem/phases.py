@@ -126,7 +126,7 @@ def frozen_arch(plan: Plan) -> dict:
   return {**dict(plan.meta_arch or ()), "moe": None}
 
 
-def moe_of(config) -> tuple[MoeSpec | None, tuple]:
+def moe_spec(config) -> tuple[MoeSpec | None, tuple]:
   """(the MoE MLP, which blocks of each module have it) of `config`'s target model; (None, ()) for a dense one.
   The layout is the target model's cut (`model.depths`) whatever hybrid runs a module: module i's blocks are the
   same in the target and in the hybrid that incubates it."""
@@ -136,6 +136,12 @@ def moe_of(config) -> tuple[MoeSpec | None, tuple]:
   spec = MoeSpec(experts=m.experts, k=m.k, router=m.router, capacity_factor=m.capacity_factor,
                  noise_std=m.noise_std)
   return spec, moe_layout(tuple(config.model.depths), every=m.every, blocks=tuple(m.blocks))
+
+
+def moe_of(config) -> tuple[MoeSpec | None, tuple]:
+  """`moe_spec(config)` for the model `config.phase` trains: the meta phase's is dense whatever the target (the meta
+  model that sparse modules incubate in is a ViT, as m2mKD's is)."""
+  return (None, ()) if config.phase == "meta" else moe_spec(config)
 
 
 def model_for(config, depths, *, dtype=None, scan=None, **arch) -> ViT:

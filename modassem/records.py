@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from modassem import files
+from modassem import files, phases
 from modassem.errors import ModassemError
 from modassem.models.presets import ARCH_FIELDS
 
@@ -40,12 +40,14 @@ PATH_FIELDS = ("meta", "modules", "teacher")
 
 
 def arch_of(config, **overrides) -> dict:
-  """run.json's "arch": what modules must agree on to be exchanged ("moe" only for a sparse model), with
-  `overrides` (a meta model's width, say; a field set to None is left out)."""
+  """run.json's "arch": what modules must agree on to be exchanged, with `overrides` (a meta model's width, say; a
+  field set to None is left out). "moe" only for a sparse model: the MoE MLP and, as "layout", which blocks of
+  each module have it (indices within the module), all that building its modules needs (`vit.vit_of`)."""
   arch = {f: config.model[f] for f in ARCH_FIELDS}
-  moe = config.model.moe
-  if moe.experts:
-    arch["moe"] = {"experts": moe.experts, "k": moe.k, "router": moe.router}
+  spec, layout = phases.moe_of(config)
+  if spec is not None:
+    arch["moe"] = {"experts": spec.experts, "k": spec.k, "router": spec.router,
+                   "capacity_factor": spec.capacity_factor, "layout": [list(blocks) for blocks in layout]}
   return {k: v for k, v in {**arch, **overrides}.items() if v is not None}
 
 

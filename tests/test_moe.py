@@ -16,7 +16,8 @@ import pytest
 
 import stepping
 from conftest import TINY, tiny
-from modassem import checkpoints, cli, cost, records, train
+import modassem
+from modassem import checkpoints, cli, cost, phases, records, train
 from modassem.errors import ModassemError
 from modassem.models import moe, vit
 
@@ -248,10 +249,34 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
   # `eval` reads the sparse run back to its own result.
   again = train.evaluate_run(tiny("assemble", modules=",".join([inc] * 4), **_SPARSE), asm)
   assert again["top1"] == pytest.approx(result["top1"]) and again["loss"] == pytest.approx(result["loss"], rel=1e-5)
-  assert json.load(open(os.path.join(asm, records.RUN_FILE)))["arch"]["moe"] == {"experts": 4, "k": 2,
-                                                                                      "router": "topk_softmax"}
-  with pytest.raises(ModassemError, match=r"has another architecture than this config \(moe \{'experts': 4"):
+  assert json.load(open(os.path.join(asm, records.RUN_FILE)))["arch"]["moe"] == {
+      "experts": 4, "k": 2, "router": "topk_softmax", "capacity_factor": 0.0, "layout": [[1], [1], [1], [1]]}
+  # `modassem.load` builds the sparse model the run trained: its logits are the ones evaluation computes.
+  model, params = modassem.load(asm)
+  assert params["module_2"]["blocks_1"]["mlp"]["fc1_kernel"].shape[0] == 4
+  assert params["module_2"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
+  images = jax.random.normal(jax.random.key(0), (3, model.image_size, model.image_size, 3))
+  mine = phases.forward(phases.make_plan(tiny("assemble", **_SPARSE)), functools.partial(
+      phases.model_for, tiny("assemble", **_SPARSE)), params, {}, images, train=False, key=None)["model"]
+  np.testing.assert_allclose(model.apply({"params": params}, images), mine, rtol=1e-5, atol=1e-5)
+  # And an incubated module's hybrid: module 2 sparse, the meta run's modules dense.
+  model, params = modassem.load(inc, module=2)
+  assert params["module_2"]["blocks_1"]["mlp"]["fc1_kernel"].shape[0] == 4
+  assert params["module_1"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
+  assert np.isfinite(np.asarray(model.apply({"params": params}, images))).all()
+  with pytest.raises(ModassemError, match=r"another architecture than this config \(moe \{.*'experts': 4.* vs None\)"):
     train.train(tiny("assemble", modules=",".join([inc] * 4)), str(tmp_path / "dense"))
+
+
+def test_the_meta_phase_of_a_sparse_config_is_dense():
+  """A sparse target's meta model is a ViT, as m2mKD's is: its meta phase builds and records the dense config's
+  meta model, which that config's incubations read; its other phases are sparse where the layout says."""
+  sparse, dense = tiny("meta", **_SPARSE), tiny("meta")
+  assert records.arch_of(sparse) == records.arch_of(dense) and "moe" not in records.arch_of(sparse)
+  assert phases.model_for(sparse, (1, 1, 1, 1)) == phases.model_for(dense, (1, 1, 1, 1))
+  e2e = tiny("e2e", **_SPARSE)
+  assert records.arch_of(e2e)["moe"]["layout"] == [[1], [1], [1], [1]]
+  assert phases.model_for(e2e, e2e.model.depths).moe == moe.MoeSpec(experts=4, k=2)
 
 
 @pytest.mark.parametrize("overrides, needle", [

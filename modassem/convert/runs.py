@@ -16,7 +16,7 @@ from modassem.convert.arch import Model, at_image_size, describe, match_preset, 
 from modassem.convert.official import infer_arch, module_to_stage, read_pth, stage_to_module, write_pth
 from modassem.errors import ModassemError
 from modassem.models.presets import ARCH_FIELDS, PRESETS
-from modassem.models.vit import ViT, abstract_params
+from modassem.models.vit import abstract_params, dense_arch, vit_of
 from modassem.names import module_name
 
 
@@ -82,9 +82,9 @@ def _read_run(run_dir: str) -> dict:
   return run
 
 
-def _load_modules(run_dir: str, run: dict, slots, depths, what: str) -> dict:
-  abstract = abstract_params(ViT(depths=tuple(depths), **run["arch"]))
-  expect = {"arch": run["arch"], "num_modules": len(depths)}
+def _load_modules(run_dir: str, arch: dict, slots, depths, what: str) -> dict:
+  abstract = abstract_params(vit_of(arch, depths))
+  expect = {"arch": arch, "num_modules": len(depths)}
   return {k: checkpoints.load_module(run_dir, k, expect={**expect, "depth": depths[k]},
                                      abstract=abstract[module_name(k)], what=what) for k in slots}
 
@@ -105,7 +105,8 @@ def model_from_run(run_dir: str, module: int | None = None) -> Model:
                            "leave module out to load this run's model"))
   if run["phase"] != "incubate":
     depths = [1] * num if run["phase"] == "meta" else list(run["depths"])
-    mods = _load_modules(run_dir, run, range(num), depths, "run")
+    arch = dict(run["arch"])
+    mods = _load_modules(run_dir, arch, range(num), depths, "run")
   else:
     if len(trained) != 1 and module is None:
       raise ModassemError(f"{run_dir} incubated modules {trained} together, one hybrid each: pick one with "
@@ -118,16 +119,21 @@ def model_from_run(run_dir: str, module: int | None = None) -> Model:
                           "holds: load or export the assembly of these modules instead")
     depths = [run["depths"][i] if k == i else 1 for k in range(num)]
     meta = files.recorded((run.get("sources") or [""])[0], run_dir)
-    mods = _load_modules(run_dir, run, [i], depths, "run")
+    mods = _load_modules(run_dir, run["arch"], [i], depths, "run")
     others = [k for k in range(num) if k != i]
     if meta and files.path(meta).is_file():
       # An imported incubated module: its source file is the whole hybrid, meta modules included.
       hybrid = model_from_pth(meta, heads=run["arch"]["heads"], ln_eps=run["arch"]["ln_eps"])
       mods.update({k: hybrid.modules[k] for k in others})
     else:
-      mods.update(_load_modules(meta, run, others, depths, f"meta run of {run_dir}"))
+      mods.update(_load_modules(meta, dense_arch(run["arch"]), others, depths, f"meta run of {run_dir}"))
+    # The hybrid: module i as the run trained it, in the dense meta model.
+    arch = dense_arch(run["arch"])
+    if "moe" in run["arch"]:
+      moe = run["arch"]["moe"]
+      arch["moe"] = {**moe, "layout": [moe["layout"][k] if k == i else [] for k in range(num)]}
   modules = [jax_free(mods[k]) for k in range(num)]
-  return Model(arch=dict(run["arch"]), preset=str(run.get("preset", "")), depths=depths, modules=modules)
+  return Model(arch=arch, preset=str(run.get("preset", "")), depths=depths, modules=modules)
 
 
 def jax_free(tree):

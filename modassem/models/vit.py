@@ -364,3 +364,20 @@ def abstract_params(model: ViT) -> dict:
   """`model`'s parameters as ShapeDtypeStructs: their shapes, with nothing allocated."""
   image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), image))["params"]
+
+
+def vit_of(arch: dict, depths: Sequence[int]) -> ViT:
+  """The ViT of run.json's "arch" (records.arch_of) with module depths `depths`: its "moe", where present, gives the
+  MoE MLP and the blocks of each module that have one ("layout"; a module with none is dense)."""
+  arch = dict(arch)
+  moe = arch.pop("moe", None)
+  if not moe:
+    return ViT(depths=tuple(depths), **arch)
+  spec = MoeSpec(experts=int(moe["experts"]), k=int(moe["k"]), router=str(moe["router"]),
+                 capacity_factor=float(moe.get("capacity_factor", 0.0)))
+  return ViT(depths=tuple(depths), **arch, moe=spec, moe_layout=tuple(tuple(b) for b in moe["layout"]))
+
+
+def dense_arch(arch: dict) -> dict:
+  """`arch` without its MoE MLP: the dense model of the same shape (a meta model that sparse modules incubate in)."""
+  return {k: v for k, v in arch.items() if k != "moe"}
