@@ -3,6 +3,7 @@ mean and spread over seeds."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -59,6 +60,28 @@ def run(argv: list[str], out: str, name: str, done: str, code: str = REPO) -> fl
   with open(walls_file, "w") as f:
     json.dump(walls, f, indent=2)
   return walls[name]
+
+
+def code_commit(code: str) -> str:
+  """The commit of the modassem that runs (the checkout `code`); where its modassem/ or configs/ differ from that
+  commit, "+changes-" and a hash of the difference, so that runs of the same uncommitted code still match."""
+  git = lambda *args: subprocess.run(["git", *args], cwd=code, capture_output=True, text=True).stdout
+  head = git("rev-parse", "HEAD").strip() or "unknown"
+  diff = git("diff", "HEAD", "--", "modassem", "configs")
+  return head + (f"+changes-{hashlib.sha1(diff.encode()).hexdigest()[:12]}" if diff else "")
+
+
+def nice_for_the_whole_session() -> None:
+  """With Linux's autogroup scheduling, a process in a session of its own (started with setsid or nohup from another
+  terminal) competes with the user's session as one group whatever its nice value: the study at `nice -n 19` would
+  still take a core from the tests. Its group's nice value set to its own makes it yield as asked."""
+  niceness = os.nice(0)
+  if niceness > 0 and os.path.exists("/proc/self/autogroup"):
+    try:
+      with open("/proc/self/autogroup", "w") as f:
+        f.write(str(niceness))
+    except OSError:
+      pass   # not permitted here: the nice value alone applies
 
 
 def extract_cifar10(data_dir: str, eval_per_class: int) -> None:

@@ -26,14 +26,12 @@ built-in digits (for the tests).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import statistics
-import subprocess
 
-from _runs import REPO, command_line, extract_cifar10, fmt, run, summary
+from _runs import REPO, code_commit, command_line, extract_cifar10, fmt, nice_for_the_whole_session, run, summary
 
 
 def data_flags(a) -> list[str]:
@@ -190,15 +188,6 @@ def plot(a, by: dict) -> None:
   plt.close(fig)
 
 
-def code_commit(code: str) -> str:
-  """The commit of the modassem that runs (the checkout `code`); where its modassem/ or configs/ differ from that
-  commit, "+changes-" and a hash of the difference, so that runs of the same uncommitted code still match."""
-  git = lambda *args: subprocess.run(["git", *args], cwd=code, capture_output=True, text=True).stdout
-  head = git("rev-parse", "HEAD").strip() or "unknown"
-  diff = git("diff", "HEAD", "--", "modassem", "configs")
-  return head + (f"+changes-{hashlib.sha1(diff.encode()).hexdigest()[:12]}" if diff else "")
-
-
 def recorded(out: str, commit: str) -> tuple[dict, dict, dict | None]:
   """The finished runs OUT/results.json holds from the same code (runs, their commands, the runs' setup): the
   results are committed and the run directories are not, so a study goes on where it stopped on another machine.
@@ -216,19 +205,6 @@ def recorded(out: str, commit: str) -> tuple[dict, dict, dict | None]:
   commands = {k: v for k, v in r.get("commands", {}).items()
               if k in {f"depth{d}_seed{s}" for d, s in runs} | {f"meta_seed{s}" for _, s in runs}}
   return runs, commands, r.get("runs_setup") if runs else None
-
-
-def _nice_for_the_whole_session() -> None:
-  """With Linux's autogroup scheduling, a process in a session of its own (started with setsid or nohup from another
-  terminal) competes with the user's session as one group whatever its nice value: the study at `nice -n 19` would
-  still take a core from the tests. Its group's nice value set to its own makes it yield as asked."""
-  niceness = os.nice(0)
-  if niceness > 0 and os.path.exists("/proc/self/autogroup"):
-    try:
-      with open("/proc/self/autogroup", "w") as f:
-        f.write(str(niceness))
-    except OSError:
-      pass   # not permitted here: the nice value alone applies
 
 
 def main(argv=None) -> None:
@@ -253,7 +229,7 @@ def main(argv=None) -> None:
   p.add_argument("--dtype", help="compute dtype (the preset's: float32)")
   p.add_argument("--eval_per_class", type=int, default=200)
   a = p.parse_args(argv)
-  _nice_for_the_whole_session()
+  nice_for_the_whole_session()
   try:
     depths, seeds = [int(d) for d in a.depths.split(",") if d], [int(s) for s in a.seeds.split(",") if s]
     extra = [int(s) for s in a.extra_seeds.split(",") if s]
