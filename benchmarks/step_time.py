@@ -25,6 +25,7 @@ checkpoints: meta and source modules are random, which does not change speed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -70,18 +71,18 @@ def _random_modules(model, key, mesh, mode):
 
 
 def phase_setup(preset: str, phase: str, module: str, batch: int, dtype: str, mode: str,
-                remat: str = "none", scan: bool = False) -> prepare.Setup:
+                remat: str = "none", scan: bool = False, extra: dict | None = None) -> prepare.Setup:
   overrides = {"batch_size": batch, "model.dtype": dtype, "sharding": mode, "total_steps": 1000, "warmup_steps": 10,
-               "model.remat": remat, "model.scan": scan}
+               "model.remat": remat, "model.scan": scan, **(extra or {})}
   if phase == "incubate":
     overrides["module"] = module
   config = config_lib.load(os.path.join(REPO, "configs", f"{preset}.py:{phase}"), overrides)
   plan = phases.make_plan(config)
   mesh = sharding.make_mesh()
-  model_of = lambda depths: phases.model_for(config, depths)
+  model_of = functools.partial(phases.model_for, config, devices=mesh.size)
   frozen, sources = {}, None
   if plan.incubate:
-    meta = _random_modules(model_of(plan.meta_depths), jax.random.key(1), mesh, mode)
+    meta = _random_modules(model_of(plan.meta_depths, **phases.frozen_arch(plan)), jax.random.key(1), mesh, mode)
     frozen = {phases.module_name(k): meta[phases.module_name(k)] for k in phases.frozen_slots(plan)}
   if phase == "assemble":
     sources = _random_modules(model_of(plan.depths), jax.random.key(2), mesh, mode)

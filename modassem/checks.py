@@ -8,6 +8,7 @@ import math
 
 from modassem import phases
 from modassem.errors import ModassemError
+from modassem.models.moe import expert_shards
 from modassem.models.vit import REMAT_POLICIES
 from modassem.phases import Plan
 
@@ -88,6 +89,9 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
   if not isinstance(m.scan, bool):
     raise ModassemError(f"model.scan={m.scan!r} is not a boolean: use True or False")
   _check_moe(config)
+  if m.moe.experts and m.dropout > 0 and expert_shards(m.moe.experts, num_devices) > 1:
+    raise ModassemError(f"model.dropout={m.dropout:g} inside MoE experts split over {num_devices} devices is not "
+                        "supported: set model.dropout=0 (as every preset does)")
   if m.remat not in REMAT_POLICIES:
     raise ModassemError(f"model.remat={m.remat!r} is unknown: use one of {', '.join(REMAT_POLICIES)}")
   if str(m.dtype) not in _DTYPES:

@@ -63,8 +63,8 @@ def unrolled(s: prepare.Setup) -> prepare.Setup | None:
     c.model.scan = False
     c.accum_steps = 1
   frozen = {name: prepare.placed(tree, s.mesh, c) for name, tree in jax.eval_shape(unstack_blocks, s.frozen).items()}
-  return dataclasses.replace(s, config=c, model_of=functools.partial(phases.model_for, c), frozen=frozen,
-                             sources=None)
+  return dataclasses.replace(s, config=c, model_of=functools.partial(phases.model_for, c, devices=s.mesh.size),
+                             frozen=frozen, sources=None)
 
 
 def _ragged_dots(jaxpr):
@@ -87,6 +87,9 @@ def ragged_dot_flops(eqn) -> float:
   dims = eqn.params["ragged_dot_dimension_numbers"]
   (_, rhs_contracting), (_, rhs_batch) = dims.dot_dimension_numbers
   bound = {*rhs_contracting, *rhs_batch, *dims.rhs_group_dimensions}
+  # With the experts split over devices (moe.experts_apply_sharded) a ragged dot is one device's, in its shapes, as
+  # XLA counts it there (once, not per device); its left operand is that device's receive buffer, room for every
+  # assignment of the step, and so its count is the work of all devices' real rows.
   return 2.0 * math.prod(lhs.shape) * math.prod(n for i, n in enumerate(rhs.shape) if i not in bound)
 
 

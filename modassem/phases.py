@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from modassem.errors import ModassemError
-from modassem.models.moe import MoeSpec, moe_layout
+from modassem.models.moe import MoeSpec, expert_shards, moe_layout
 from modassem.models.vit import Stitch, ViT, stack_blocks
 from modassem.names import module_name, teacher_name  # noqa: F401  (phases.module_name, as it was)
 
@@ -144,12 +144,15 @@ def moe_of(config) -> tuple[MoeSpec | None, tuple]:
   return (None, ()) if config.phase == "meta" else moe_spec(config)
 
 
-def model_for(config, depths, *, dtype=None, scan=None, **arch) -> ViT:
+def model_for(config, depths, *, dtype=None, scan=None, devices: int = 1, **arch) -> ViT:
   """The ViT of `config` with module depths `depths`; `arch` overrides width, heads or mlp_ratio (a meta model of
-  another width)."""
+  another width). On a mesh of `devices`, an MoE MLP splits its experts over them where they divide evenly
+  (moe.expert_shards; `sharding` places the expert parameters to match)."""
   m = config.model
   spec, layout = moe_of(config)
   spec = arch.pop("moe", spec)
+  if spec is not None:
+    spec = dataclasses.replace(spec, shards=expert_shards(spec.experts, devices))
   shape = {"width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio, **arch}
   return ViT(depths=tuple(depths), image_size=m.image_size, patch=m.patch, qkv_bias=m.qkv_bias, ln_eps=m.ln_eps,
              num_classes=m.num_classes, **shape,

@@ -240,7 +240,7 @@ def setup(config, workdir: str | None, *, load_sources: bool = True) -> Setup:
     records.check_not_a_file(workdir)
   mesh = sharding.make_mesh()
   plan = checked_plan(config, mesh, load_sources=load_sources)
-  model_of = functools.partial(phases.model_for, config)
+  model_of = functools.partial(phases.model_for, config, devices=mesh.size)
   teacher = {}
   if plan.stitched:
     say(f"the meta run {config.meta} has width {dict(plan.meta_arch)['width']}, this model {config.model.width}: "
@@ -294,7 +294,7 @@ def abstract_setup(config, total_steps: int, warmup_steps: int) -> Setup:
   config = with_absolute_paths(config)
   mesh = sharding.make_mesh()
   plan = checked_plan(config, mesh, load_sources=False)
-  model_of = functools.partial(phases.model_for, config)
+  model_of = functools.partial(phases.model_for, config, devices=mesh.size)
   # In the model's layout (stacked blocks where it scans), at the meta model's width, as `setup` places them.
   arch = phases.frozen_arch(plan)
   meta = abstract_params(model_of(plan.meta_depths, **arch))

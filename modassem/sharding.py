@@ -4,6 +4,10 @@ One mesh axis, "data". The batch is split over it; parameters (and the AdamW
 moments that mirror them) are either replicated (`data`) or split along their
 largest divisible dimension (`fsdp`), and XLA inserts the gathers. Nothing in
 the model or the step knows which: they are jitted against these shardings.
+The experts of an MoE MLP are the exception, in both modes: where the devices
+divide them evenly, each device holds its share of them (split along the
+expert axis, as V-MoE does) and the model sends tokens to them
+(moe.experts_apply_sharded).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from modassem.errors import ModassemError
+from modassem.models.moe import EXPERT_AXIS, EXPERT_PARAMS, expert_shards
 from modassem.models.vit import is_stacked
 
 AXIS = "data"
 MODES = ("data", "fsdp")
+assert EXPERT_AXIS == AXIS, "the model's expert all-to-all runs over the mesh's one axis"
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -51,11 +57,28 @@ def check_mode(mode: str) -> None:
     raise ModassemError(f"config.sharding={mode!r} is unknown: use one of {', '.join(MODES)}")
 
 
+def _expert_spec(path, shape, n: int, stacked: bool) -> P | None:
+  """The split of an MoE expert parameter along its expert axis (after the block axis where stacked), or None for
+  any other leaf, and where the devices do not divide the experts evenly (the model then keeps them whole)."""
+  name = getattr(path[-1], "key", None) if path else None
+  axis = 1 if stacked else 0
+  if name not in EXPERT_PARAMS or len(shape) <= axis or expert_shards(shape[axis], n) == 1:
+    return None
+  spec = [None] * len(shape)
+  spec[axis] = EXPERT_AXIS
+  return P(*spec)
+
+
 def tree_shardings(tree, mesh: Mesh, mode: str):
   """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs)."""
   check_mode(mode)
   n = mesh.shape[AXIS]
-  if mode == "data" or n == 1:
-    return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n, is_stacked(path))), tree)
+
+  def one(path, x):
+    shape, stacked = np.shape(x), is_stacked(path)
+    spec = _expert_spec(path, shape, n, stacked)
+    if spec is None:
+      spec = P() if mode == "data" or n == 1 else _fsdp_spec(shape, n, stacked)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(one, tree)

@@ -1,6 +1,6 @@
 """A few real train steps of tiny configs, in this process or in a subprocess with another device count.
 
-    python tests/stepping.py CASES_JSON OUT_DIR    # {name: [phase, overrides]}; prints {name: summary} as JSON
+    python tests/stepping.py CASES_JSON OUT_DIR    # {name: [phase, overrides(, "flops")]}; prints {name: summary}
 
 Each case runs the trainer's own set-up, lowered and compiled step, and batches
 (`prepare`), so what it reports is what a run would compute. The parameters
@@ -48,17 +48,21 @@ def run_cases(cases: dict, out_dir: str, steps: int = 3) -> dict:
   from modassem import config as config_lib, prepare  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   out = {}
-  for name, (phase, overrides) in cases.items():
+  for name, (phase, overrides, *options) in cases.items():
     config = config_lib.load(f"{TINY}:{phase}", overrides)
-    _, state, history = run_steps(config, steps)
+    s, state, history = run_steps(config, steps)
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
     specs = sorted({str(x.sharding.spec) for _, x in flat})
     stacked = [x.sharding.spec for p, x in flat if "'blocks'" in jax.tree_util.keystr(p)]
+    experts = {str(x.sharding.spec) for p, x in flat if jax.tree_util.keystr(p).endswith(("_kernel']", "_bias']"))}
     path = os.path.join(out_dir, name.replace("/", "_") + ".npz")
     np.savez(path, **leaves(prepare.saved_layout(config, state.params)))   # per block, whatever the model
     out[name] = {"devices": jax.device_count(), "losses": [float(m["loss"]) for m in history], "specs": specs,
                  "stacked": len(stacked), "block_axis_split": any(len(sp) and sp[0] is not None for sp in stacked),
-                 "params": path}
+                 "expert_specs": sorted(experts), "params": path}
+    if "flops" in options:   # the step's FLOPs as the trainer counts them (modassem.cost)
+      from modassem import cost  # pylint: disable=g-import-not-at-top
+      out[name]["flops"] = cost.train_step_flops(s)
   return out
 
 

@@ -17,7 +17,7 @@ import pytest
 import stepping
 from conftest import TINY, tiny
 import modassem
-from modassem import checkpoints, cli, cost, phases, records, train
+from modassem import checkpoints, checks, cli, cost, phases, records, train
 from modassem.errors import ModassemError
 from modassem.models import moe, vit
 
@@ -295,3 +295,14 @@ def test_bad_moe_settings_are_one_line(capsys, tmp_path, overrides, needle):
   err = capsys.readouterr().err.strip()
   assert err.startswith("modassem train: error: ") and needle in err and "\n" not in err, err
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_dropout_in_experts_split_over_devices_is_refused_in_one_line():
+  """The experts' all-to-all runs no Flax module: dropout there is refused before anything is built, where the
+  devices split the experts (8 experts on 8 devices), and allowed where they do not (on 3, each holds all)."""
+  config = tiny("e2e", **{**_SPARSE, "model.moe.experts": 8, "model.dropout": 0.1, "batch_size": 24, "eval_batch_size": 24})
+  plan = phases.make_plan(config)
+  with pytest.raises(ModassemError, match=r"^model.dropout=0.1 inside MoE experts split over 8 devices"):
+    checks.check_config(config, plan, 8, load_sources=False)
+  checks.check_config(config, plan, 3, load_sources=False)
+

@@ -27,11 +27,17 @@ INC = {"meta": os.path.join(PIPELINE, "meta"), "module": "all"}
 ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the session's incubated modules
 # The 8-device cases, as two jobs that start in the background once the session pipeline (whose meta run and
 # modules the incubation and assembly cases read) has finished, while the tests that need no job run here.
+# V-MoE blocks (every other one) with 8 experts: one per device on 8, each device's tokens sent to them; the
+# reference's routing, and V-MoE's with a capacity that drops assignments.
+MOE = {"model.moe.experts": 8, "model.moe.every": 2, "model.moe.aux_weight": 0.01}
+CAPACITY = {**MOE, "model.moe.router": "softmax_topk", "model.moe.capacity_factor": 0.5}
 EIGHT = [{"e2e/data": ["e2e", {"sharding": "data"}], "incubate/data": ["incubate", {"sharding": "data", **INC}],
           "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}],
-          "assemble/fsdp": ["assemble", {"sharding": "fsdp", **ASM}]},
+          "assemble/fsdp": ["assemble", {"sharding": "fsdp", **ASM}],
+          "moe/data": ["e2e", {"sharding": "data", **MOE}, "flops"]},
          {"e2e/fsdp": ["e2e", {"sharding": "fsdp"}], "incubate/fsdp": ["incubate", {"sharding": "fsdp", **INC}],
-          "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}]}]
+          "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}],
+          "moe/fsdp": ["e2e", {"sharding": "fsdp", **CAPACITY}]}]
 for _i, _cases in enumerate(EIGHT):
   JOBS.add(f"sharding-8-{_i}", [sys.executable, os.path.join(REPO, "tests", "stepping.py"), json.dumps(_cases), OUT],
            module=__file__, env=devices_env(8), after="pipeline")
@@ -42,7 +48,9 @@ def results(runs):
   assert runs["meta"] == INC["meta"]
   one = stepping.run_cases({"e2e": ["e2e", {"sharding": "data"}], "incubate": ["incubate", {"sharding": "data", **INC}],
                             "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}],
-                            "assemble": ["assemble", {"sharding": "data", **ASM}]}, OUT)
+                            "assemble": ["assemble", {"sharding": "data", **ASM}],
+                            "moe": ["e2e", {"sharding": "data", **MOE}, "flops"],
+                            "moe/capacity": ["e2e", {"sharding": "data", **CAPACITY}]}, OUT)
   eight = {}
   for i in range(len(EIGHT)):
     eight.update(json.loads(JOBS.result(f"sharding-8-{i}").strip().splitlines()[-1]))
@@ -92,3 +100,20 @@ def test_scanned_blocks_under_fsdp_match_the_per_block_model_on_one_device(resul
   assert any("data" in s for s in scan["specs"])
   np.testing.assert_allclose(scan["losses"], one["plain"]["losses"], rtol=2e-5)
   assert_same_params(scan, one["plain"])
+
+
+@pytest.mark.parametrize("case, reference", [("moe/data", "moe"), ("moe/fsdp", "moe/capacity")])
+def test_experts_split_over_eight_devices_match_one_device(case, reference, results):
+  """Each of 8 devices holds one expert of each MoE layer, under data parallelism and FSDP alike, and the tokens go
+  to them and back: the same losses and parameters as one device holding them all, with no assignment dropped by
+  the reference's routing and the same ones dropped by a capacity."""
+  one, eight = results
+  got, want = eight[case], one[reference]
+  assert want["expert_specs"] == ["P()"]
+  assert got["expert_specs"] == ["P('data', None)", "P('data', None, None)"]
+  np.testing.assert_allclose(got["losses"], want["losses"], rtol=2e-5)
+  assert_same_params(got, want)
+  if "flops" in want:
+    # The work counted is the same: the grouped matmuls inside the exchange, lowered per device, are counted as
+    # the k experts of every token (modassem.cost), not as the padded buffers or every expert.
+    assert got["flops"] == pytest.approx(want["flops"], rel=0.01)

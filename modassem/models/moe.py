@@ -41,6 +41,7 @@ class MoeSpec:
   router: str = "topk_softmax"
   capacity_factor: float = 0.0
   noise_std: float = 0.0
+  shards: int = 1   # devices the experts are split over (`expert_shards`); 1: every device holds every expert
 
   def check(self) -> None:
     if self.experts < 1:
@@ -54,6 +55,18 @@ class MoeSpec:
     if self.router == "topk_softmax" and (self.capacity_factor or self.noise_std):
       raise ValueError("model.moe.router='topk_softmax' (the m2mKD reference's) has no capacity and no noise: use "
                        "router='softmax_topk' (V-MoE's) for model.moe.capacity_factor or model.moe.noise_std")
+
+
+# The experts' parameters (MoeMlp's), each with the expert axis first: what `sharding` splits over the devices.
+EXPERT_PARAMS = ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
+# The mesh axis the experts are split over: the data axis, as in V-MoE (modassem.sharding.AXIS).
+EXPERT_AXIS = "data"
+
+
+def expert_shards(experts: int, devices: int) -> int:
+  """Devices the experts are split over on a mesh of `devices`: all of them where each gets the same number of
+  experts, else none (each device holds every expert, as on one device)."""
+  return devices if devices > 1 and experts % devices == 0 else 1
 
 
 def moe_layout(depths: Sequence[int], *, every: int = 0, blocks: Sequence[int] = ()) -> tuple[tuple[int, ...], ...]:
@@ -151,6 +164,54 @@ def experts_apply(x, routing: Routing, fc1_kernel, fc1_bias, fc2_kernel, fc2_bia
   return jax.ops.segment_sum(out * weights[:, None], token_sorted, num_segments=num_tokens)
 
 
+def experts_apply_sharded(x, routing: Routing, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, activation, *,
+                          shards: int):
+  """`experts_apply` with the tokens and the experts split over the `shards` devices of the mesh axis EXPERT_AXIS
+  (each device holds E / shards experts and T / shards tokens): every device sends each of its assignments to the
+  device that holds its expert (an all-to-all), runs its experts on what it receives, and sends the outputs back
+  (a second all-to-all), where they are weighed and summed per token as on one device.
+
+  No assignment is dropped, with static shapes: a device's send buffer has room for all its assignments at every
+  destination (the worst case, all of them to one device), so the rows each device's experts take are T * k in all,
+  of which T * k / shards on average are real; padding rows go through no expert (a grouped matmul leaves rows past
+  its groups at zero) and come back unused. `activation` must be a pure function (no Flax module): it runs inside
+  `shard_map`.
+  """
+  spec = jax.sharding.PartitionSpec(EXPERT_AXIS)
+  mesh = jax.sharding.AbstractMesh((shards,), (EXPERT_AXIS,))
+
+  def local(x, experts, weights, w1, b1, w2, b2):
+    num_tokens, k = experts.shape
+    per_device = w1.shape[0]
+    room = num_tokens * k
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)        # by expert, so by the device that holds it
+    expert_sorted = flat[order]
+    dest = expert_sorted // per_device
+    counts = jnp.bincount(dest, length=shards)
+    slot = jnp.arange(room) - (jnp.cumsum(counts) - counts)[dest]   # its place in the rows sent to `dest`
+    send = jnp.zeros((shards, room, x.shape[-1]), x.dtype).at[dest, slot].set(x[order // k])
+    # The local expert of each row sent; `per_device` marks a padding row.
+    send_ids = jnp.full((shards, room), per_device, jnp.int32).at[dest, slot].set(expert_sorted % per_device)
+    rows = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0).reshape(shards * room, -1)   # [source] = what it sent
+    ids = jax.lax.all_to_all(send_ids, EXPERT_AXIS, 0, 0).reshape(-1)
+    by_expert = jnp.argsort(ids, stable=True)    # padding rows last, past every group
+    ids_sorted = ids[by_expert]
+    sizes = jnp.sum(jax.nn.one_hot(ids, per_device, dtype=jnp.int32), axis=0)
+    safe = jnp.minimum(ids_sorted, per_device - 1)
+    h = activation(jax.lax.ragged_dot(rows[by_expert], w1, sizes) + b1[safe])
+    out = jax.lax.ragged_dot(h, w2, sizes) + b2[safe]
+    out = jnp.where((ids_sorted < per_device)[:, None], out, 0).astype(x.dtype)
+    out = jnp.zeros_like(out).at[by_expert].set(out)                    # back in the order received
+    back = jax.lax.all_to_all(out.reshape(shards, room, -1), EXPERT_AXIS, 0, 0)   # [dest] = its outputs
+    mine = back[dest, slot]
+    w = weights.reshape(-1)[order].astype(mine.dtype)
+    return jax.ops.segment_sum(mine * w[:, None], order // k, num_segments=num_tokens)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 7, out_specs=spec)(
+      x, routing.experts, routing.weights, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias)
+
+
 class MoeMlp(nn.Module):
   """The MLP of a transformer block as `num_experts` expert MLPs, `k` of them per token (see the module doc)."""
   width: int
@@ -162,6 +223,7 @@ class MoeMlp(nn.Module):
   noise_std: float = 0.0
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  shards: int = 1   # devices the experts are split over (experts_apply_sharded)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -182,10 +244,19 @@ class MoeMlp(nn.Module):
     fc2_kernel = self.param("fc2_kernel", fastmoe_expert_kernel(w, h), (e, h, w))
     fc2_bias = self.param("fc2_bias", nn.initializers.zeros, (e, w))
     cast = lambda a: a.astype(self.dtype)
+    params = (cast(fc1_kernel), cast(fc1_bias), cast(fc2_kernel), cast(fc2_bias))
     # timm's GELU, the exact erf form, as in the dense MLP.
-    activation = lambda a: nn.Dropout(self.dropout)(nn.gelu(a, approximate=False), deterministic=not train)
-    y = experts_apply(cast(tokens), routing, cast(fc1_kernel), cast(fc1_bias), cast(fc2_kernel), cast(fc2_bias),
-                      activation)
+    gelu = lambda a: nn.gelu(a, approximate=False)
+    # Split over the devices where the tokens split evenly too (a train or eval batch always does; `init`'s
+    # one-image batch does not, and needs shapes only).
+    if self.shards > 1 and tokens.shape[0] % self.shards == 0:
+      if train and self.dropout > 0:
+        raise ValueError("model.dropout inside experts split over devices is not supported: set model.dropout=0 "
+                         "(as every preset does), or use a device count the experts do not divide")
+      y = experts_apply_sharded(cast(tokens), routing, *params, gelu, shards=self.shards)
+    else:
+      activation = lambda a: nn.Dropout(self.dropout)(gelu(a), deterministic=not train)
+      y = experts_apply(cast(tokens), routing, *params, activation)
     self.sow("moe", "aux_loss", load_balancing_loss(routing))
     self.sow("moe", "expert_share", expert_shares(routing))
     self.sow("moe", "dropped", 1.0 - jnp.mean(routing.kept.astype(jnp.float32)))

@@ -194,7 +194,7 @@ class Block(nn.Module):
     else:
       m = self.moe
       y = MoeMlp(self.width, hidden, m.experts, m.k, m.router, m.capacity_factor, m.noise_std, self.dropout,
-                 self.dtype, name="mlp")(y, train)
+                 self.dtype, m.shards, name="mlp")(y, train)
     return x + drop(y)
 
   def _drop_path(self, y, *, rate, train: bool):
