@@ -10,6 +10,9 @@ the kernels the way Flax wants them:
     torch Conv2d weight [out, in, h, w]  <-> Conv kernel [h, w, in, out]
     torch LayerNorm weight / bias        <-> LayerNorm scale / bias
 
+Sparse (V-MoE) blocks hold `moe` in place of `mlp`, in the layout of m2mKD's
+reference (fastmoe.py).
+
 Everything here works on NumPy arrays; torch is imported only by `read_pth`
 and `write_pth`, so `import modassem` never needs it.
 """
@@ -22,6 +25,7 @@ import re
 import numpy as np
 
 from modassem import files
+from modassem.convert import fastmoe
 from modassem.errors import ModassemError
 
 STEM = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias")   # module 0's own keys
@@ -29,6 +33,7 @@ TOP = ("norm.weight", "norm.bias", "head.weight", "head.bias")                  
 _BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
 _NORMS = ("norm", "norm1", "norm2")
+_ANY_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 
 # --- torch state dict <-> Flax tree, one module at a time ------------------
 
@@ -74,6 +79,9 @@ def _to_torch(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
 def stage_to_module(stage: dict) -> dict:
   """An official module state dict (module-local keys) -> that module's Flax parameter tree."""
   tree: dict = {}
+  stage, sparse = fastmoe.split(stage)
+  for j, keys in sparse.items():
+    tree.setdefault(f"blocks_{j}", {})["mlp"] = fastmoe.to_flax(keys)
   for key, x in stage.items():
     *parents, leaf = _flax_path(key)
     node = tree
@@ -89,7 +97,10 @@ def module_to_stage(tree: dict) -> dict:
 
   def walk(node, path):
     for name, child in node.items():
-      if isinstance(child, dict):
+      if fastmoe.is_moe_mlp(child):   # a sparse block's experts and gate: `blocks.j.moe.*`
+        prefix = _torch_key(path + ("moe", "x"))[:-1]
+        out.update({prefix + key: x for key, x in fastmoe.to_torch(child).items()})
+      elif isinstance(child, dict):
         walk(child, path + (name,))
       else:
         out[_torch_key(path + (name,))] = np.ascontiguousarray(_to_torch(path + (name,), np.asarray(child, np.float32)))
@@ -103,11 +114,11 @@ def global_state_dict(stages: list[dict]) -> dict:
   for stage in stages:
     depth = 0
     for key, x in stage.items():
-      m = _BLOCK_KEY.fullmatch(key)
+      m = _ANY_BLOCK_KEY.fullmatch(key)
       if m:
         j = int(m.group(1))
         depth = max(depth, j + 1)
-        key = f"blocks.{offset + j}.{m.group(2)}.{m.group(3)}"
+        key = f"blocks.{offset + j}.{m.group(2)}"
       out[key] = x
     offset += depth
   return out
@@ -119,6 +130,7 @@ def _stage_depth(stage: dict, k: int, num: int, where: str) -> int:
   """Blocks in module k; an error for any key that module k of the official layout does not have."""
   allowed = set(STEM if k == 0 else ()) | set(TOP if k == num - 1 else ())
   blocks: dict[int, set] = {}
+  stage, sparse = fastmoe.split(stage)
   for key in stage:
     m = _BLOCK_KEY.fullmatch(key)
     if m:
@@ -126,6 +138,11 @@ def _stage_depth(stage: dict, k: int, num: int, where: str) -> int:
     elif key not in allowed:
       raise ModassemError(f"{where}: unexpected key {key!r} in model_stages[{k}] (module {k} of {num}): "
                           f"not an official Deep Incubation ViT checkpoint")
+  for j in sparse:   # a sparse block's MLP is its `moe.*` (checked with its shapes in infer_arch)
+    if any(part.startswith("mlp.") for part in blocks.get(j, ())):
+      raise ModassemError(f"{where}: model_stages[{k}] block {j} has both an MLP and MoE experts: the file is "
+                          "inconsistent")
+    blocks.setdefault(j, set()).update({f"mlp.{p}.{w}" for p in ("fc1", "fc2") for w in ("weight", "bias")})
   missing = [key for key in allowed if key not in stage]
   if missing:
     raise ModassemError(f"{where}: model_stages[{k}] lacks {missing[0]!r}: not a complete official checkpoint")
@@ -163,9 +180,22 @@ def infer_arch(stages: list[dict], where: str) -> tuple[dict, list[int]]:
   """
   num = len(stages)
   depths = [_stage_depth(s, k, num, where) for k, s in enumerate(stages)]
+  sparse = [fastmoe.split(stage)[1] for stage in stages]
   first, last = stages[0], stages[-1]
   width = _shape(first["cls_token"])[-1] if _shape(first["cls_token"]) else 0
-  hidden = _shape(first["blocks.0.mlp.fc1.weight"])[0] if _shape(first["blocks.0.mlp.fc1.weight"]) else 0
+  experts = {}   # the first sparse block's {experts, hidden, width}: every other one must agree
+  for k, blocks in enumerate(sparse):
+    for j, keys in sorted(blocks.items()):
+      shapes = fastmoe.block_shapes(keys, f"{where} model_stages[{k}] block {j}")
+      if experts and shapes != experts:
+        raise ModassemError(f"{where}: model_stages[{k}] block {j} has {shapes['experts']} experts of MLP "
+                            f"{shapes['hidden']} at width {shapes['width']}, another MoE block "
+                            f"{experts['experts']} of {experts['hidden']} at {experts['width']}: the file is "
+                            "inconsistent")
+      experts = experts or shapes
+  dense_fc1 = next((stage[f"blocks.{j}.mlp.fc1.weight"] for k, stage in enumerate(stages) for j in range(depths[k])
+                    if f"blocks.{j}.mlp.fc1.weight" in stage), None)
+  hidden = _shape(dense_fc1)[0] if dense_fc1 is not None and _shape(dense_fc1) else experts.get("hidden", 0)
   patch_shape = _shape(first["patch_embed.proj.weight"])
   patch = patch_shape[-1] if len(patch_shape) == 4 else 0
   tokens = _shape(first["pos_embed"])[1] if len(_shape(first["pos_embed"])) == 3 else 0
@@ -177,8 +207,11 @@ def infer_arch(stages: list[dict], where: str) -> tuple[dict, list[int]]:
                         f"with a square patch grid")
   want = _expected_shapes(width, hidden, patch, tokens, classes)
   qkv_bias = "blocks.0.attn.qkv.bias" in first
+  if experts and (experts["width"], experts["hidden"]) != (width, hidden):
+    raise ModassemError(f"{where}: the MoE experts are MLPs {experts['width']} -> {experts['hidden']}, the model's "
+                        f"width and MLP are {width} and {hidden}: the file is inconsistent")
   for k, stage in enumerate(stages):
-    for key, x in stage.items():
+    for key, x in fastmoe.split(stage)[0].items():
       m = _BLOCK_KEY.fullmatch(key)
       name = f"block.{m.group(2)}.{m.group(3)}" if m else key
       if _shape(x) != want[name]:
@@ -191,6 +224,9 @@ def infer_arch(stages: list[dict], where: str) -> tuple[dict, list[int]]:
                             f"the file is inconsistent")
   arch = dict(patch=patch, width=width, heads=0, mlp_ratio=hidden / width, qkv_bias=qkv_bias, ln_eps=0.0,
               image_size=grid * patch, num_classes=classes)
+  if experts:
+    arch["moe"] = {"experts": experts["experts"], "k": fastmoe.REFERENCE_K, "router": "topk_softmax",
+                   "capacity_factor": 0.0, "layout": [sorted(blocks) for blocks in sparse]}
   return arch, depths
 
 

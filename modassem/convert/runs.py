@@ -148,7 +148,13 @@ def write_run(model: Model, run_dir: str, sources: list[str]) -> dict:
   if (files.path(run_dir) / records.RUN_FILE).exists():
     raise ModassemError(f"{run_dir} already holds a run: pass a new directory to --to")
   phase, trained = model.kind
-  run = {"phase": phase, "preset": model.preset, "arch": {f: model.arch[f] for f in ARCH_FIELDS},
+  arch = {f: model.arch[f] for f in ARCH_FIELDS}
+  if "moe" in model.arch:
+    moe = model.arch["moe"]
+    # As run.json's depths: an incubated module's blocks stand for every module's (the meta modules are dense).
+    layout = [moe["layout"][trained[0]]] * len(model.depths) if phase == "incubate" else moe["layout"]
+    arch["moe"] = {**moe, "layout": [list(b) for b in layout]}
+  run = {"phase": phase, "preset": model.preset, "arch": arch,
          "depths": run_depths(model.depths), "trained": trained, "total_steps": 0,
          "sources": [os.fspath(files.path(s)) for s in sources]}
   files.path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -165,7 +171,9 @@ def _summary(model: Model) -> str:
   phase, trained = model.kind
   return (f"{describe(phase, trained, model.depths)}, preset {model.preset}: patch {a['patch']}, width {a['width']}, "
           f"heads {a['heads']}, MLP ratio {a['mlp_ratio']:g}, qkv bias {'yes' if a['qkv_bias'] else 'no'}, "
-          f"LayerNorm eps {a['ln_eps']:g}, {a['num_classes']} classes, {a['image_size']} px")
+          f"LayerNorm eps {a['ln_eps']:g}, {a['num_classes']} classes, {a['image_size']} px"
+          + (f", MoE MLPs of {a['moe']['experts']} experts (top {a['moe']['k']}) in "
+             f"{sum(map(len, a['moe']['layout']))} blocks" if "moe" in a else ""))
 
 
 def convert(src: str, dst: str, preset: str | None = None, heads: int | None = None,
