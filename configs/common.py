@@ -76,6 +76,10 @@ def get_config(preset: str, phase: str, *, num_modules: int = 4, assemble_drop_p
   # Incubation in a meta run of another width (m2mKD's stitch layers join each module to it); off, a meta run of
   # another width is an error, as it usually is a mistake.
   c.stitch = False
+  # Incubation's stochastic depth: "hybrid" (Deep Incubation) lets the rates rise over the blocks' places in the
+  # hybrid, the meta modules' blocks included; "module" (m2mKD) over each incubated module's own blocks, as in a
+  # model of that depth, the meta modules without any.
+  c.incubation_drop_path = "hybrid"
 
   c.batch_size = 2048          # global, summed over devices and accumulation
   c.accum_steps = 1

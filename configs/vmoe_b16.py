@@ -7,14 +7,12 @@ dropped), no auxiliary loss. Cut 3/3/3/3.
 - incubate: m2mKD. Each module grows in the frozen ViT-L meta model (`--config.meta=RUN`, a run of
   `configs/vit_l.py:meta`; stitch layers join width 768 to its 1024) and learns from a Deep Incubation ViT-L cut
   6/6/6/6 (`--config.teacher=RUN`, an assembled `configs/vit_l.py` run or an imported official checkpoint):
-  100 epochs, lr 2e-3 at batch 2048, warmup 20, drop path 0.1, no clipping.
+  100 epochs, lr 2e-3 at batch 2048, warmup 20, no clipping; drop path 0.1 rising over the module's own three blocks
+  (the reference builds the student as a model of that depth), none in the meta model (built without it there).
 - assemble: the four modules stacked (the stitch layers dropped) and trained end to end: batch 1024, lr 1e-3,
   100 epochs, no warmup, clip 1.0, drop path 0.1.
 - e2e: the baseline m2mKD compares with, the same recipe from scratch.
 There is no meta phase here: m2mKD's meta model is ViT-L's.
-
-One difference remains from the reference: there each module's drop path rises over its own three blocks (it is a
-model of depth 3), here over the blocks' places in the hybrid, as Deep Incubation's incubation has it.
 """
 
 import common
@@ -33,6 +31,7 @@ def get_config(phase="incubate"):
   c = moe(common.get_config("vit_b16", phase))
   if phase == "incubate":
     c.stitch = True
+    c.incubation_drop_path = "module"
   else:
     # End to end (the baseline and the assembled model's training): batch 1024 (lr 1e-3 by the linear rule),
     # 100 epochs, no warmup, gradients clipped at 1.0.

@@ -89,6 +89,9 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
   if not isinstance(m.scan, bool):
     raise ModassemError(f"model.scan={m.scan!r} is not a boolean: use True or False")
   _check_moe(config)
+  if config.incubation_drop_path not in ("hybrid", "module"):
+    raise ModassemError(f"incubation_drop_path={config.incubation_drop_path!r} is unknown: use hybrid (Deep "
+                        "Incubation's) or module (m2mKD's)")
   if m.moe.experts and m.dropout > 0 and expert_shards(m.moe.experts, num_devices) > 1:
     raise ModassemError(f"model.dropout={m.dropout:g} inside MoE experts split over {num_devices} devices is not "
                         "supported: set model.dropout=0 (as every preset does)")

@@ -35,6 +35,9 @@ class Plan:
   # Incubation in a meta model of another width than the target's: the meta run's (width, heads, mlp_ratio). Each
   # incubated module then gets stitch layers (`Stitch`) at its entry and exit, trained with it, dropped at assembly.
   meta_arch: tuple[tuple[str, Any], ...] | None = None
+  # m2mKD's stochastic depth (`incubation_drop_path="module"`): each incubated module's rates rise over its own
+  # blocks, and the meta modules have none.
+  module_drop_path: bool = False
 
   @property
   def stitched(self) -> bool:
@@ -111,13 +114,25 @@ def make_plan(config) -> Plan:
       trained = (module,)
     else:
       raise ModassemError(f"config.module={module} is out of range: the model has modules 0..{k - 1}")
-    return Plan("incubate", depths, trained, incubate=True)
+    return Plan("incubate", depths, trained, incubate=True,
+                module_drop_path=config.incubation_drop_path == "module")
   raise ModassemError(f"unknown phase {phase!r}: use meta, incubate, assemble or e2e")
 
 
 def scans(config) -> bool:
   """Whether `config`'s model runs each module's blocks under `nn.scan` (stacked parameter layout)."""
   return bool(config.model.scan)
+
+
+def incubated_overrides(plan: Plan, i: int) -> dict:
+  """How incubated module i's definition differs from its slot in the hybrid: with `module_drop_path`, its blocks
+  are placed as in a model of its own depth (drop-path rates from 0 to model.drop_path over them)."""
+  return {"block_offset": 0, "total_depth": plan.depths[i]} if plan.module_drop_path else {}
+
+
+def frozen_overrides(plan: Plan) -> dict:
+  """`frozen_arch` as the hybrid runs the meta modules: without drop path under `module_drop_path`."""
+  return {**frozen_arch(plan), **({"drop_path": 0.0} if plan.module_drop_path else {})}
 
 
 def frozen_arch(plan: Plan) -> dict:
@@ -230,14 +245,15 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
     return {"model": out}, {"model": sown["moe"]}
 
   meta = frozen_arch(plan)
+  frozen_run = frozen_overrides(plan)
 
   stats = {}
 
-  def run(model, k, params, x, k_key, in_train=train, arch=meta):
+  def run(model, k, params, x, k_key, in_train=train, arch=frozen_run):
     """Module k of `model` (by default a meta module, at the meta model's width)."""
     rngs = {"dropout": jax.random.fold_in(k_key, k)} if in_train else {}
     module = model.module(k, **arch)
-    if not (moe_stats and arch is not meta and module.moe is not None and module.moe_blocks):
+    if not (moe_stats and arch is not frozen_run and module.moe is not None and module.moe_blocks):
       return module.apply({"params": params}, x, train=in_train, rngs=rngs)
     out, sown = module.apply({"params": params}, x, train=in_train, rngs=rngs, mutable=["moe"])
     stats[module_name(k)] = {module_name(k): sown["moe"]}
@@ -264,7 +280,7 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
     model = model_of(plan.hybrid_depths(i))
     module_key = jax.random.fold_in(key, 1 + i)
     x = stitch(i, "entry", model.width, prefixes[sum(plan.hybrid_depths(i))][i])
-    x = run(model, i, trained[module_name(i)], x, module_key, arch={})
+    x = run(model, i, trained[module_name(i)], x, module_key, arch=incubated_overrides(plan, i))
     x = stitch(i, "exit", meta.get("width"), x)
     for k in range(i + 1, plan.num_modules):
       x = run(model, k, frozen[module_name(k)], x, module_key)

@@ -34,7 +34,8 @@ FREE_FIELDS = frozenset({
 ADDED_FIELDS = {"teacher": "", "distill.alpha": 0.5, "distill.tau": 1.0, "stitch": False, "mixup_group": 0,
                 "allow_mixed_meta": False, "model.moe.experts": 0, "model.moe.k": 2, "model.moe.every": 1,
                 "model.moe.blocks": [], "model.moe.router": "topk_softmax", "model.moe.capacity_factor": 0.0,
-                "model.moe.noise_std": 0.0, "model.moe.aux_weight": 0.0}
+                "model.moe.noise_std": 0.0, "model.moe.aux_weight": 0.0,
+                "incubation_drop_path": "hybrid"}
 # Fields that name other runs: recorded absolute (`files.absolute`).
 PATH_FIELDS = ("meta", "modules", "teacher")
 

@@ -70,6 +70,8 @@ PHASED_CASES = [
     (["--config={tiny}:meta", f"--config.seed={2 ** 64}"], f"seed={2 ** 64} is out of range: it must be >= 0 and <= "
                                                           f"{2 ** 63 - 1}"),
     (["--config={tiny}:meta", "--config.seed=-1"], "seed=-1 is out of range"),
+    (["--config={tiny}:meta", "--config.incubation_drop_path=blocks"],
+     "incubation_drop_path='blocks' is unknown: use hybrid (Deep Incubation's) or module (m2mKD's)"),
     (["--config={tiny}:meta", "--config.model.depths=(0,4,4,0)"], "has a module of depth 0: every module needs at "
                                                                   "least one block"),
     (["--config={tiny}:meta", "--config.data.name=folder", "--config.data.path={file}"],

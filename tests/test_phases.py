@@ -243,6 +243,34 @@ def test_incubation_runs_meta_modules_in_train_mode_at_the_hybrids_drop_path_rat
   assert checked >= (2 if module != "all" else 8)
 
 
+@pytest.mark.parametrize("scope", ["module", "hybrid"])
+def test_m2mkd_drop_path_rises_over_the_incubated_modules_own_blocks_and_spares_the_meta_model(scope):
+  """`incubation_drop_path="module"`, m2mKD's: module 1 (3 blocks of a 1/3/2/2 cut) drops its last block's branches
+  at the full rate, as the reference's student of depth 3 does (torch.linspace(0, p, 3)), and the meta modules
+  drop nothing; Deep Incubation's "hybrid" places that block at 3 of 5 in the hybrid and drops meta blocks too.
+  Measured as in the test above: every branch zeroed but one block's, an example unchanged when it drops both."""
+  p, n = 0.6, 4000
+  config = tiny("incubate", module="1", **{"model.drop_path": p, "model.depths": (1, 3, 2, 2),
+                                           "incubation_drop_path": scope})
+  plan = phases.make_plan(config)
+  model_of = functools.partial(phases.model_for, config)
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(n, 8, 8, 3)), jnp.float32)
+  meta = jax.jit(model_of(plan.meta_depths).init)(jax.random.key(0), images[:1])["params"]
+  target = {"module_1": jax.jit(model_of(plan.depths).init)(jax.random.key(1), images[:1])["params"]["module_1"]}
+  forward = jax.jit(lambda trained, frozen, key, train=True: phases.forward(plan, model_of, trained, frozen, images,
+                                                                            train=train, key=key)["module_1"],
+                    static_argnames="train")
+  none = lambda _: False
+  identity = forward(_branches(target, none), _branches(meta, none), jax.random.key(0), train=False)
+  own = forward(_branches(target, lambda name: "blocks_2" in name), _branches(meta, none), jax.random.key(7))
+  want = (np.linspace(0.0, p, 3)[2] if scope == "module" else p * 3 / 5) ** 2
+  got = _unchanged(own, identity).mean()
+  assert got == pytest.approx(want, abs=4 * np.sqrt(want * (1 - want) / n) + 1e-3), (got, want)
+  after = forward(_branches(target, none), _branches(meta, lambda name: "['module_3']" in name), jax.random.key(7))
+  dropped = _unchanged(after, identity).mean()
+  assert dropped == 0.0 if scope == "module" else dropped > 0.2
+
+
 def test_incubation_step_costs_fall_with_the_slot_and_all_shares_the_prefix(runs):
   """XLA's own count: no backward pass before slot i, and `all` runs the shared meta prefix once."""
   flops = {m: cost.step_flops(tiny("incubate", meta=runs["meta"], module=m)) for m in ("0", "1", "2", "3", "all")}
