@@ -27,17 +27,20 @@ INC = {"meta": os.path.join(PIPELINE, "meta"), "module": "all"}
 ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the session's incubated modules
 # The 8-device cases, as two jobs that start in the background once the session pipeline (whose meta run and
 # modules the incubation and assembly cases read) has finished, while the tests that need no job run here.
-# V-MoE blocks (every other one) with 8 experts: one per device on 8, each device's tokens sent to them; the
-# reference's routing, and V-MoE's with a capacity that drops assignments.
+# V-MoE blocks with 8 experts: one per device on 8, each device's tokens sent to them. Every other block with the
+# reference's routing; every block with V-MoE's and a capacity that drops assignments, the 8-device run scanned
+# over the blocks (stacked experts split along their second axis) without drop path (the two layouts draw its masks
+# differently).
 MOE = {"model.moe.experts": 8, "model.moe.every": 2, "model.moe.aux_weight": 0.01}
-CAPACITY = {**MOE, "model.moe.router": "softmax_topk", "model.moe.capacity_factor": 0.5}
+CAPACITY = {**MOE, **PLAIN, "model.moe.every": 1, "model.moe.router": "softmax_topk",
+            "model.moe.capacity_factor": 0.5}
 EIGHT = [{"e2e/data": ["e2e", {"sharding": "data"}], "incubate/data": ["incubate", {"sharding": "data", **INC}],
           "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}],
           "assemble/fsdp": ["assemble", {"sharding": "fsdp", **ASM}],
           "moe/data": ["e2e", {"sharding": "data", **MOE}, "flops"]},
          {"e2e/fsdp": ["e2e", {"sharding": "fsdp"}], "incubate/fsdp": ["incubate", {"sharding": "fsdp", **INC}],
           "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}],
-          "moe/fsdp": ["e2e", {"sharding": "fsdp", **CAPACITY}]}]
+          "moe/fsdp": ["e2e", {"sharding": "fsdp", "model.scan": True, **CAPACITY}]}]
 for _i, _cases in enumerate(EIGHT):
   JOBS.add(f"sharding-8-{_i}", [sys.executable, os.path.join(REPO, "tests", "stepping.py"), json.dumps(_cases), OUT],
            module=__file__, env=devices_env(8), after="pipeline")
@@ -104,13 +107,15 @@ def test_scanned_blocks_under_fsdp_match_the_per_block_model_on_one_device(resul
 
 @pytest.mark.parametrize("case, reference", [("moe/data", "moe"), ("moe/fsdp", "moe/capacity")])
 def test_experts_split_over_eight_devices_match_one_device(case, reference, results):
-  """Each of 8 devices holds one expert of each MoE layer, under data parallelism and FSDP alike, and the tokens go
-  to them and back: the same losses and parameters as one device holding them all, with no assignment dropped by
-  the reference's routing and the same ones dropped by a capacity."""
+  """Each of 8 devices holds one expert of each MoE layer, under data parallelism and FSDP alike (and with the
+  blocks scanned), and the tokens go to them and back: the same losses and parameters as one device holding them
+  all, with no assignment dropped by the reference's routing and the same ones dropped by a capacity."""
   one, eight = results
   got, want = eight[case], one[reference]
   assert want["expert_specs"] == ["P()"]
-  assert got["expert_specs"] == ["P('data', None)", "P('data', None, None)"]
+  split = ["P('data', None)", "P('data', None, None)"]
+  assert got["expert_specs"] == (split if case == "moe/data" else ["P(None, 'data', None)",
+                                                                    "P(None, 'data', None, None)"])
   np.testing.assert_allclose(got["losses"], want["losses"], rtol=2e-5)
   assert_same_params(got, want)
   if "flops" in want:
