@@ -217,8 +217,9 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
   run = files.read_json(files.path(run_dir) / records.RUN_FILE)
   if run is None:
     raise ModassemError(f"{what} {run_dir!r} has no {records.RUN_FILE}: it is not a modassem run directory")
-  if run.get("arch") != expect["arch"]:
-    detail = records.arch_difference(run.get("arch", {}), expect["arch"])
+  theirs, ours = records.module_arch(run.get("arch", {}), k), records.module_arch(expect["arch"], k)
+  if theirs != ours:
+    detail = records.arch_difference(theirs, ours)
     stitchable = what == "meta run" and run.get("arch", {}).get("width") != expect["arch"]["width"]
     raise ModassemError(f"{what} {run_dir!r} (preset {run.get('preset')}) has another architecture than this config "
                         f"({detail}): pass a run made with the same preset and model settings"

@@ -92,7 +92,8 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
   if config.incubation_drop_path not in ("hybrid", "module"):
     raise ModassemError(f"incubation_drop_path={config.incubation_drop_path!r} is unknown: use hybrid (Deep "
                         "Incubation's) or module (m2mKD's)")
-  if m.moe.experts and m.dropout > 0 and expert_shards(m.moe.experts, num_devices) > 1:
+  spec = phases.moe_of(config)[0]   # None where this phase's model is dense (a sparse config's meta phase)
+  if spec is not None and m.dropout > 0 and expert_shards(spec.experts, num_devices) > 1:
     raise ModassemError(f"model.dropout={m.dropout:g} inside MoE experts split over {num_devices} devices is not "
                         "supported: set model.dropout=0 (as every preset does)")
   if m.remat not in REMAT_POLICIES:

@@ -267,7 +267,7 @@ def forward(plan: Plan, model_of, trained: Params, frozen: Params, images, *, tr
   prefix_key, _ = jax.random.split(key)
   # The meta modules before slot i are shared by every hybrid that incubates a
   # later slot; they run once per distinct total depth (once for an even cut),
-  # since the total depth sets their drop-path rates.
+  # since the total depth sets their drop-path rates (where they have any: not under `module_drop_path`).
   prefixes = {}
   for i in plan.trained:
     depths = plan.hybrid_depths(i)

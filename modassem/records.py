@@ -52,6 +52,16 @@ def arch_of(config, **overrides) -> dict:
   return {k: v for k, v in {**arch, **overrides}.items() if v is not None}
 
 
+def module_arch(arch: dict, k: int) -> dict:
+  """What module k of a run of `arch` must agree on with the model it goes into: the architecture, with the MoE
+  layout of slot k alone (a module's own blocks are what its parameters are; an imported incubation run knows only
+  its module's)."""
+  moe = arch.get("moe")
+  if not moe or not isinstance(moe.get("layout"), list) or not 0 <= k < len(moe["layout"]):
+    return arch
+  return {**arch, "moe": {**moe, "layout": moe["layout"][k]}}
+
+
 def arch_difference(theirs: dict, ours: dict) -> str:
   """The fields of `ours` that `theirs` has otherwise, as "field theirs vs ours, ..." ("" where none)."""
   fields = list(ours) + [f for f in theirs if f not in ours]   # "moe" may be on one side only

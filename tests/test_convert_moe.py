@@ -20,7 +20,8 @@ from torch.nn import functional as F  # noqa: E402
 from conftest import tiny  # noqa: E402
 from test_convert import (HEADS, WIDTH, Attention, TorchViT, images, jax_logits, save_official,  # noqa: E402
                           stages_of, torch_logits)
-from modassem import cli, records  # noqa: E402
+from modassem import checkpoints, cli, phases, records  # noqa: E402
+from modassem.models import vit  # noqa: E402
 import modassem  # noqa: E402
 
 EXPERTS, HIDDEN = 4, 4 * WIDTH
@@ -160,13 +161,24 @@ def test_older_fastmoe_stacks_and_an_incubated_sparse_module_import(tmp_path):
   x = images()
   np.testing.assert_allclose(jax_logits(fused, x), torch_logits(model, x), atol=1e-4, rtol=1e-4)
 
-  hybrid = TorchVMoE(5, sparse=(2,)).eval()   # module 1 of depths (1, 2, 1, 1): its second block is sparse
-  inc_path, inc = save_official(tmp_path / "inc1.pth", hybrid, (1, 2, 1, 1)), str(tmp_path / "inc1")
-  assert cli.main(["convert", f"--from={inc_path}", f"--to={inc}"]) == 0
+  # Module 1 of a 2/4/1/1 cut with an MoE MLP in every other block (its blocks 1 and 3), among dense meta modules.
+  hybrid = TorchVMoE(7, sparse=(2, 4)).eval()
+  inc_path, inc = save_official(tmp_path / "inc1.pth", hybrid, (1, 4, 1, 1)), str(tmp_path / "inc1")
+  # (An incubated module's file holds its own depth only: its cut is taken as even, 4/4/4/4, whose depth no preset
+  # has, so the heads are given.)
+  assert cli.main(["convert", f"--from={inc_path}", f"--to={inc}", "--heads=2"]) == 0
   run = json.load(open(os.path.join(inc, records.RUN_FILE)))
   assert run["phase"] == "incubate" and run["trained"] == [1]
-  assert run["arch"]["moe"]["layout"] == [[1], [1], [1], [1]]
-  np.testing.assert_allclose(jax_logits(inc_path, x), torch_logits(hybrid, x), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(jax_logits(inc_path, x, heads=2), torch_logits(hybrid, x), atol=1e-4, rtol=1e-4)
+  # The file tells module 1's blocks only, not the other modules' (whose layout differs here: [1], [], []); an
+  # assembly of that cut takes the module all the same.
+  config = tiny("assemble", **SPARSE, **{"model.depths": (2, 4, 1, 1)})
+  assert records.arch_of(config)["moe"]["layout"] == [[1], [1, 3], [], []]
+  abstract = vit.abstract_params(phases.model_for(config, (2, 4, 1, 1)))["module_1"]
+  module = checkpoints.load_module(inc, 1, expect={"arch": records.arch_of(config), "preset": "tiny",
+                                                   "num_modules": 4, "depth": 4}, abstract=abstract, what="module")
+  np.testing.assert_array_equal(module["blocks_3"]["mlp"]["fc1_kernel"],
+                                modassem.load(inc)[1]["module_1"]["blocks_3"]["mlp"]["fc1_kernel"])
 
 
 def test_broken_vmoe_files_are_one_line_errors(tmp_path, capsys):

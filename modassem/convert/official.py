@@ -225,7 +225,8 @@ def infer_arch(stages: list[dict], where: str) -> tuple[dict, list[int]]:
   arch = dict(patch=patch, width=width, heads=0, mlp_ratio=hidden / width, qkv_bias=qkv_bias, ln_eps=0.0,
               image_size=grid * patch, num_classes=classes)
   if experts:
-    arch["moe"] = {"experts": experts["experts"], "k": fastmoe.REFERENCE_K, "router": "topk_softmax",
+    arch["moe"] = {"experts": experts["experts"], "k": min(fastmoe.REFERENCE_K, experts["experts"]),
+                   "router": "topk_softmax",
                    "capacity_factor": 0.0, "layout": [sorted(blocks) for blocks in sparse]}
   return arch, depths
 

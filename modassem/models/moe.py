@@ -173,8 +173,7 @@ def experts_apply_sharded(x, routing: Routing, fc1_kernel, fc1_bias, fc2_kernel,
 
   No assignment is dropped, with static shapes: a device's send buffer has room for all its assignments at every
   destination (the worst case, all of them to one device), so the rows each device's experts take are T * k in all,
-  of which T * k / shards on average are real; padding rows go through no expert (a grouped matmul leaves rows past
-  its groups at zero) and come back unused. `activation` must be a pure function (no Flax module): it runs inside
+  of which T * k / shards on average are real; padding rows go through no expert's group and are zeroed. `activation` must be a pure function (no Flax module): it runs inside
   `shard_map`.
   """
   spec = jax.sharding.PartitionSpec(EXPERT_AXIS)
@@ -199,9 +198,10 @@ def experts_apply_sharded(x, routing: Routing, fc1_kernel, fc1_bias, fc2_kernel,
     ids_sorted = ids[by_expert]
     sizes = jnp.sum(jax.nn.one_hot(ids, per_device, dtype=jnp.int32), axis=0)
     safe = jnp.minimum(ids_sorted, per_device - 1)
-    h = activation(jax.lax.ragged_dot(rows[by_expert], w1, sizes) + b1[safe])
-    out = jax.lax.ragged_dot(h, w2, sizes) + b2[safe]
-    out = jnp.where((ids_sorted < per_device)[:, None], out, 0).astype(x.dtype)
+    real = (ids_sorted < per_device)[:, None]
+    # Padding rows are zeroed at each step, not left to what a grouped matmul does with rows past its groups.
+    h = jnp.where(real, activation(jax.lax.ragged_dot(rows[by_expert], w1, sizes) + b1[safe]), 0)
+    out = jnp.where(real, jax.lax.ragged_dot(h, w2, sizes) + b2[safe], 0).astype(x.dtype)
     out = jnp.zeros_like(out).at[by_expert].set(out)                    # back in the order received
     back = jax.lax.all_to_all(out.reshape(shards, room, -1), EXPERT_AXIS, 0, 0)   # [dest] = its outputs
     mine = back[dest, slot]
@@ -247,8 +247,8 @@ class MoeMlp(nn.Module):
     params = (cast(fc1_kernel), cast(fc1_bias), cast(fc2_kernel), cast(fc2_bias))
     # timm's GELU, the exact erf form, as in the dense MLP.
     gelu = lambda a: nn.gelu(a, approximate=False)
-    # Split over the devices where the tokens split evenly too (a train or eval batch always does; `init`'s
-    # one-image batch does not, and needs shapes only).
+    # Split over the devices where the tokens split evenly too, as a train or eval batch's always do (it is split
+    # over the devices); elsewhere (`init`'s one image, say) every device runs all experts, with the same result.
     if self.shards > 1 and tokens.shape[0] % self.shards == 0:
       if train and self.dropout > 0:
         raise ValueError("model.dropout inside experts split over devices is not supported: set model.dropout=0 "

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from modassem.errors import ModassemError
 from modassem.models.inits import timm_trunc_normal
 from modassem.models.moe import MoeMlp, MoeSpec
 from modassem.names import module_name
@@ -373,6 +374,9 @@ def vit_of(arch: dict, depths: Sequence[int]) -> ViT:
   moe = arch.pop("moe", None)
   if not moe:
     return ViT(depths=tuple(depths), **arch)
+  if "layout" not in moe:
+    raise ModassemError("this run.json records MoE experts but not which blocks have them (a run of an earlier "
+                        "development version of modassem's MoE support): train it again with this version")
   spec = MoeSpec(experts=int(moe["experts"]), k=int(moe["k"]), router=str(moe["router"]),
                  capacity_factor=float(moe.get("capacity_factor", 0.0)))
   return ViT(depths=tuple(depths), **arch, moe=spec, moe_layout=tuple(tuple(b) for b in moe["layout"]))
