@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "@@part"   # a line each process writes to its stdout and stderr where a part starts, and where it ends
@@ -47,17 +48,33 @@ def env_with_devices(devices: int) -> dict:
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
-def _communicate(procs, timeout: float, first_out=()) -> list:
-  """Each process's (returncode, stdout, stderr), read side by side (a full pipe would stop a process)."""
-  outs = [None] * len(procs)
-  readers = [threading.Thread(target=lambda i=i: outs.__setitem__(i, procs[i].communicate(timeout=timeout)))
-             for i in range(len(procs))]
+def _communicate(procs, timeout: float, watch=None) -> list:
+  """Each process's (returncode, stdout, stderr), every stream read in a thread of its own from the start: a pipe
+  left unread fills, and a process writing to it stops (and with it the others, at their next collective).
+  `watch(line)`, where given, sees process 0's stdout as it comes, line by line."""
+  outs = [[[], []] for _ in procs]
+
+  def read(i, k, stream):
+    for line in stream:
+      outs[i][k].append(line)
+      if watch is not None and i == k == 0:
+        watch(line)
+
+  readers = [threading.Thread(target=read, args=(i, k, stream), daemon=True)
+             for i, p in enumerate(procs) for k, stream in enumerate((p.stdout, p.stderr))]
   for r in readers:
     r.start()
+  deadline = time.monotonic() + timeout
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
   for r in readers:
     r.join()
-  outs[0] = ("".join(first_out) + outs[0][0], outs[0][1])
-  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+  return [(p.returncode, "".join(out), "".join(err)) for p, (out, err) in zip(procs, outs)]
 
 
 def train(processes: int, devices: int, workdir: str, args, timeout: float = 600) -> list:
@@ -121,17 +138,17 @@ def run(spec: dict, timeout: float = 900) -> dict:
                             cwd=REPO, env=env_with_devices(spec["devices"]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(n)]
-  first_out = []
+  watch = None
   if spec.get("preempt"):
     assert spec["parts"][-1][0] == spec["preempt"], "the preempted part must be the last one"
-    started = False
-    for line in procs[0].stdout:   # process 0 reports its steps; the last process is the one preempted
-      first_out.append(line)
-      started = started or line.strip() == f"{MARK} {spec['preempt']}"
-      if started and " step 1/" in line:
+    state = {"started": False, "sent": False}
+
+    def watch(line):   # process 0 reports its steps; the last process is the one preempted
+      state["started"] = state["started"] or line.strip() == f"{MARK} {spec['preempt']}"
+      if state["started"] and not state["sent"] and " step 1/" in line:
         procs[-1].send_signal(signal.SIGTERM)
-        break
-  outs = _communicate(procs, timeout, first_out)
+        state["sent"] = True
+  outs = _communicate(procs, timeout, watch)
   parts = {name: [] for name, _, _ in spec["parts"]}
   for rc, out, err in outs:
     out_parts, err_parts = _split(out), _split(err)
