@@ -1,8 +1,8 @@
 """The same train steps on 1 device and on 8 simulated CPU devices (data parallel and FSDP).
 
 XLA reads the device count at start-up, so the 8-device cases run in
-subprocesses (session jobs, see conftest.py) and this 1-device process
-computes the references.
+subprocesses (session jobs, see conftest.py), and so do the 1-device
+references.
 Parameters are compared leaf by leaf.
 """
 
@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-import stepping
 from conftest import JOBS, PIPELINE, REPO, SCRATCH, devices_env
 
 # Mixup, CutMix and drop path stay on in the e2e and incubate cases: their
@@ -34,29 +33,38 @@ ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the se
 MOE = {"model.moe.experts": 8, "model.moe.every": 2, "model.moe.aux_weight": 0.01}
 CAPACITY = {**MOE, **PLAIN, "model.moe.every": 1, "model.moe.router": "softmax_topk",
             "model.moe.capacity_factor": 0.5}
-EIGHT = [{"e2e/data": ["e2e", {"sharding": "data"}], "incubate/data": ["incubate", {"sharding": "data", **INC}],
-          "plain/accum2": ["e2e", {"sharding": "fsdp", "accum_steps": 2, **PLAIN}],
+# Data parallelism on 8 devices is the V-MoE case's (its dense blocks too, mixup and drop path on) and the
+# two-process job's (meta and assembly, 2 x 4 devices); gradient accumulation runs in the scanned model.
+EIGHT = [{"incubate/fsdp": ["incubate", {"sharding": "fsdp", **INC}],
           "assemble/fsdp": ["assemble", {"sharding": "fsdp", **ASM}],
           "moe/data": ["e2e", {"sharding": "data", **MOE}, "flops"]},
-         {"e2e/fsdp": ["e2e", {"sharding": "fsdp"}], "incubate/fsdp": ["incubate", {"sharding": "fsdp", **INC}],
-          "plain/scan": ["e2e", {"sharding": "fsdp", "model.scan": True, **PLAIN}],
+         {"e2e/fsdp": ["e2e", {"sharding": "fsdp"}],
+          "plain/scan_accum2": ["e2e", {"sharding": "fsdp", "model.scan": True, "accum_steps": 2, **PLAIN}],
           "moe/fsdp": ["e2e", {"sharding": "fsdp", "model.scan": True, **CAPACITY}]}]
 for _i, _cases in enumerate(EIGHT):
   JOBS.add(f"sharding-8-{_i}", [sys.executable, os.path.join(REPO, "tests", "stepping.py"), json.dumps(_cases), OUT],
            module=__file__, env=devices_env(8), after="pipeline")
+# The references on one device: a job too, so that no worker spends the end of the session on them.
+ONE = {"e2e": ["e2e", {"sharding": "data"}], "incubate": ["incubate", {"sharding": "data", **INC}],
+       "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}],
+       "assemble": ["assemble", {"sharding": "data", **ASM}],
+       "moe": ["e2e", {"sharding": "data", **MOE}, "flops"],
+       "moe/capacity": ["e2e", {"sharding": "data", **CAPACITY}]}
+JOBS.add("sharding-1", [sys.executable, os.path.join(REPO, "tests", "stepping.py"), json.dumps(ONE), OUT],
+         module=__file__, env=devices_env(1), after="pipeline")
+
+
+def _job(name: str) -> dict:
+  return json.loads(JOBS.result(name).strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def results(runs):
   assert runs["meta"] == INC["meta"]
-  one = stepping.run_cases({"e2e": ["e2e", {"sharding": "data"}], "incubate": ["incubate", {"sharding": "data", **INC}],
-                            "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}],
-                            "assemble": ["assemble", {"sharding": "data", **ASM}],
-                            "moe": ["e2e", {"sharding": "data", **MOE}, "flops"],
-                            "moe/capacity": ["e2e", {"sharding": "data", **CAPACITY}]}, OUT)
+  one = _job("sharding-1")
   eight = {}
   for i in range(len(EIGHT)):
-    eight.update(json.loads(JOBS.result(f"sharding-8-{i}").strip().splitlines()[-1]))
+    eight.update(_job(f"sharding-8-{i}"))
   return one, eight
 
 
@@ -71,14 +79,14 @@ def assert_same_params(got, want):
 @pytest.mark.parametrize("phase", ["e2e", "incubate"])
 def test_one_device_and_eight_give_the_same_losses(phase, results):
   one, eight = results
-  ref, data, fsdp = one[phase], eight[f"{phase}/data"], eight[f"{phase}/fsdp"]
-  assert ref["devices"] == 1 and data["devices"] == 8 == fsdp["devices"]
-  # Replicated vs sharded parameters: FSDP really splits them.
-  assert not any("data" in s for s in data["specs"])
+  ref, fsdp = one[phase], eight[f"{phase}/fsdp"]
+  assert ref["devices"] == 1 and fsdp["devices"] == 8
+  # Sharded vs replicated parameters: FSDP really splits them; data parallelism splits only the experts.
+  data = eight["moe/data"]
+  assert data["devices"] == 8 and set(data["specs"]) - set(data["expert_specs"]) == {"P()"}
   assert any("data" in s for s in fsdp["specs"])
-  for other in (data, fsdp):
-    np.testing.assert_allclose(other["losses"], ref["losses"], rtol=2e-5)
-    assert_same_params(other, ref)
+  np.testing.assert_allclose(fsdp["losses"], ref["losses"], rtol=2e-5)
+  assert_same_params(fsdp, ref)
 
 
 def test_assembly_with_fsdp_on_eight_devices_matches_one_device(results):
@@ -90,15 +98,11 @@ def test_assembly_with_fsdp_on_eight_devices_matches_one_device(results):
   assert_same_params(fsdp, one["assemble"])
 
 
-def test_gradient_accumulation_matches_the_full_batch(results):
+def test_scanned_blocks_under_fsdp_with_two_micro_batches_match_the_per_block_model_on_one_device(results):
+  """Gradient accumulation over two micro-batches and the blocks scanned, both under FSDP on 8 devices: the full
+  batch's step of the per-block model on one device."""
   one, eight = results
-  np.testing.assert_allclose(eight["plain/accum2"]["losses"], one["plain"]["losses"], rtol=2e-5)
-  assert_same_params(eight["plain/accum2"], one["plain"])
-
-
-def test_scanned_blocks_under_fsdp_match_the_per_block_model_on_one_device(results):
-  one, eight = results
-  scan = eight["plain/scan"]
+  scan = eight["plain/scan_accum2"]
   assert scan["stacked"] > 0 and not scan["block_axis_split"]
   assert any("data" in s for s in scan["specs"])
   np.testing.assert_allclose(scan["losses"], one["plain"]["losses"], rtol=2e-5)
