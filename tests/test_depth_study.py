@@ -1,6 +1,5 @@
 """benchmarks/depth_study.py on the tiny preset (two depths, one seed): it writes the table, the JSON and the plot,
-and a rerun does not run a finished pipeline again. The first run is a background job (conftest.JOBS), after the
-session's tiny pipeline, whose compiled programs its depth-8 runs find in the session's cache."""
+and a rerun does not run a finished pipeline again. The first run is a background job (conftest.JOBS)."""
 
 import json
 import os
@@ -13,7 +12,9 @@ from conftest import JOBS, REPO, SCRATCH, TINY
 SCRIPT = os.path.join(REPO, "benchmarks", "depth_study.py")
 OUT = os.path.join(SCRATCH, "depth_study")
 ARGV = [sys.executable, SCRIPT, f"--config={TINY}", "--data=digits", "--depths=4,8", "--seeds=0", f"--out={OUT}"]
-JOBS.add("depth-study", ARGV, module=__file__)
+# After the session pipeline: the study's meta run and its depth-8 pipeline compile the programs the session
+# pipeline compiled, and read them from the session's compilation cache.
+JOBS.add("depth-study", ARGV, module=__file__, after="pipeline")
 
 
 def test_the_study_writes_its_table_and_plot_and_resumes():

@@ -14,7 +14,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import stepping
 from conftest import TINY, tiny
 import modassem
 from modassem import checkpoints, checks, cli, cost, phases, records, train
@@ -228,17 +227,13 @@ def test_ragged_dots_are_counted_as_what_they_compute():
 
 def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_path):
   """V-MoE modules (every other block: 4 experts, top 2, the load-balancing loss weighed in) incubated all at once in
-  the tiny dense meta run: each is the module its single-module run trains; assembly stacks them and trains on; a dense
-  config refuses them in one line naming the difference; `eval` reads the sparse assembly back to its result."""
+  the tiny dense meta run, with the router's health logged; assembly stacks them and trains on; a dense config
+  refuses them in one line naming the difference; `eval` reads the sparse assembly back to its result. (That a
+  sparse module of `module=all` is the one its single-module run trains is checked on stitched students, in
+  test_distill.py.)"""
   inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
   train.train(tiny("incubate", meta=runs["meta"], module="all", **_SPARSE), inc)
-  alone = stepping.run_steps(tiny("incubate", meta=runs["meta"], module="2", **_SPARSE),
-                             tiny("incubate").total_steps)[1].params["module_2"]
-  together = _module(inc, 2)
-  alone = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(alone)[0]}
-  assert together.keys() == alone.keys() and any("fc1_kernel" in name for name in alone)
-  for name in alone:
-    np.testing.assert_allclose(together[name], alone[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  assert any("fc1_kernel" in name for name in _module(inc, 2))
   with open(os.path.join(inc, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f if '"train"' in line][-1]
   shares = [logged[f"moe/module_1/blocks_1/expert_{e}"] for e in range(4)]
