@@ -1,6 +1,6 @@
 """Where the test suite's CPU time goes: per test, and per process the session starts.
 
-    python benchmarks/suite_cpu.py [--top=N] [PYTEST ARGS ...]
+    python benchmarks/suite_cpu.py [--top=N] [--save] [PYTEST ARGS ...]
 
 On 2 cores the suite's wall time is about half its CPU time once both cores are busy to the end (pytest prints the
 background jobs' timeline, which shows whether they are), so CPU seconds are what a change to the suite must cut.
@@ -12,6 +12,10 @@ This runs pytest with two additions on PYTHONPATH (and in every process it start
 Then it prints the CPU seconds per test file, the costliest tests, and the costliest processes other than pytest's
 own workers. The sums are taken under the session's own load, in the measuring process: unlike wall times, they do
 not grow with what runs beside them.
+
+`--save` writes the CPU seconds of each test file to tests/file_cpu.json, which the test session reads to hand the
+costliest files out first (tests/conftest.py): run it over the whole suite after a change that moves a file's cost
+much.
 """
 
 from __future__ import annotations
@@ -37,16 +41,17 @@ atexit.register(_record)
 '''
 
 _PLUGIN = '''
-import json, os
+import json, os, time
 import pytest
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-  t = os.times()
+  t, start = os.times(), time.time()
   yield
   u = os.times()
   with open(os.environ["MODASSEM_TEST_CPU_LOG"], "a") as f:
-    f.write(json.dumps({"test": item.nodeid, "cpu": u.user + u.system - t.user - t.system}) + "\\n")
+    f.write(json.dumps({"test": item.nodeid, "cpu": u.user + u.system - t.user - t.system, "start": start,
+                        "end": time.time(), "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}) + "\\n")
 '''
 
 
@@ -58,9 +63,13 @@ def _read(path: str) -> list:
 
 
 def main(argv: list[str]) -> int:
-  top = 25
-  if argv and argv[0].startswith("--top="):
-    top, argv = int(argv[0].split("=", 1)[1]), argv[1:]
+  top, save = 25, False
+  while argv and (argv[0] == "--save" or argv[0].startswith("--top=")):
+    if argv[0] == "--save":
+      save = True
+    else:
+      top = int(argv[0].split("=", 1)[1])
+    argv = argv[1:]
   with tempfile.TemporaryDirectory(prefix="suite-cpu-") as tmp:
     with open(os.path.join(tmp, "sitecustomize.py"), "w") as f:
       f.write(_SITECUSTOMIZE)
@@ -86,9 +95,24 @@ def main(argv: list[str]) -> int:
   print("\nCPU s per test file (in the workers):")
   for name, cpu in by_file.most_common():
     print(f"  {cpu:7.1f}  {name}")
+  if save and rc == 0:
+    with open(os.path.join(REPO, "tests", "file_cpu.json"), "w") as f:
+      json.dump({os.path.basename(name): round(cpu, 1) for name, cpu in sorted(by_file.items())}, f, indent=0)
+      f.write("\n")
   print(f"\nthe {top} costliest tests:")
   for t in sorted(tests, key=lambda t: -t["cpu"])[:top]:
     print(f"  {t['cpu']:7.1f}  {t['test']}")
+  if tests:
+    # Each worker's test files in the order it ran them, with when they started and ended (s from the session's
+    # start): the end of the session is where a core may idle while the other finishes a long file.
+    print("\neach worker's test files: start-end s, CPU s")
+    for worker in sorted({t["worker"] for t in tests}):
+      files = collections.OrderedDict()
+      for t in sorted((t for t in tests if t["worker"] == worker), key=lambda t: t["start"]):
+        f = files.setdefault(t["test"].split("::")[0], [t["start"], t["end"], 0.0])
+        f[1], f[2] = t["end"], f[2] + t["cpu"]
+      for name, (a, b, cpu) in files.items():
+        print(f"  {worker or '-'} {a - start:6.0f}-{b - start:4.0f}  {cpu:6.1f}  {name}")
   print(f"\nthe {top} costliest processes the tests and jobs started (wall s under the session's load):")
   for p in sorted(others, key=lambda p: -p["cpu"])[:top]:
     print(f"  {p['cpu']:7.1f}  {p['wall']:7.1f}  {' '.join(a[-60:] for a in p['argv'])[:160]}")

@@ -8,11 +8,13 @@ cores, so the session is arranged to compile less and to keep both cores busy:
   sharded init) is read back wherever it comes again. The cache lives in a
   temporary folder and goes with the session.
 - XLA's CPU backend compiles without LLVM's optimisation passes
-  (`--xla_backend_optimization_level=0`): a quarter less compile time, for
+  and with the flags measured below: half the compile time, for
   programs that run a few steps on tiny shapes. Every process of the session
   uses the same setting, so runs compared with each other compile alike.
 - The tests run in two pytest-xdist workers, a test file at a time (`-n 2
-  --dist loadfile` in pyproject.toml), so that both cores stay busy to the end.
+  --dist loadfile` in pyproject.toml), the costliest files first
+  (`file_order`, from the CPU seconds in file_cpu.json), so that both cores
+  stay busy to the end.
 - The heavy subprocesses (`modassem pipeline` on the tiny preset, whose runs
   many tests read, the depth study, the two-process job and the 8-device
   cases of the sharding tests) are `JOBS`: the workers share them out and
@@ -47,7 +49,13 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 # A size limit turns on the cache's file lock (JAX's LRU cache writes entries in place, and locks only with
 # eviction on): processes compiling side by side never read an entry half written.
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# XLA:CPU flags that cut compile time (measured on the tiny e2e step, CPU seconds, median of 3 fresh processes):
+# no LLVM optimisation passes, 6.3 -> 4.4 s; the older elemental emitters in place of the fusion emitters, -> 3.8 s;
+# the LLVM module compiled whole rather than split for parallel codegen, whose threads only add overhead when both
+# cores are busy with the session's processes, -> 3.0 s.
+_XLA_TEST_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                   "--xla_cpu_parallel_codegen_split_count=1")
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_TEST_FLAGS}".strip()
 
 import pytest  # noqa: E402
 
@@ -193,12 +201,39 @@ def _uses_runs(item) -> bool:
   return any(name in getattr(item, "fixturenames", ()) for name in _SESSION_RUNS)
 
 
+# Each test file's CPU seconds in the workers, as `benchmarks/suite_cpu.py --save` last measured them.
+_FILE_CPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "file_cpu.json")
+_UNMEASURED_CPU = 10.0   # a file the table does not know yet: about the median
+
+
+def file_order(files: dict, workers: int, cpu: dict) -> list:
+  """The order in which the workers take the test files (`files`: {name: whether a test of it reads the session
+  pipeline's runs}), the costliest first so that the session ends on short files and both cores stay busy to the
+  end, as longest-first scheduling does. Two exceptions: each worker starts on one of the costliest files that
+  read no runs (the pipeline is still running then), and the files whose tests read jobs of their own come last,
+  when those jobs (started in the background at collection) are done or nearly."""
+  cost = lambda name: -cpu.get(name, _UNMEASURED_CPU)
+  own_jobs = JOBS.modules()
+  first = sorted((n for n, reads in files.items() if not reads and n not in own_jobs), key=cost)[:workers]
+  middle = sorted((n for n in files if n not in first and n not in own_jobs), key=cost)
+  return first + middle + sorted((n for n in files if n in own_jobs), key=cost)
+
+
 def pytest_collection_modifyitems(session, config, items):
-  """Runs the tests that need no job first."""
-  waits = JOBS.modules()
-  # A worker takes a file at a time: a file whose first tests need no job starts early, and its worker runs those
-  # while the jobs run (measured: sending such files after every job-free one left both workers waiting longer).
-  items.sort(key=lambda item: _uses_runs(item) or os.path.basename(str(item.fspath)) in waits)   # stable
+  """Orders the files as `file_order` says (pytest-xdist hands them out in collection order, with
+  `--no-loadscope-reorder`), and in each file runs the tests that read no runs first: the worker runs those while
+  the session pipeline runs."""
+  files = {}
+  for item in items:
+    name = os.path.basename(str(item.fspath))
+    files[name] = files.get(name, False) or _uses_runs(item)
+  cpu = {}
+  if os.path.exists(_FILE_CPU):
+    with open(_FILE_CPU) as f:
+      cpu = json.load(f)
+  rank = {name: i for i, name in enumerate(file_order(files, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "2")),
+                                                      cpu))}
+  items.sort(key=lambda item: (rank[os.path.basename(str(item.fspath))], _uses_runs(item)))   # stable
 
 
 def pytest_collection_finish(session):
