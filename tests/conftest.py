@@ -15,9 +15,10 @@ cores, so the session is arranged to compile less and to keep both cores busy:
   --dist loadfile` in pyproject.toml), the costliest files first
   (`file_order`, from the CPU seconds in file_cpu.json), so that both cores
   stay busy to the end.
-- The heavy subprocesses (`modassem pipeline` on the tiny preset, whose runs
-  many tests read, the depth study, the two-process job and the 8-device
-  cases of the sharding tests) are `JOBS`: the workers share them out and
+- The heavy subprocesses (`modassem pipeline` on the tiny preset and an
+  incubation of module 1 in its meta run, whose runs many tests read, the
+  depth study, the two-process job and the sharding tests' cases on 8
+  devices and on 1) are `JOBS`: the workers share them out and
   start them in the background as soon as the tests are collected (a job
   that reads the session pipeline's runs once the pipeline has finished),
   and every worker reads their results from the session folder; the tests
@@ -105,8 +106,8 @@ class Jobs:
   def start(self, modules: set, pipeline: bool) -> None:
     order = [n for n, job in self._jobs.items() if n != "pipeline" and job.module in modules]
     # The jobs others read run too, and first: the pipeline where a test reads its runs.
-    needed = {self._jobs[n].after for n in order if self._jobs[n].after} | ({"pipeline"} if pipeline else set())
-    order = sorted(needed - set(order)) + order
+    needed = {self._jobs[n].after for n in order if self._jobs[n].after} | (set(_SESSION_JOBS) if pipeline else set())
+    order = sorted(needed - set(order), key=lambda n: n != "pipeline") + order
     for name in set(self._jobs) - set(order):
       del self._jobs[name]
     # Each worker runs every n-th job (n workers) in a background thread of its own.
@@ -195,6 +196,13 @@ def _timeline(t0: float) -> list[str]:
 JOBS = Jobs()
 JOBS.add("pipeline", [sys.executable, "-m", "modassem", "pipeline", f"--config={TINY}", f"--workdir={PIPELINE}"],
          module=__file__)
+# An incubation of module 1 alone in the session pipeline's meta run (`runs["inc_1"]`): once for the session,
+# rather than once in each worker as a session fixture would train it.
+INC_1 = os.path.join(_SCRATCH, "inc_1")
+JOBS.add("inc-1", [sys.executable, "-m", "modassem", "train", f"--config={TINY}:incubate",
+                   f"--config.meta={os.path.join(PIPELINE, 'meta')}", "--config.module=1", f"--workdir={INC_1}"],
+         module=__file__, after="pipeline")
+_SESSION_JOBS = ("pipeline", "inc-1")   # the jobs whose runs the `runs` and `pipeline_dir` fixtures give
 
 
 def _uses_runs(item) -> bool:
@@ -278,13 +286,11 @@ def pipeline_dir():
 
 
 @pytest.fixture(scope="session")
-def runs(pipeline_dir, tmp_path_factory):
+def runs(pipeline_dir):
   """Finished tiny runs: the pipeline's meta and incubate-all runs, and an incubate-module-1 run on that meta."""
-  from modassem import train
-  dirs = {"meta": os.path.join(pipeline_dir, "meta"), "inc_all": os.path.join(pipeline_dir, "incubate"),
-          "inc_1": str(tmp_path_factory.mktemp("runs") / "inc_1")}
-  train.train(tiny("incubate", meta=dirs["meta"], module="1"), dirs["inc_1"])
-  return dirs
+  JOBS.result("inc-1")
+  return {"meta": os.path.join(pipeline_dir, "meta"), "inc_all": os.path.join(pipeline_dir, "incubate"),
+          "inc_1": INC_1}
 
 
 def run_cli(*args, env=None, timeout=600):
