@@ -105,42 +105,53 @@ class Jobs:
 
   def start(self, modules: set, pipeline: bool) -> None:
     order = [n for n, job in self._jobs.items() if n != "pipeline" and job.module in modules]
-    # The jobs others read run too, and first: the pipeline where a test reads its runs.
+    # The jobs others read run too, and first (the pipeline first of all): the session's runs where a test reads them.
     needed = {self._jobs[n].after for n in order if self._jobs[n].after} | (set(_SESSION_JOBS) if pipeline else set())
     order = sorted(needed - set(order), key=lambda n: n != "pipeline") + order
     for name in set(self._jobs) - set(order):
       del self._jobs[name]
-    # Each worker runs every n-th job (n workers) in a background thread of its own.
-    index, count = int((_WORKER or "gw0")[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    # Each worker runs the jobs in a background thread of its own, taking the next one that is ready whenever it is
+    # free (`_run`): jobs differ in length, and a fixed share per worker left one worker's jobs running long after
+    # the other's.
     os.makedirs(_JOB_RESULTS, exist_ok=True)
-    self._thread = threading.Thread(target=self._run, args=(order[index::count],), daemon=True)
+    self._thread = threading.Thread(target=self._run, args=(order,), daemon=True)
     self._thread.start()
 
   def _run(self, order):
-    for name in order:
-      if self._stopped:
-        return
-      job, deadline = self._jobs[name], time.monotonic() + 1200
-      # (Not past the deadline that `result` gives a job: a worker stopped with the job it waits on never writes
-      # its outcome, and this one then runs and fails rather than waits for ever.)
-      while job.after and not os.path.exists(os.path.join(_JOB_RESULTS, f"{job.after}.json")):
-        if self._stopped:
-          return
-        if time.monotonic() > deadline:
-          break
+    """Runs jobs of `order` one after another until every one is taken: each time the first one whose `after` has
+    finished and that no worker has claimed yet (by creating its claim file in the session folder, which one
+    process alone can do). A job waits for its `after` no longer than the deadline `result` gives a job: a worker
+    stopped with the job it waits on never writes its outcome, and this one then runs and fails rather than
+    waits for ever."""
+    pending, deadline = list(order), time.monotonic() + 1200
+    done = lambda name: os.path.exists(os.path.join(_JOB_RESULTS, f"{name}.json"))
+    while pending and not self._stopped:
+      late = time.monotonic() > deadline
+      ready = [n for n in pending if late or not self._jobs[n].after or done(self._jobs[n].after)]
+      if not ready:
         time.sleep(0.05)
-      start = time.time()
-      proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-      self._procs.append(proc)
-      stdout, stderr = proc.communicate()
-      if self._stopped:
-        return   # the session is over, its folder perhaps gone
-      outcome = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "start": start, "end": time.time()}
-      part = os.path.join(_JOB_RESULTS, f"{name}.part")
-      with open(part, "w") as f:
-        json.dump(outcome, f)
-      os.replace(part, os.path.join(_JOB_RESULTS, f"{name}.json"))   # whole, or not there yet
+        continue
+      name = ready[0]
+      pending.remove(name)
+      try:
+        os.close(os.open(os.path.join(_JOB_RESULTS, f"{name}.claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+      except FileExistsError:
+        continue   # another worker runs it
+      self._execute(name)
+
+  def _execute(self, name):
+    job, start = self._jobs[name], time.time()
+    proc = subprocess.Popen(job.argv, cwd=REPO, env=job.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    self._procs.append(proc)
+    stdout, stderr = proc.communicate()
+    if self._stopped:
+      return   # the session is over, its folder perhaps gone
+    outcome = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "start": start, "end": time.time()}
+    part = os.path.join(_JOB_RESULTS, f"{name}.part")
+    with open(part, "w") as f:
+      json.dump(outcome, f)
+    os.replace(part, os.path.join(_JOB_RESULTS, f"{name}.json"))   # whole, or not there yet
 
   def modules(self) -> set:
     """The test files that have jobs."""
@@ -165,7 +176,8 @@ class Jobs:
         json.dump(self._waited, f)
 
   def finish(self) -> None:
-    """Waits for this worker's jobs: a worker whose own tests are done may run a job another one still needs."""
+    """Waits for this worker's job thread: a worker whose own tests are done may run a job another one still
+    needs, or take one that is not yet claimed."""
     if self._thread is not None:
       self._thread.join()
 
