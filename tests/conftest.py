@@ -170,6 +170,10 @@ class Jobs:
     assert job["returncode"] == 0, f"{name} failed:\n{job['stdout'][-2000:]}\n{job['stderr'][-3000:]}"
     return job["stdout"]
 
+  def printed(self, name: str):
+    """What job `name` printed last, as JSON: the jobs that report results print them as their last line."""
+    return json.loads(self.result(name).strip().splitlines()[-1])
+
   def save_waits(self) -> None:
     if self._waited:
       with open(os.path.join(_JOB_RESULTS, f"waited-{_WORKER or 'main'}.json"), "w") as f:

@@ -41,7 +41,7 @@ JOBS.add("two-process", [sys.executable, os.path.join(REPO, "tests", "processes.
 
 
 def _result() -> dict:
-  return json.loads(JOBS.result("two-process").strip().splitlines()[-1])
+  return JOBS.printed("two-process")
 
 
 def _job(name):

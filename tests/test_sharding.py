@@ -54,17 +54,13 @@ JOBS.add("sharding-1", [sys.executable, os.path.join(REPO, "tests", "stepping.py
          module=__file__, env=devices_env(1), after="pipeline")
 
 
-def _job(name: str) -> dict:
-  return json.loads(JOBS.result(name).strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def results(runs):
   assert runs["meta"] == INC["meta"]
-  one = _job("sharding-1")
+  one = JOBS.printed("sharding-1")
   eight = {}
   for i in range(len(EIGHT)):
-    eight.update(_job(f"sharding-8-{i}"))
+    eight.update(JOBS.printed(f"sharding-8-{i}"))
   return one, eight
 
 
