@@ -238,12 +238,13 @@ def main(argv=None) -> None:
             "--depths=4,8,16 --seeds=0,1,2")
   if any(d % 4 or d <= 0 for d in depths):
     p.error(f"--depths={a.depths}: every depth must be a positive multiple of 4 (4 modules of equal depth)")
-  a.code = os.path.abspath(a.code)
+  # The runs start in the checkout `--code`: every path they are given is absolute.
+  a.code, a.out = os.path.abspath(a.code), os.path.abspath(a.out)
   if not os.path.isdir(os.path.join(a.code, "modassem")):
     p.error(f"--code={a.code} is not a modassem checkout (no modassem/ in it): pass one, e.g. a git worktree")
   a.config = os.path.abspath(a.config) if a.config else os.path.join(a.code, "configs", "cifar_study.py")
   os.makedirs(a.out, exist_ok=True)
-  a.data_dir = a.data if a.data not in ("", "digits", "tfds") else os.path.join(a.out, "cifar10")
+  a.data_dir = os.path.abspath(a.data) if a.data not in ("", "digits", "tfds") else os.path.join(a.out, "cifar10")
   if not a.data:
     extract_cifar10(a.data_dir, a.eval_per_class)
   a.commit = code_commit(a.code)
