@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from modassem import checkpoints, checks, data as data_lib, files, phases, records, sharding, steps
+from modassem import checkpoints, checks, data as data_lib, files, memo, phases, records, sharding, steps
 from modassem.distributed import say
 from modassem.errors import ModassemError
 from modassem.models.vit import abstract_params, stack_blocks, unstack_blocks
@@ -386,9 +386,10 @@ def lower_train_step(s: Setup) -> TrainStep:
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
   key = jax.random.key(config.seed)
   schedule = schedule_values(config, s.total_steps, s.warmup_steps)
-  traced = jitted.trace(abstract, s.frozen, batch, key, schedule)   # its jaxpr: what XLA's count misses (cost.py)
-  return TrainStep(step=traced.lower(), jaxpr=traced.jaxpr, init_fn=init_fn, abstract=abstract, key=key,
-                   schedule=schedule)
+  args = (abstract, s.frozen, batch, key, schedule)
+  # Its jaxpr: what XLA's count misses (cost.py). Lowered once per process for every run with the same program.
+  lowered, jaxpr = memo.lowered(jitted, args, memo.program_key(config, plan, mesh, args))
+  return TrainStep(step=lowered, jaxpr=jaxpr, init_fn=init_fn, abstract=abstract, key=key, schedule=schedule)
 
 
 def compile_train_step(s: Setup) -> TrainStep:

@@ -147,17 +147,42 @@ def test_schedule_is_the_official_schedulers_formula(phase):
     assert float(sched(warmup)) == pytest.approx(1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + math.cos(math.pi * 0.2)))
 
 
-def test_runs_that_differ_in_length_warmup_and_lr_share_one_compiled_step():
-  """The schedule's numbers are an argument of the step, not constants in it: the two steps lower to the same
-  program (one compilation, then JAX's cache), and each run's own numbers go in beside it."""
+# A new value for every field the trainer treats as run-only (memo.RUN_ONLY), by the phase that has it.
+_RUN_ONLY_CHANGES = {
+    "e2e": {"seed": 7, "total_steps": 40, "warmup_steps": 5, "epochs": 3.0, "warmup_epochs": 1.0, "optim.lr": 1e-3,
+            "optim.warmup_lr": 1e-5, "optim.min_lr": 1e-6, "optim.lr_base_batch": 256, "data.random_erase": 0.5,
+            "data.path": "/elsewhere", "data.threads": 3, "eval_batch_size": 16, "eval_every_steps": 5,
+            "log_every_steps": 1, "checkpoint_every_steps": 1, "keep_checkpoints": 1, "progress": "on"},
+    "incubate": {"meta": "/meta/a", "teacher": "/teacher/a"},
+    "assemble": {"modules": "/a,/b,/c,/d", "allow_mixed_meta": True},
+}
+
+
+def test_runs_that_differ_in_run_only_fields_share_one_lowered_step():
+  """Every field kept out of a step's program key, changed at once, leaves the lowered program as it was (compared
+  on fresh lowerings): the schedule's numbers are an argument of the step, not constants in it, and each run's own
+  go in beside it. Through the key, such a run gets the very step lowered before; a field the step reads gets its
+  own."""
   from conftest import tiny
-  from modassem import prepare
-  short = prepare.lower_train_step(prepare.abstract_setup(tiny("e2e"), 6, 2))
-  long = prepare.lower_train_step(prepare.abstract_setup(tiny("e2e", **{"optim.lr": 1e-3}), 500, 0))
-  assert short.step.as_text() == long.step.as_text()
-  assert {k: float(v) for k, v in long.schedule.items()} == pytest.approx(
-      {"peak": 1e-3 * 32 / 512, "warmup_lr": 1e-6, "min_lr": 1e-5, "total": 500.0, "warmup": 0.0})
-  assert float(short.schedule["total"]) == 6.0 and float(short.schedule["warmup"]) == 2.0
+  from modassem import memo, prepare
+  assert {"data" if k.startswith("data.") else k for c in _RUN_ONLY_CHANGES.values() for k in c} == memo.RUN_ONLY
+  lower = lambda phase, **kw: prepare.lower_train_step(prepare.abstract_setup(
+      tiny(phase, **kw), kw.get("total_steps", 6), kw.get("warmup_steps", 2)))
+  base = {"e2e": {}, "incubate": {"module": "1", "meta": "/meta/b", "teacher": "/teacher/b"},
+          "assemble": {"modules": ""}}
+  for phase, changes in _RUN_ONLY_CHANGES.items():
+    memo.forget()
+    first = lower(phase, **base[phase])
+    memo.forget()
+    other = lower(phase, **{**base[phase], **changes})
+    assert other.step is not first.step and other.step.as_text() == first.step.as_text(), phase
+    assert lower(phase, **base[phase]).step is other.step
+    if phase == "e2e":
+      assert {k: float(v) for k, v in other.schedule.items()} == pytest.approx(
+          {"peak": 1e-3 * 32 / 256, "warmup_lr": 1e-5, "min_lr": 1e-6, "total": 40.0, "warmup": 5.0})
+      assert float(first.schedule["total"]) == 6.0 and float(first.schedule["warmup"]) == 2.0
+      reads = lower(phase, mixup=0.5)
+      assert reads.step is not first.step and reads.step.as_text() != first.step.as_text()
 
 
 def test_weight_decay_skips_biases_norms_and_tokens():
