@@ -185,6 +185,19 @@ def test_runs_that_differ_in_run_only_fields_share_one_lowered_step():
       assert reads.step is not first.step and reads.step.as_text() != first.step.as_text()
 
 
+def test_a_models_shapes_are_traced_once_per_process_and_handed_out_as_copies():
+  from modassem.models import vit
+  kw = dict(image_size=8, patch=4, width=16, heads=2, num_classes=3)
+  first = vit.abstract_params(ViT(depths=(1, 2), **kw))
+  hits = vit._abstract_params.cache_info().hits
+  first["module_0"] = None   # a caller's change stays its own
+  again = vit.abstract_params(ViT(depths=(1, 2), **kw))
+  assert vit._abstract_params.cache_info().hits == hits + 1
+  fresh = jax.eval_shape(lambda: ViT(depths=(1, 2), **kw).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))["params"]
+  assert again == fresh and again["module_1"]["blocks_1"]["mlp"]["fc1"]["kernel"].shape == (16, 64)
+  assert vit.abstract_params(ViT(depths=[1, 2], **kw)) == fresh   # a list of depths: not hashable, traced afresh
+
+
 def test_weight_decay_skips_biases_norms_and_tokens():
   params = _params(ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3))
   mask = optim.decay_mask(params)
