@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+import weakref
 
 import jax
 from jax.extend import core as jcore
@@ -38,13 +39,27 @@ from modassem.models.vit import unstack_blocks
 
 # --- FLOPs of a step ----------------------------------------------------------
 
+# Each lowered program's count, while it is alive: a train step lowered once per process (memo.py) serves every run
+# with that program, and its analysis (the program converted to HLO and walked) is then made once too.
+_COUNTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def lowered_flops(lowered) -> float:
   """FLOPs of a lowered program from XLA's cost analysis (the global program: all devices' work together)."""
+  try:
+    return _COUNTED[lowered]
+  except (KeyError, TypeError):
+    pass
   cost = lowered.cost_analysis()
   # Older JAX versions return one dict per program, newer ones the dict.
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan")))
+  flops = float((cost or {}).get("flops", float("nan")))
+  try:
+    _COUNTED[lowered] = flops
+  except TypeError:   # not weakly referable: counted again next time
+    pass
+  return flops
 
 
 def unrolled(s: prepare.Setup) -> prepare.Setup | None:

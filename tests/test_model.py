@@ -185,6 +185,18 @@ def test_runs_that_differ_in_run_only_fields_share_one_lowered_step():
       assert reads.step is not first.step and reads.step.as_text() != first.step.as_text()
 
 
+def test_a_lowered_program_is_counted_once(monkeypatch):
+  """XLA's count of a lowered step is kept with it: a run that gets a step lowered before gets its count too."""
+  from modassem import cost
+  low = jax.jit(lambda a, b: a @ b).trace(jnp.ones((8, 4)), jnp.ones((4, 3))).lower()
+  assert cost.lowered_flops(low) == 2 * 8 * 4 * 3
+
+  def recount():
+    raise AssertionError("counted again")
+  monkeypatch.setattr(low, "cost_analysis", recount)
+  assert cost.lowered_flops(low) == 2 * 8 * 4 * 3
+
+
 def test_a_models_shapes_are_traced_once_per_process_and_handed_out_as_copies():
   from modassem.models import vit
   kw = dict(image_size=8, patch=4, width=16, heads=2, num_classes=3)
