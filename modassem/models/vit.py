@@ -364,15 +364,16 @@ class Stitch(nn.Module):
 def abstract_params(model: ViT) -> dict:
   """`model`'s parameters as ShapeDtypeStructs: their shapes, with nothing allocated."""
   try:
-    shapes = _abstract_params(model)
+    hash(model)
   except TypeError:   # a field that cannot be hashed (depths as a list): traced every time
     shapes = _abstract_params.__wrapped__(model)
+  else:
+    shapes = _abstract_params(model)
   return jax.tree_util.tree_map(lambda x: x, shapes)   # fresh containers: the caller may change them
 
 
-# A process asks for the same model's shapes again and again (each run's meta model, sources and teacher, the
-# checks, `modassem.load`: in one test session 108 of 149 asks were repeats), and tracing its init through Flax is
-# the costly part. Modules are frozen dataclasses, equal when their fields are.
+# A process asks for one model's shapes again and again (meta model, sources, teacher, checks, `modassem.load`: 108
+# of 149 asks in a test session), and tracing its init is costly. Modules are equal when their fields are.
 @functools.lru_cache(maxsize=64)
 def _abstract_params(model: ViT) -> dict:
   image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
