@@ -23,8 +23,9 @@ cores, so the session is arranged to compile less and to keep both cores busy:
   that reads the session pipeline's runs once the pipeline has finished),
   and every worker reads their results from the session folder; the tests
   that need none of them run first.
-- Every process of the session imports TensorFlow without Keras, as the
-  command line does (`cli.quick_tensorflow_import`).
+- Every process of the session imports TensorFlow without Keras and runs
+  Python's garbage collector less often, as the command line does
+  (`cli.quick_tensorflow_import`, `cli.collect_less`).
 """
 
 import dataclasses
@@ -60,11 +61,13 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_TEST_FLAGS}"
 
 import pytest  # noqa: E402
 
-from modassem.cli import quick_tensorflow_import  # noqa: E402
+from modassem.cli import collect_less, quick_tensorflow_import  # noqa: E402
 
 # As the command line does: every process of the session (the workers, and the subprocesses that inherit this
-# environment) imports TensorFlow without Keras, about 1.5 s less per process.
+# environment) imports TensorFlow without Keras, about 1.5 s less per process. The workers, which trace many models,
+# run the garbage collector less often, as the command line and the tests' helper processes do.
 quick_tensorflow_import()
+collect_less()
 
 from processes import env_with_devices as devices_env  # noqa: E402,F401  (for the tests)
 

@@ -165,6 +165,8 @@ def run(spec: dict, timeout: float = 900) -> dict:
 
 
 if __name__ == "__main__":
+  from modassem.cli import collect_less  # pylint: disable=g-import-not-at-top
+  collect_less()   # as the command line does
   if sys.argv[1] == "--member":
     _member(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]))
     sys.exit(0)

@@ -67,4 +67,6 @@ def run_cases(cases: dict, out_dir: str, steps: int = 3) -> dict:
 
 
 if __name__ == "__main__":
+  from modassem.cli import collect_less  # pylint: disable=g-import-not-at-top
+  collect_less()   # as the command line does
   print(json.dumps(run_cases(json.loads(sys.argv[1]), sys.argv[2])))
