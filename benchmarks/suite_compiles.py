@@ -77,14 +77,17 @@ def _collected(phase, info):
 sys.meta_path.insert(0, _Hook())
 gc.callbacks.append(_collected)
 
+_writing = threading.Lock()   # the exit handler and the thread below write the same file
+
 @atexit.register
 def _record():
-  t = os.times()
-  path = os.path.join(os.environ["MODASSEM_JAX_CPU_DIR"], f"{os.getpid()}.json")
-  with open(path + ".part", "w") as f:
-    json.dump({"argv": sys.argv[:3], "cpu": t.user + t.system, "gc": _gc[0], "wall": dict(_wall),
-               "programs": {k: list(v) for k, v in list(_programs.items())}}, f)
-  os.replace(path + ".part", path)
+  with _writing:
+    t = os.times()
+    path = os.path.join(os.environ["MODASSEM_JAX_CPU_DIR"], f"{os.getpid()}.json")
+    with open(path + ".part", "w") as f:
+      json.dump({"argv": sys.argv[:3], "cpu": t.user + t.system, "gc": _gc[0], "wall": dict(_wall),
+                 "programs": {k: list(v) for k, v in list(_programs.items())}}, f)
+    os.replace(path + ".part", path)
 
 def _every_few_seconds():   # pytest-xdist may end a worker with os._exit, which runs no exit handler
   while True:

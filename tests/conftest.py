@@ -23,9 +23,10 @@ cores, so the session is arranged to compile less and to keep both cores busy:
   that reads the session pipeline's runs once the pipeline has finished),
   and every worker reads their results from the session folder; the tests
   that need none of them run first.
-- Every process of the session imports TensorFlow without Keras and runs
-  Python's garbage collector less often, as the command line does
-  (`cli.quick_tensorflow_import`, `cli.collect_less`).
+- Every process of the session imports TensorFlow without Keras, as the
+  command line does (`cli.quick_tensorflow_import`), and those that trace
+  models (the workers, the command line's runs, the tests' helper
+  processes) run Python's garbage collector less often (`cli.collect_less`).
 """
 
 import dataclasses
