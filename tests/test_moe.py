@@ -251,14 +251,15 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
   assert params["module_2"]["blocks_1"]["mlp"]["fc1_kernel"].shape[0] == 4
   assert params["module_2"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
   images = jax.random.normal(jax.random.key(0), (3, model.image_size, model.image_size, 3))
-  mine = phases.forward(phases.make_plan(tiny("assemble", **_SPARSE)), functools.partial(
-      phases.model_for, tiny("assemble", **_SPARSE)), params, {}, images, train=False, key=None)["model"]
-  np.testing.assert_allclose(model.apply({"params": params}, images), mine, rtol=1e-5, atol=1e-5)
+  # Both jitted: one compilation each, where running them op by op compiles every operation of the model apart.
+  mine = jax.jit(lambda p, x: phases.forward(phases.make_plan(tiny("assemble", **_SPARSE)), functools.partial(
+      phases.model_for, tiny("assemble", **_SPARSE)), p, {}, x, train=False, key=None)["model"])(params, images)
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, images), mine, rtol=1e-5, atol=1e-5)
   # And an incubated module's hybrid: module 2 sparse, the meta run's modules dense.
   model, params = modassem.load(inc, module=2)
   assert params["module_2"]["blocks_1"]["mlp"]["fc1_kernel"].shape[0] == 4
   assert params["module_1"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
-  assert np.isfinite(np.asarray(model.apply({"params": params}, images))).all()
+  assert np.isfinite(np.asarray(jax.jit(model.apply)({"params": params}, images))).all()
   with pytest.raises(ModassemError, match=r"another architecture than this config \(moe \{.*'experts': 4.* vs None\)"):
     train.train(tiny("assemble", modules=",".join([inc] * 4)), str(tmp_path / "dense"))
 

@@ -5,6 +5,7 @@ digests find, or cut short) is moved aside and the one before it used. (Two proc
 
 import errno
 import gc
+import json
 import os
 import random
 import shutil
@@ -91,16 +92,26 @@ def _truncate_a_data_file(work, step):
 
 
 def test_sigterm_saves_where_it_stops_and_a_damaged_checkpoint_is_set_aside(reference, tmp_path, capsys):
+  """SIGTERM sent to this process (to its own handlers, as a preemption sends it) once the first checkpoint is
+  committed. (A real process of a job stopped by SIGTERM: test_multiprocess.py.)"""
   work = str(tmp_path / "run")
-  proc = _start(work, 10, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  try:
-    while proc.poll() is None and not _steps(work):   # SIGTERM once the first checkpoint is committed
+  done = threading.Event()
+
+  def terminate():
+    while not done.is_set() and not _steps(work):
       time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    if not done.is_set():
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  sender = threading.Thread(target=terminate)
+  sender.start()
+  try:
+    rc = cli.main([*RUN, f"--workdir={work}", "--config.checkpoint_every_steps=10"])
   finally:
-    proc.kill()
-  assert proc.returncode == 75, err[-3000:]
+    done.set()
+    sender.join()
+  out, err = capsys.readouterr()
+  assert rc == 75, err[-3000:]
   step = _stop_message(err, "SIGTERM", work)
   assert _steps(work) == [10, step] and 10 < step < EPOCH, (step, _steps(work))
   assert f"meta step {step}/{STEPS}" in out and f"meta step {step + 1}/{STEPS}" not in out
@@ -281,31 +292,30 @@ def test_kill_9_at_seeded_moments_then_reruns_end_bit_identical(reference, tmp_p
   assert "already finished" in capsys.readouterr().out
 
 
-_FULL_DISK = """
-set -u
-mount -t tmpfs -o size=$1 tmpfs "$2"
-shift 2
-"$@" --workdir="$MNT/run" > "$OUT/out1" 2> "$OUT/err1"; echo $? > "$OUT/rc1"
-cp -a "$MNT/run" "$OUT/run1"
-mount -o remount,size=64m "$MNT"
-"$@" --workdir="$MNT/run" > "$OUT/out2" 2> "$OUT/err2"; echo $? > "$OUT/rc2"
-cp -a "$MNT/run" "$OUT/run2"
-"""
+@pytest.fixture(scope="module")
+def full_disks(tmp_path_factory):
+  """The command on a tmpfs of its own (a mount namespace: `unshare`, which needs no privileges where user namespaces
+  are on) that is full before the first checkpoint (8k), or when one is being written in Orbax's thread (1100k),
+  then rerun once the tmpfs has grown (tests/full_disks.py, one process for both sizes)."""
+  root = tmp_path_factory.mktemp("full_disks")
+  mnt, out = root / "mnt", root / "out"
+  mnt.mkdir(), out.mkdir()
+  spec = {"mnt": str(mnt), "out": str(out), "sizes": ["8k", "1100k"],
+          "argv": [*RUN, "--config.checkpoint_every_steps=10"]}
+  done = subprocess.run(["unshare", "--map-root-user", "--mount", sys.executable,
+                         os.path.join(REPO, "tests", "full_disks.py"), json.dumps(spec)],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return str(mnt), out
 
 
 @pytest.mark.parametrize("size", ["8k", "1100k"], ids=["at_start", "mid_run"])
-def test_a_full_disk_is_one_line_and_the_rerun_after_space_is_freed_ends_bit_identical(reference, tmp_path, size):
-  """The run directory on a small tmpfs of its own (a mount namespace: `unshare`, which needs no privileges where
-  user namespaces are on): full before the first checkpoint, or when one is being written in Orbax's thread. One
-  line naming the path, the space free and needed and the checkpoint to resume from; no lock left behind; then
-  the same command on the device grown resumes and ends at the run never stopped."""
-  mnt, out = tmp_path / "mnt", tmp_path / "out"
-  mnt.mkdir(), out.mkdir()
-  command = [sys.executable, "-m", "modassem", *RUN, "--config.checkpoint_every_steps=10"]
-  env = dict(os.environ, MNT=str(mnt), OUT=str(out))
-  done = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", _FULL_DISK, "sh", size, str(mnt),
-                         *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0 and (out / "rc2").exists(), done.stderr[-3000:]
+def test_a_full_disk_is_one_line_and_the_rerun_after_space_is_freed_ends_bit_identical(reference, full_disks, size):
+  """One line naming the path, the space free and needed and the checkpoint to resume from; no lock left behind;
+  then the same command on the device grown resumes and ends at the run never stopped."""
+  mnt, out = full_disks
+  out = out / size
+  assert (out / "rc2").exists()
   read = lambda name: (out / name).read_text()
   err = read("err1")
   assert read("rc1").strip() == "2", err[-3000:]
