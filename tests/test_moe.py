@@ -252,8 +252,9 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
   assert params["module_2"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
   images = jax.random.normal(jax.random.key(0), (3, model.image_size, model.image_size, 3))
   # Both jitted: one compilation each, where running them op by op compiles every operation of the model apart.
-  mine = jax.jit(lambda p, x: phases.forward(phases.make_plan(tiny("assemble", **_SPARSE)), functools.partial(
-      phases.model_for, tiny("assemble", **_SPARSE)), p, {}, x, train=False, key=None)["model"])(params, images)
+  sparse = tiny("assemble", **_SPARSE)
+  mine = jax.jit(lambda p, x: phases.forward(phases.make_plan(sparse), functools.partial(phases.model_for, sparse), p,
+                                             {}, x, train=False, key=None)["model"])(params, images)
   np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, images), mine, rtol=1e-5, atol=1e-5)
   # And an incubated module's hybrid: module 2 sparse, the meta run's modules dense.
   model, params = modassem.load(inc, module=2)
