@@ -225,6 +225,12 @@ def test_ragged_dots_are_counted_as_what_they_compute():
     assert counted + cost.ragged_dot_correction(traced.jaxpr) == pytest.approx(want, abs=1e-6), f
 
 
+# One block per module, the second and the fourth sparse: modules of both kinds, and programs that compile in about
+# half the time of the preset's two blocks per module.
+_SHALLOW = {"model.depth": 4, "model.depths": (1, 1, 1, 1)}
+_SHALLOW_SPARSE = {**_SPARSE, **_SHALLOW, "model.moe.every": 0, "model.moe.blocks": (1, 3)}
+
+
 def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_path):
   """V-MoE modules (every other block: 4 experts, top 2, the load-balancing loss weighed in) incubated all at once in
   the tiny dense meta run, with the router's health logged; assembly stacks them and trains on; a dense config
@@ -232,37 +238,40 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
   sparse module of `module=all` is the one its single-module run trains is checked on stitched students, in
   test_distill.py.)"""
   inc, asm = str(tmp_path / "inc"), str(tmp_path / "asm")
-  train.train(tiny("incubate", meta=runs["meta"], module="all", **_SPARSE), inc)
-  assert any("fc1_kernel" in name for name in _module(inc, 2))
+  modules = ",".join([inc] * 4)
+  train.train(tiny("incubate", meta=runs["meta"], module="all", **_SHALLOW_SPARSE), inc)
+  assert any("fc1_kernel" in name for name in _module(inc, 1))
+  assert not any("fc1_kernel" in name for name in _module(inc, 2))
   with open(os.path.join(inc, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f if '"train"' in line][-1]
-  shares = [logged[f"moe/module_1/blocks_1/expert_{e}"] for e in range(4)]
-  assert abs(sum(shares) - 1.0) < 1e-6 and logged["moe/module_1/blocks_1/dropped"] == 0.0
-  assert not any(key.startswith("moe/module_1/blocks_0/") for key in logged)
-  result = train.train(tiny("assemble", modules=",".join([inc] * 4), **_SPARSE), asm)
+  shares = [logged[f"moe/module_1/blocks_0/expert_{e}"] for e in range(4)]
+  assert abs(sum(shares) - 1.0) < 1e-6 and logged["moe/module_1/blocks_0/dropped"] == 0.0
+  assert not any(key.startswith(("moe/module_0/", "moe/module_2/")) for key in logged)
+  assert any(key.startswith("moe/module_3/blocks_0/") for key in logged)
+  result = train.train(tiny("assemble", modules=modules, **_SHALLOW_SPARSE), asm)
   assert math.isfinite(result["loss"])
   # `eval` reads the sparse run back to its own result.
-  again = train.evaluate_run(tiny("assemble", modules=",".join([inc] * 4), **_SPARSE), asm)
+  again = train.evaluate_run(tiny("assemble", modules=modules, **_SHALLOW_SPARSE), asm)
   assert again["top1"] == pytest.approx(result["top1"]) and again["loss"] == pytest.approx(result["loss"], rel=1e-5)
   assert json.load(open(os.path.join(asm, records.RUN_FILE)))["arch"]["moe"] == {
-      "experts": 4, "k": 2, "router": "topk_softmax", "capacity_factor": 0.0, "layout": [[1], [1], [1], [1]]}
+      "experts": 4, "k": 2, "router": "topk_softmax", "capacity_factor": 0.0, "layout": [[], [0], [], [0]]}
   # `modassem.load` builds the sparse model the run trained: its logits are the ones evaluation computes.
   model, params = modassem.load(asm)
-  assert params["module_2"]["blocks_1"]["mlp"]["fc1_kernel"].shape[0] == 4
+  assert params["module_1"]["blocks_0"]["mlp"]["fc1_kernel"].shape[0] == 4
   assert params["module_2"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
   images = jax.random.normal(jax.random.key(0), (3, model.image_size, model.image_size, 3))
   # Both jitted: one compilation each, where running them op by op compiles every operation of the model apart.
-  sparse = tiny("assemble", **_SPARSE)
+  sparse = tiny("assemble", **_SHALLOW_SPARSE)
   mine = jax.jit(lambda p, x: phases.forward(phases.make_plan(sparse), functools.partial(phases.model_for, sparse), p,
                                              {}, x, train=False, key=None)["model"])(params, images)
   np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, images), mine, rtol=1e-5, atol=1e-5)
-  # And an incubated module's hybrid: module 2 sparse, the meta run's modules dense.
-  model, params = modassem.load(inc, module=2)
-  assert params["module_2"]["blocks_1"]["mlp"]["fc1_kernel"].shape[0] == 4
-  assert params["module_1"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
+  # And an incubated module's hybrid: module 1 sparse, the meta run's modules dense.
+  model, params = modassem.load(inc, module=1)
+  assert params["module_1"]["blocks_0"]["mlp"]["fc1_kernel"].shape[0] == 4
+  assert params["module_2"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
   assert np.isfinite(np.asarray(jax.jit(model.apply)({"params": params}, images))).all()
   with pytest.raises(ModassemError, match=r"another architecture than this config \(moe \{.*'experts': 4.* vs None\)"):
-    train.train(tiny("assemble", modules=",".join([inc] * 4)), str(tmp_path / "dense"))
+    train.train(tiny("assemble", modules=modules, **_SHALLOW), str(tmp_path / "dense"))
 
 
 def test_the_meta_phase_of_a_sparse_config_is_dense():
