@@ -12,9 +12,10 @@ cores, so the session is arranged to compile less and to keep both cores busy:
   programs that run a few steps on tiny shapes. Every process of the session
   uses the same setting, so runs compared with each other compile alike.
 - The tests run in two pytest-xdist workers, a test file at a time (`-n 2
-  --dist loadfile` in pyproject.toml), the costliest files first
-  (`file_order`, from the CPU seconds in file_cpu.json), so that both cores
-  stay busy to the end.
+  --dist loadfile` in pyproject.toml): the files that read no session runs
+  first, then the others, each group the costliest first (`file_order`,
+  from the CPU seconds in file_cpu.json), so that both cores stay busy to
+  the end.
 - The heavy subprocesses (`modassem pipeline` on the tiny preset and an
   incubation of module 1 in its meta run, whose runs many tests read, the
   depth study, the two-process job and the sharding tests' cases on 8
@@ -87,6 +88,7 @@ class _Job:
   env: dict
   module: str          # the test file that needs it
   after: str | None    # a job whose runs it reads: it starts once that one has finished
+  sooner: str | None   # or once this file exists (the one run of `after` that it reads is finished)
 
 
 class Jobs:
@@ -106,8 +108,9 @@ class Jobs:
     self._waited: dict[str, float] = {}
     self._thread: threading.Thread | None = None
 
-  def add(self, name: str, argv: list, *, module: str, env: dict | None = None, after: str | None = None) -> None:
-    self._jobs[name] = _Job(list(argv), dict(env or os.environ), os.path.basename(module), after)
+  def add(self, name: str, argv: list, *, module: str, env: dict | None = None, after: str | None = None,
+          sooner: str | None = None) -> None:
+    self._jobs[name] = _Job(list(argv), dict(env or os.environ), os.path.basename(module), after, sooner)
 
   def start(self, modules: set, pipeline: bool) -> None:
     order = [n for n, job in self._jobs.items() if n != "pipeline" and job.module in modules]
@@ -133,7 +136,8 @@ class Jobs:
     done = lambda name: os.path.exists(os.path.join(_JOB_RESULTS, f"{name}.json"))
     while pending and not self._stopped:
       late = time.monotonic() > deadline
-      ready = [n for n in pending if late or not self._jobs[n].after or done(self._jobs[n].after)]
+      ready = [n for n in pending if late or not self._jobs[n].after or done(self._jobs[n].after)
+               or (self._jobs[n].sooner and os.path.exists(self._jobs[n].sooner))]
       if not ready:
         time.sleep(0.05)
         continue
@@ -219,11 +223,12 @@ JOBS = Jobs()
 JOBS.add("pipeline", [sys.executable, "-m", "modassem", "pipeline", f"--config={TINY}", f"--workdir={PIPELINE}"],
          module=__file__)
 # An incubation of module 1 alone in the session pipeline's meta run (`runs["inc_1"]`): once for the session,
-# rather than once in each worker as a session fixture would train it.
+# rather than once in each worker as a session fixture would train it; it starts as soon as the meta run is
+# finished (its results.json, written last, is there), beside the pipeline's later phases.
 INC_1 = os.path.join(_SCRATCH, "inc_1")
 JOBS.add("inc-1", [sys.executable, "-m", "modassem", "train", f"--config={TINY}:incubate",
                    f"--config.meta={os.path.join(PIPELINE, 'meta')}", "--config.module=1", f"--workdir={INC_1}"],
-         module=__file__, after="pipeline")
+         module=__file__, after="pipeline", sooner=os.path.join(PIPELINE, "meta", "results.json"))
 _SESSION_JOBS = ("pipeline", "inc-1")   # the jobs whose runs the `runs` and `pipeline_dir` fixtures give
 
 
@@ -236,17 +241,18 @@ _FILE_CPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "file_cpu.j
 _UNMEASURED_CPU = 10.0   # a file the table does not know yet: about the median
 
 
-def file_order(files: dict, workers: int, cpu: dict) -> list:
+def file_order(files: dict, cpu: dict) -> list:
   """The order in which the workers take the test files (`files`: {name: whether a test of it reads the session
-  pipeline's runs}), the costliest first so that the session ends on short files and both cores stay busy to the
-  end, as longest-first scheduling does. Two exceptions: each worker starts on one of the costliest files that
-  read no runs (the pipeline is still running then), and the files whose tests read jobs of their own come last,
-  when those jobs (started in the background at collection) are done or nearly."""
+  pipeline's runs}): first the files that read no runs, which the workers run while the session pipeline and the
+  incubation the runs include are still running (a worker that reaches a test reading them sooner waits, a core
+  idle), then the files that read runs. Each group goes costliest first, as longest-first scheduling does, so that
+  the session ends on short files and both cores stay busy to the end; the files whose tests read jobs of their
+  own come last, when those jobs (started in the background at collection) are done or nearly."""
   cost = lambda name: -cpu.get(name, _UNMEASURED_CPU)
   own_jobs = JOBS.modules()
-  first = sorted((n for n, reads in files.items() if not reads and n not in own_jobs), key=cost)[:workers]
-  middle = sorted((n for n in files if n not in first and n not in own_jobs), key=cost)
-  return first + middle + sorted((n for n in files if n in own_jobs), key=cost)
+  free = sorted((n for n, reads in files.items() if not reads and n not in own_jobs), key=cost)
+  reading = sorted((n for n, reads in files.items() if reads and n not in own_jobs), key=cost)
+  return free + reading + sorted((n for n in files if n in own_jobs), key=cost)
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -261,8 +267,7 @@ def pytest_collection_modifyitems(session, config, items):
   if os.path.exists(_FILE_CPU):
     with open(_FILE_CPU) as f:
       cpu = json.load(f)
-  rank = {name: i for i, name in enumerate(file_order(files, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "2")),
-                                                      cpu))}
+  rank = {name: i for i, name in enumerate(file_order(files, cpu))}
   items.sort(key=lambda item: (rank[os.path.basename(str(item.fspath))], _uses_runs(item)))   # stable
 
 
