@@ -163,13 +163,12 @@ def test_runs_that_differ_in_run_only_fields_share_one_lowered_step():
   on fresh lowerings): the schedule's numbers are an argument of the step, not constants in it, and each run's own
   go in beside it. Through the key, such a run gets the very step lowered before; a field the step reads gets its
   own."""
-  from conftest import tiny
+  from conftest import SHALLOW, tiny
   from modassem import memo, prepare
   assert {"data" if k.startswith("data.") else k for c in _RUN_ONLY_CHANGES.values() for k in c} == memo.RUN_ONLY
-  # One block per module (the key does not depend on the depth): half the time to trace and lower.
-  shallow = {"model.depth": 4, "model.depths": (1, 1, 1, 1)}
+  # One block per module: the key does not depend on the depth.
   lower = lambda phase, **kw: prepare.lower_train_step(prepare.abstract_setup(
-      tiny(phase, **shallow, **kw), kw.get("total_steps", 6), kw.get("warmup_steps", 2)))
+      tiny(phase, **SHALLOW, **kw), kw.get("total_steps", 6), kw.get("warmup_steps", 2)))
   base = {"e2e": {}, "incubate": {"module": "1", "meta": "/meta/b", "teacher": "/teacher/b"},
           "assemble": {"modules": ""}}
   for phase, changes in _RUN_ONLY_CHANGES.items():

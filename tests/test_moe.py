@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import TINY, tiny
+from conftest import SHALLOW, TINY, tiny
 import modassem
 from modassem import checkpoints, checks, cli, cost, phases, records, train
 from modassem.errors import ModassemError
@@ -225,10 +225,8 @@ def test_ragged_dots_are_counted_as_what_they_compute():
     assert counted + cost.ragged_dot_correction(traced.jaxpr) == pytest.approx(want, abs=1e-6), f
 
 
-# One block per module, the second and the fourth sparse: modules of both kinds, and programs that compile in about
-# half the time of the preset's two blocks per module.
-_SHALLOW = {"model.depth": 4, "model.depths": (1, 1, 1, 1)}
-_SHALLOW_SPARSE = {**_SPARSE, **_SHALLOW, "model.moe.every": 0, "model.moe.blocks": (1, 3)}
+# One block per module (conftest.SHALLOW), the second and the fourth sparse: modules of both kinds.
+_SHALLOW_SPARSE = {**_SPARSE, **SHALLOW, "model.moe.every": 0, "model.moe.blocks": (1, 3)}
 
 
 def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_path):
@@ -271,7 +269,7 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
   assert params["module_2"]["blocks_0"]["mlp"]["fc1"]["kernel"].ndim == 2
   assert np.isfinite(np.asarray(jax.jit(model.apply)({"params": params}, images))).all()
   with pytest.raises(ModassemError, match=r"another architecture than this config \(moe \{.*'experts': 4.* vs None\)"):
-    train.train(tiny("assemble", modules=modules, **_SHALLOW), str(tmp_path / "dense"))
+    train.train(tiny("assemble", modules=modules, **SHALLOW), str(tmp_path / "dense"))
 
 
 def test_the_meta_phase_of_a_sparse_config_is_dense():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import stepping
-from conftest import tiny
+from conftest import SHALLOW, tiny
 from modassem import checkpoints, cost, phases, prepare, train
 from modassem.errors import ModassemError
 
@@ -90,8 +90,7 @@ def test_incubation_does_not_touch_the_meta_run_on_disk(runs, tmp_path):
     return out
   before = snapshot(runs["meta"])
   # One block per module: what an incubation writes does not depend on its module's depth.
-  train.train(tiny("incubate", meta=runs["meta"], module="3", **{"model.depth": 4, "model.depths": (1, 1, 1, 1)}),
-              str(tmp_path / "inc3"))
+  train.train(tiny("incubate", meta=runs["meta"], module="3", **SHALLOW), str(tmp_path / "inc3"))
   assert snapshot(runs["meta"]) == before
 
 

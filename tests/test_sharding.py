@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import JOBS, PIPELINE, REPO, SCRATCH, devices_env
+from conftest import JOBS, PIPELINE, REPO, SCRATCH, SHALLOW, devices_env
 
 # Mixup, CutMix and drop path stay on in the e2e and incubate cases: their
 # randomness must not depend on the device count. Accumulation is compared
@@ -22,10 +22,9 @@ PLAIN = {"mixup": 0.0, "cutmix": 0.0, "model.drop_path": 0.0}
 
 
 OUT = os.path.join(SCRATCH, "sharding")   # each case's parameters, NAME.npz
-# One block per module where a case needs no more: how a step is sharded does not depend on the depth, and the
-# tiny model's programs compile and trace in about half the time at depth 4 (3 cases on one device, 33 -> 16 CPU s).
-# The scanned cases keep two blocks per module to scan over, and the assembly reads the session's modules.
-SHALLOW = {"model.depth": 4, "model.depths": (1, 1, 1, 1)}
+# One block per module (conftest.SHALLOW) where a case needs no more: how a step is sharded does not depend on the
+# depth (3 cases on one device, 33 -> 16 CPU s). The scanned cases keep two blocks per module to scan over, and the
+# assembly reads the session's modules.
 INC = {"meta": os.path.join(PIPELINE, "meta"), "module": "all", **SHALLOW}
 ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the session's incubated modules
 # The 8-device cases, as one job that starts in the background once the session pipeline (whose meta run and
