@@ -82,6 +82,8 @@ PIPELINE = os.path.join(_SCRATCH, "pipeline")   # the session pipeline's workdir
 # The tiny preset at one block per module, for tests whose check does not depend on the depth: its programs compile
 # and trace in about half the time of the preset's two blocks per module.
 SHALLOW = {"model.depth": 4, "model.depths": (1, 1, 1, 1)}
+# Two modules of two blocks, for tests that need blocks to scan over or stack but not four modules.
+PAIRS = {"model.depth": 4, "model.num_modules": 2, "model.depths": (2, 2)}
 _SESSION_RUNS = ("pipeline_dir", "runs")
 
 

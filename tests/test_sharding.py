@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import JOBS, PIPELINE, REPO, SCRATCH, SHALLOW, devices_env
+from conftest import JOBS, PAIRS, PIPELINE, REPO, SCRATCH, SHALLOW, devices_env
 
 # Mixup, CutMix and drop path stay on in the e2e and incubate cases: their
 # randomness must not depend on the device count. Accumulation is compared
@@ -23,8 +23,8 @@ PLAIN = {"mixup": 0.0, "cutmix": 0.0, "model.drop_path": 0.0}
 
 OUT = os.path.join(SCRATCH, "sharding")   # each case's parameters, NAME.npz
 # One block per module (conftest.SHALLOW) where a case needs no more: how a step is sharded does not depend on the
-# depth (3 cases on one device, 33 -> 16 CPU s). The scanned cases keep two blocks per module to scan over, and the
-# assembly reads the session's modules.
+# depth (3 cases on one device, 33 -> 16 CPU s). The scanned cases run two modules of two blocks (conftest.PAIRS):
+# blocks to scan over, at half the preset's depth. The assembly reads the session's modules.
 INC = {"meta": os.path.join(PIPELINE, "meta"), "module": "all", **SHALLOW}
 ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the session's incubated modules
 # The 8-device cases, as one job that starts in the background once the session pipeline (whose meta run and
@@ -37,20 +37,20 @@ ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the se
 MOE = {"model.moe.experts": 8, "model.moe.every": 0, "model.moe.blocks": (1, 3), "model.moe.aux_weight": 0.01,
        **SHALLOW}
 CAPACITY = {"model.moe.experts": 8, "model.moe.aux_weight": 0.01, **PLAIN, "model.moe.every": 1,
-            "model.moe.router": "softmax_topk", "model.moe.capacity_factor": 0.5}
+            "model.moe.router": "softmax_topk", "model.moe.capacity_factor": 0.5, **PAIRS}
 # Data parallelism on 8 devices is the V-MoE case's (its dense blocks too, mixup and drop path on) and the
 # two-process job's (meta and assembly, 2 x 4 devices); gradient accumulation runs in the scanned model.
 EIGHT = {"incubate/fsdp": ["incubate", {"sharding": "fsdp", **INC}],
          "assemble/fsdp": ["assemble", {"sharding": "fsdp", **ASM}],
          "moe/data": ["e2e", {"sharding": "data", **MOE}, "flops"],
          "e2e/fsdp": ["e2e", {"sharding": "fsdp", **SHALLOW}],
-         "plain/scan_accum2": ["e2e", {"sharding": "fsdp", "model.scan": True, "accum_steps": 2, **PLAIN}],
+         "plain/scan_accum2": ["e2e", {"sharding": "fsdp", "model.scan": True, "accum_steps": 2, **PLAIN, **PAIRS}],
          "moe/fsdp": ["e2e", {"sharding": "fsdp", "model.scan": True, **CAPACITY}]}
 JOBS.add("sharding-8", [sys.executable, os.path.join(REPO, "tests", "stepping.py"), json.dumps(EIGHT), OUT],
          module=__file__, env=devices_env(8), after="pipeline")
 # The references on one device: a job too, so that no worker spends the end of the session on them.
 ONE = {"e2e": ["e2e", {"sharding": "data", **SHALLOW}], "incubate": ["incubate", {"sharding": "data", **INC}],
-       "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN}],
+       "plain": ["e2e", {"sharding": "data", "accum_steps": 1, **PLAIN, **PAIRS}],
        "assemble": ["assemble", {"sharding": "data", **ASM}],
        "moe": ["e2e", {"sharding": "data", **MOE}, "flops"],
        "moe/capacity": ["e2e", {"sharding": "data", **CAPACITY}]}
