@@ -289,6 +289,10 @@ class _Loop:
     if step % self.s.config.log_every_steps and step != self.s.total_steps:
       return
     loss = self.check()
+    # The step has finished (its loss is on the host): its mark, taken now, makes the speed count the step's own
+    # time. Taken at dispatch, right after an evaluation the window would hold only the asynchronous dispatch of
+    # a step or two, and the speed would read hundreds of times too high.
+    self.progress.update(step)
     values = {k: float(v) for k, v in jax.device_get(self.pending[1]).items()}
     values["wall_s"] = self.wall()
     values.update(self.progress.rates())

@@ -81,3 +81,20 @@ def test_a_run_says_what_it_runs_and_shows_its_evaluations(tmp_path, capsys):
   assert setup["compile_s"] > 0 and setup["step_flops"] > 0
   train = [r for r in records if r["kind"] == "train"]
   assert all(r["img_per_s"] > 0 and r["tflop_per_s"] > 0 and "mfu" not in r for r in train)
+
+
+def test_the_speed_logged_after_an_evaluation_counts_the_steps_own_time(tmp_path, monkeypatch):
+  """An evaluation at step 3 restarts the speed's window; the line logged at step 5 must measure it up to step 5
+  finished, not up to step 4 dispatched (asynchronous dispatch returns at once: a window of dispatches alone read
+  hundreds of times the real speed)."""
+  logged = []
+  real_log = Progress.log
+
+  def log(self, step, **shown):
+    logged.append((step, self._marks[-1][1]))   # the logged step, and the last step its window holds
+    return real_log(self, step, **shown)
+
+  monkeypatch.setattr(Progress, "log", log)
+  assert cli.main(["train", f"--config={TINY}:meta", "--config.eval_every_steps=3", "--config.log_every_steps=5",
+                   f"--workdir={tmp_path / 'run'}"]) == 0
+  assert logged == [(5, 5), (6, 6)]
