@@ -209,8 +209,8 @@ class Progress:
     return out
 
   def update(self, step: int):
-    if step == self.step and self._marks[-1][1] == step:
-      return   # marked already (the trainer marks a logged step once it has finished)
+    if step == self.step:
+      return   # marked already (the trainer marks a logged step once it has finished; the window ends on self.step)
     if self.bar is not None:
       self.bar.update(step - self.step)
     self.step = step
