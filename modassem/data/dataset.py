@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from modassem.data import augment, sources
-from modassem.data._tf import tf
+from modassem.data._tf import graph_fn, tf
 from modassem.errors import ModassemError
 
 Batch = dict[str, np.ndarray]
@@ -77,7 +77,7 @@ def repeat_records(records, num_train: int, repeats: int):
     return t.nest.map_structure(
         lambda x: t.repeat(x[None], repeats, axis=0), record)
 
-  return chosen.map(copies).unbatch().take(num_train)
+  return chosen.map(graph_fn(copies)).unbatch().take(num_train)
 
 
 def _local_batch_size(batch_size: int, process_index: int,
@@ -106,7 +106,7 @@ def _slice_filter(batch_size: int, local: int, process_index: int):
     offset = pos % batch_size
     return tf().logical_and(offset >= lo, offset < hi)
 
-  return keep
+  return graph_fn(keep)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -207,7 +207,7 @@ class Dataset:
       # records are read, but never decoded or augmented.
       ds = ds.skip(offset).take(end - offset)
       ds = ds.filter(_slice_filter(batch_size, local, process_index))
-    ds = ds.map(lambda pos, r: self._train_example(seed, epoch, pos, r),
+    ds = ds.map(graph_fn(lambda pos, r: self._train_example(seed, epoch, pos, r)),
                 num_parallel_calls=self._parallel())
     ds = ds.batch(local, drop_remainder=True).prefetch(self.prefetch)
     return ds.with_options(self._options())
@@ -265,7 +265,7 @@ class Dataset:
     else:
       ds = self.source.eval_records().enumerate()
       ds = ds.filter(_slice_filter(batch_size, local, process_index))
-    ds = ds.map(self._eval_example, num_parallel_calls=self._parallel())
+    ds = ds.map(graph_fn(self._eval_example), num_parallel_calls=self._parallel())
     size = self.image_size
     padding = t.data.Dataset.from_tensors({
         "image": t.zeros([size, size, 3], t.float32),

@@ -33,7 +33,7 @@ import os
 
 import numpy as np
 
-from modassem.data._tf import tf
+from modassem.data._tf import graph_fn, tf
 from modassem.data._tf import tfds
 from modassem.data.sources import IdSplits, subset_ids
 from modassem.errors import ModassemError
@@ -152,7 +152,7 @@ class TfdsIndexedSource(IdSplits):
       return positions, t.numpy_function(self.read, [ids], t.string,
                                          stateful=False)
     return ds.batch(FETCH_CHUNK).map(
-        chunk, num_parallel_calls=t.data.AUTOTUNE).unbatch()
+        graph_fn(chunk), num_parallel_calls=t.data.AUTOTUNE).unbatch()
 
   def decode(self, record):
     ex = self.features.deserialize_example(
@@ -167,9 +167,9 @@ class TfdsIndexedSource(IdSplits):
     t = tf()
     ds = self.fetch(t.data.Dataset.from_tensor_slices(
         (ids.astype(np.int64), ids.astype(np.int64))))
-    ds = ds.map(lambda _, r: self.features.deserialize_example(
+    ds = ds.map(graph_fn(lambda _, r: self.features.deserialize_example(
         r, decoders={self.image_key: tfds().decode.SkipDecoding()}
-    )[self.label_key], num_parallel_calls=t.data.AUTOTUNE).batch(4096)
+    )[self.label_key]), num_parallel_calls=t.data.AUTOTUNE).batch(4096)
     return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros(0)])
 
 
@@ -225,13 +225,13 @@ class TfdsSource:
     ds = self._read(self.train_split, file_seed, self.keep_ids is not None)
     if self.keep_ids is not None:
       table = self._keep_table
-      ds = ds.filter(lambda ex: table.lookup(ex["tfds_id"]) > 0)
+      ds = ds.filter(graph_fn(lambda ex: table.lookup(ex["tfds_id"]) > 0))
     ds = ds.shuffle(SHUFFLE_BUFFER, seed=buffer_seed,
                     reshuffle_each_iteration=False)
-    return ds.map(self._record)
+    return ds.map(graph_fn(self._record))
 
   def eval_records(self):
-    return self._read(self.eval_split).map(self._record)
+    return self._read(self.eval_split).map(graph_fn(self._record))
 
   def _record(self, ex):
     return {"image": ex[self.image_key], "label": ex[self.label_key]}
@@ -247,7 +247,7 @@ def _kept_tfds_ids(source: TfdsSource, fraction: float, seed: int) -> np.ndarray
   """Class-balanced subset: one pass over labels, images left encoded."""
   ids, labels = [], []
   ds = source._read(source.train_split, add_tfds_id=True)  # pylint: disable=protected-access
-  ds = ds.map(lambda ex: (ex["tfds_id"], ex[source.label_key])).batch(4096)
+  ds = ds.map(graph_fn(lambda ex: (ex["tfds_id"], ex[source.label_key]))).batch(4096)
   for batch_ids, batch_labels in ds.as_numpy_iterator():
     ids.append(batch_ids)
     labels.append(batch_labels)
