@@ -293,8 +293,10 @@ def test_attention_takes_cudnn_only_where_it_applies():
 # --- nn.scan over a module's blocks -------------------------------------------
 
 def test_scanned_blocks_compute_what_the_per_block_model_computes():
-  # Rematerialised too: inside the scan it runs without CSE barriers.
-  kwargs = dict(depths=(1, 3, 2, 2), image_size=8, patch=4, width=16, heads=2, num_classes=3, remat="full")
+  # Rematerialised too: inside the scan it runs without CSE barriers. In training, each block drops the same
+  # branches scanned or not: the module draws its blocks' stochastic depth at once.
+  kwargs = dict(depths=(1, 3, 2, 2), image_size=8, patch=4, width=16, heads=2, num_classes=3, remat="full",
+                drop_path=0.5)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
   plain, scanned = ViT(**kwargs), ViT(**kwargs, scan=True)
   params = jax.jit(plain.init)(jax.random.key(0), x)["params"]
@@ -312,6 +314,9 @@ def test_scanned_blocks_compute_what_the_per_block_model_computes():
   def loss(model, p):
     return model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).sum()
 
+  dropped = jax.jit(lambda p: loss(plain, p))(params)
+  assert abs(dropped - jax.jit(plain.apply)({"params": params}, x).sum()) > 1e-3   # some branches were dropped
+  np.testing.assert_allclose(jax.jit(lambda p: loss(scanned, p))(stacked), dropped, rtol=1e-5)
   g_plain = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
   g_scan = jax.jit(lambda p: unstack_blocks(jax.grad(lambda q: loss(scanned, q))(p)))(stacked)
   for a, b in zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_plain)):

@@ -15,8 +15,7 @@ from modassem.errors import ModassemError
 
 
 _leaves = stepping.leaves
-# No mixing and no drop path: a loss a hand-built hybrid can recompute, and the same parameters whether a module's
-# blocks are scanned or not (the two layouts draw drop-path masks differently).
+# No mixing and no drop path: a loss a hand-built hybrid can recompute.
 PLAIN = {"mixup": 0.0, "cutmix": 0.0, "model.drop_path": 0.0}
 
 
@@ -292,11 +291,12 @@ def test_step_flops_count_every_iteration_of_a_loop():
 
 
 def test_scanned_runs_exchange_modules_with_per_block_runs(runs, tmp_path):
-  """A scanned incubation reads the per-block meta run, trains as the per-block run does and saves per block;
-  a scanned assembly stacks those modules."""
+  """A scanned incubation reads the per-block meta run, trains as the per-block run does (mixing and drop path
+  on: each block drops the same branches in both layouts) and saves per block; a scanned assembly stacks those
+  modules."""
   scanned = str(tmp_path / "scanned")
-  plain = tiny("incubate", meta=runs["meta"], module="1", **PLAIN)
-  train.train(tiny("incubate", meta=runs["meta"], module="1", **PLAIN, **{"model.scan": True}), scanned)
+  plain = tiny("incubate", meta=runs["meta"], module="1")
+  train.train(tiny("incubate", meta=runs["meta"], module="1", **{"model.scan": True}), scanned)
   a = _leaves(stepping.run_steps(plain, plain.total_steps)[1].params["module_1"])
   b = _saved_module(scanned, 1)
   assert a.keys() == b.keys() and any("blocks_1" in n for n in b)

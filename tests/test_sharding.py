@@ -32,11 +32,11 @@ ASM = {"modules": ",".join([os.path.join(PIPELINE, "incubate")] * 4)}   # the se
 # process: each one imports and starts JAX and TensorFlow anew, some 6 CPU seconds).
 # V-MoE blocks with 8 experts: one per device on 8, each device's tokens sent to them. Every other block (1 and 3
 # of 4) with the reference's routing; every block with V-MoE's and a capacity that drops assignments, the 8-device
-# run scanned over the blocks (stacked experts split along their second axis) without drop path (the two layouts
-# draw its masks differently).
+# run scanned over the blocks (stacked experts split along their second axis), with drop path (each module draws
+# its blocks' masks at once: the same masks in both layouts).
 MOE = {"model.moe.experts": 8, "model.moe.every": 0, "model.moe.blocks": (1, 3), "model.moe.aux_weight": 0.01,
        **SHALLOW}
-CAPACITY = {"model.moe.experts": 8, "model.moe.aux_weight": 0.01, **PLAIN, "model.moe.every": 1,
+CAPACITY = {"model.moe.experts": 8, "model.moe.aux_weight": 0.01, "mixup": 0.0, "cutmix": 0.0, "model.moe.every": 1,
             "model.moe.router": "softmax_topk", "model.moe.capacity_factor": 0.5, **PAIRS}
 # Data parallelism on 8 devices is the V-MoE case's (its dense blocks too, mixup and drop path on) and the
 # two-process job's (meta and assembly, 2 x 4 devices); gradient accumulation runs in the scanned model.

@@ -175,19 +175,16 @@ class Block(nn.Module):
   moe: MoeSpec | None = None   # an MoE MLP (moe.py) instead of the dense one
 
   @nn.compact
-  def __call__(self, x, train: bool, rate=None):
-    """`rate` overrides `drop_path` with a traced value: under `nn.scan` every
-    block shares one definition, so its rate comes in as a scanned input."""
-    if rate is None:
-      # Dropping whole residual branches per example: a dropout mask broadcast
-      # over tokens and channels is exactly stochastic depth, rescaling included.
-      drop = functools.partial(nn.Dropout(self.drop_path, broadcast_dims=(1, 2)), deterministic=not train)
-    else:
-      drop = functools.partial(self._drop_path, rate=rate, train=train)
+  def __call__(self, x, train: bool, rate=None, draws=None):
+    """`rate` overrides `drop_path` with a traced value (under `nn.scan` every block shares one definition).
+    `draws`: stochastic depth's uniforms, [2, batch] (attention branch, MLP branch), drawn by the module for all
+    its blocks at once; without them (evaluation, or no rate above 0 in the module) no branch is dropped."""
+    rate = self.drop_path if rate is None else rate
+    drop = functools.partial(_drop_path, rate=rate, draws=draws if train else None)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
     y = Attention(self.width, self.heads, self.qkv_bias, self.dtype, self.attention, name="attn")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    x = x + drop(y)
+    x = x + drop(y, 0)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
     hidden = int(self.width * self.mlp_ratio)
     if self.moe is None:
@@ -196,16 +193,16 @@ class Block(nn.Module):
       m = self.moe
       y = MoeMlp(self.width, hidden, m.experts, m.k, m.router, m.capacity_factor, m.noise_std, self.dropout,
                  self.dtype, m.shards, name="mlp")(y, train)
-    return x + drop(y)
+    return x + drop(y, 1)
 
-  def _drop_path(self, y, *, rate, train: bool):
-    # nn.Dropout needs its rate as a Python number; this is the same per-example
-    # branch drop for a traced rate (which must stay below 1).
-    if not train:
-      return y
-    keep = 1.0 - jnp.asarray(rate, jnp.float32)
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-    return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
+
+def _drop_path(y, branch: int, *, rate, draws):
+  """Stochastic depth: a residual branch dropped per example with probability `rate`, the kept ones rescaled."""
+  if draws is None or (isinstance(rate, (int, float)) and rate == 0):
+    return y
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = (draws[branch] < keep).reshape((y.shape[0],) + (1,) * (y.ndim - 1))
+  return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
 
 
 class ViTModule(nn.Module):
@@ -253,23 +250,26 @@ class ViTModule(nn.Module):
     block = functools.partial(block_class(self.remat, self.scan), self.width, self.heads, self.mlp_ratio,
                               self.qkv_bias, self.ln_eps)
     moe_blocks = set(self.moe_blocks) if self.moe is not None else set()
+    # Stochastic depth's uniforms for all blocks in one draw: each draw of JAX's PRNG is a loop XLA:CPU compiles
+    # apart (two per branch were a fifth of a small step's compile), and a block gets the same masks scanned or not.
+    draws = (jax.random.uniform(self.make_rng("dropout"), (self.depth, 2, x.shape[0]))
+             if train and max(rates, default=0.0) > 0 else None)
     if self.scan:
       if moe_blocks and moe_blocks != set(range(self.depth)):
         raise ValueError(f"model.scan needs one kind of block per module, and module {self.index} has MoE blocks "
                          f"{sorted(moe_blocks)} of {self.depth}: set model.scan=False, or put an MoE MLP in every "
                          f"block (model.moe.every=1)")
-      # One traced block applied `depth` times: the program (and its compile
-      # time) no longer grows with the depth. Each block gets its own
-      # parameters (stacked on axis 0) and its own dropout key.
-      blocks = nn.scan(lambda blk, x, rate: (blk(x, train, rate), None),
+      # One traced block applied `depth` times: the program (and its compile time) no longer grows with the
+      # depth. Each block gets its own parameters (stacked on axis 0), its rate and its draws.
+      blocks = nn.scan(lambda blk, x, rate, draws: (blk(x, train, rate, draws), None),
                        variable_axes={"params": 0, "moe": 0}, split_rngs={"params": True, "dropout": True},
                        length=self.depth)
       x, _ = blocks(block(0.0, self.dropout, self.dtype, self.attention, moe=self.moe if moe_blocks else None,
-                          name=SCANNED), x, jnp.asarray(rates, jnp.float32))
+                          name=SCANNED), x, jnp.asarray(rates, jnp.float32), draws)
     else:
       for j in range(self.depth):
         x = block(rates[j], self.dropout, self.dtype, self.attention, moe=self.moe if j in moe_blocks else None,
-                  name=f"blocks_{j}")(x, train)
+                  name=f"blocks_{j}")(x, train, None, None if draws is None else draws[j])
     if self.is_last:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
       x = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x[:, 0])
