@@ -154,6 +154,25 @@ def test_cutmix_draws_one_box_per_group():
   assert len(set(boxes)) > 1
 
 
+def test_mixup_or_cutmix_is_chosen_and_applied_at_their_rates():
+  """Over 4000 draws: the whole thing applies with `prob` (0.6) and, where it applies, CutMix is chosen with
+  `switch_prob` (0.5), the two choices independent; a CutMix output is a paste (each pixel the example's or its
+  partner's), a Mixup output a blend. Binomial bounds of 4 standard deviations."""
+  n, rng = 4000, np.random.default_rng(0)
+  images = rng.normal(size=(2, 32, 32, 1)).astype(np.float32)
+  targets = np.eye(2, dtype=np.float32)
+  mix = jax.jit(jax.vmap(lambda k: mix_groups(k, images, targets, group=0, mixup=0.8, cutmix=1.0, switch_prob=0.5,
+                                              prob=0.6)[0]))
+  out = np.asarray(mix(jax.random.split(jax.random.key(0), n)))
+  own, partner = out == images, out == images[::-1]
+  unchanged = own.all(axis=(1, 2, 3, 4))
+  pasted = ~unchanged & (own | partner).all(axis=(1, 2, 3, 4))
+  bound = lambda p, m: 4 * np.sqrt(p * (1 - p) / m)
+  # An empty box (a lambda within 4/32**2 of 1) also leaves a CutMix unchanged: about 0.4 % of CutMixes.
+  assert unchanged.mean() == pytest.approx(0.4 + 0.6 * 0.5 * 0.004, abs=bound(0.4, n))
+  assert pasted[~unchanged].mean() == pytest.approx(0.5, abs=bound(0.5, (~unchanged).sum()))
+
+
 def test_group_zero_is_one_draw_for_the_whole_batch():
   images, targets = batch()
   out = np.asarray(_mixed(jax.random.key(3), images, targets, group=0, mixup=0.8, cutmix=0.0)[0])
