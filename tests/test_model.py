@@ -101,6 +101,19 @@ def test_drop_path_and_dropout_only_in_training():
   np.testing.assert_array_equal(evaluate({"params": params}, x), evaluate({"params": params}, x))
 
 
+def test_a_drop_path_of_one_always_drops_the_last_blocks_branches_with_finite_gradients():
+  """The rates rise to `drop_path` at the last block: at 1 its branches never run, and get no gradient."""
+  model = ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, drop_path=1.0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x, train=True,
+                                                  rngs={"dropout": jax.random.key(1)}).sum()))(params)
+  assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+  last, first = grads["module_1"]["blocks_0"], grads["module_0"]["blocks_0"]
+  assert all((np.asarray(g) == 0).all() for g in jax.tree_util.tree_leaves(last))
+  assert any(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(first))
+
+
 def test_bfloat16_compute_keeps_float32_params():
   model = ViT(depths=(1, 1), image_size=8, patch=4, width=16, heads=2, num_classes=3, dtype=jnp.bfloat16)
   x = jnp.ones((2, 8, 8, 3))

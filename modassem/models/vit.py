@@ -176,9 +176,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, rate=None, draws=None):
-    """`rate` overrides `drop_path` with a traced value (under `nn.scan` every block shares one definition).
-    `draws`: stochastic depth's uniforms, [2, batch] (attention branch, MLP branch), drawn by the module for all
-    its blocks at once; without them (evaluation, or no rate above 0 in the module) no branch is dropped."""
+    """`rate`: a traced `drop_path` (under `nn.scan`). `draws`: stochastic depth's uniforms [2, batch] for the two
+    branches, drawn by the module for all its blocks; without them (evaluation, all rates 0) nothing is dropped."""
     rate = self.drop_path if rate is None else rate
     drop = functools.partial(_drop_path, rate=rate, draws=draws if train else None)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
@@ -197,12 +196,13 @@ class Block(nn.Module):
 
 
 def _drop_path(y, branch: int, *, rate, draws):
-  """Stochastic depth: a residual branch dropped per example with probability `rate`, the kept ones rescaled."""
+  """Stochastic depth: a residual branch dropped per example with probability `rate`, the kept ones rescaled. The
+  floor on `keep` keeps y / 0 (a rate of 1, where no example keeps the branch) out of the gradient as 0 * inf."""
   if draws is None or (isinstance(rate, (int, float)) and rate == 0):
     return y
   keep = 1.0 - jnp.asarray(rate, jnp.float32)
   mask = (draws[branch] < keep).reshape((y.shape[0],) + (1,) * (y.ndim - 1))
-  return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
+  return jnp.where(mask, y / jnp.maximum(keep, 1e-6).astype(y.dtype), jnp.zeros_like(y))
 
 
 class ViTModule(nn.Module):
