@@ -20,6 +20,7 @@ Verbs:
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
@@ -198,8 +199,18 @@ def collect_less() -> None:
   collection every 700 allocations, each one also walking whatever survived the last) a tenth of a short run's CPU
   time went to collections that found almost nothing: 0.9 of 7.4 s to import, set up and compile the tiny preset's
   step on this 2-core machine, 0.2 s at 10,000. Reference counting still frees what is not in a cycle at once; the
-  older generations keep their defaults. A user's own process (`import modassem`) keeps its settings."""
+  older generations keep their defaults. A user's own process (`import modassem`) keeps its settings.
+
+  And the process ends without the collections Python runs as it shuts down: at exit (the threads that are not
+  daemons joined, the exit handlers of Orbax, JAX and logging run), everything still alive is frozen out of the
+  collector's reach (`gc.freeze`), so the final collections do not walk the millions of objects that TensorFlow's
+  import and the traced programs left: 0.9 CPU s of a 6.7 s process that sets up and compiles the tiny preset's
+  step, 0.1 s frozen. Reference counting still frees what it frees; objects kept alive by cycles alone are left to
+  the operating system, which Python allows (it does not promise to finalize what is alive at exit): the command
+  line closes its files, writers and checkpoint managers itself."""
   gc.set_threshold(10_000)
+  # An exit handler itself: what the others free after it is still freed, by reference counting.
+  atexit.register(gc.freeze)
 
 
 def entry() -> None:
