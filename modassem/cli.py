@@ -204,10 +204,10 @@ def collect_less() -> None:
   And the process ends without the collections Python runs as it shuts down: an exit handler (they run once the
   threads that are not daemons have been joined) freezes everything still alive out of the collector's reach
   (`gc.freeze`), so the final collections do not walk the millions of objects that TensorFlow's import and the
-  traced programs left: 0.9 CPU s of a 6.7 s process that sets up and compiles the tiny preset's
-  step, 0.1 s frozen. Reference counting still frees what it frees; objects kept alive by cycles alone are left to
-  the operating system, which Python allows (it does not promise to finalize what is alive at exit): the command
-  line closes its files, writers and checkpoint managers itself."""
+  traced programs left: 0.9 CPU s of a 6.7 s process that sets up and compiles the tiny preset's step, 0.1 s frozen.
+  Reference counting still frees what it frees; objects kept alive by cycles alone are left to the operating system,
+  which Python allows (it does not promise to finalize what is alive at exit): the command line closes its files,
+  writers and checkpoint managers itself."""
   gc.set_threshold(10_000)
   # What the other exit handlers free, before or after this one, is still freed, by reference counting.
   atexit.register(gc.freeze)
