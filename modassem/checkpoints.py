@@ -236,29 +236,29 @@ def load_module(run_dir: str, k: int, *, expect: dict, abstract: Any, what: str)
     kind = "a meta run" if expect["depth"] == 1 else "an incubation run with the same model.depths"
     raise ModassemError(f"{what} {run_dir!r} (phase {run.get('phase')}) has {depth} block(s) in module {k}, "
                         f"this config needs {expect['depth']}: pass {kind}")
-  path = module_dir(run_dir, k)
+  path, name = module_dir(run_dir, k), module_name(k)
   if not path.is_dir():
-    raise ModassemError(f"{what} {run_dir!r} has no trained module_{k}: it has not finished; "
+    raise ModassemError(f"{what} {run_dir!r} has no trained {name}: it has not finished; "
                         f"rerun its command to finish it")
   why = damage.digest_damage(path)
   if not damage.all_processes_agree(why is None):
-    raise ModassemError(f"{what} {run_dir!r}: module_{k} is damaged ({why or 'found on process 0'}): rerun the run "
+    raise ModassemError(f"{what} {run_dir!r}: {name} is damaged ({why or 'found on process 0'}): rerun the run "
                         f"that made it (its command exports the module again from its final checkpoint)")
   ckptr = ocp.StandardCheckpointer()
   try:
     saved = _saved_shapes(ckptr, path)
   except Exception as e:  # Orbax raises many types for a broken item.
-    raise ModassemError(f"{what} {run_dir!r}: module_{k} is unreadable ({type(e).__name__}): "
+    raise ModassemError(f"{what} {run_dir!r}: {name} is unreadable ({type(e).__name__}): "
                         f"rerun the run that made it") from None
   # Shapes first, from metadata: a mismatch is named by parameter, before any array is read.
-  check_shapes(saved, abstract, f"{what} {run_dir!r} module_{k}")
+  check_shapes(saved, abstract, f"{what} {run_dir!r} {name}")
   # Arrays land where the caller places them; with no placement given, on this
   # process's first device (whatever topology wrote them).
   abstract = _on_this_host(abstract)
   try:
     return ckptr.restore(path, abstract)
   except Exception as e:
-    raise ModassemError(f"{what} {run_dir!r}: module_{k} could not be read ({type(e).__name__}): "
+    raise ModassemError(f"{what} {run_dir!r}: {name} could not be read ({type(e).__name__}): "
                         f"rerun the run that made it") from None
 
 

@@ -152,9 +152,12 @@ def test_module_names_come_from_one_function():
     if name == "modassem.names":
       continue
     for node in ast.walk(ast.parse(open(path).read(), path)):
-      if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
-        head = str(node.values[0].value)
-        if head.endswith(("module_", "teacher_")) and len(node.values) > 1:
+      if not isinstance(node, ast.JoinedStr):
+        continue
+      # Anywhere in the f-string, not only at its start: "{what} has no module_{k}" spells a name too.
+      for text, field in zip(node.values, node.values[1:]):
+        if (isinstance(text, ast.Constant) and isinstance(field, ast.FormattedValue)
+            and str(text.value).endswith(("module_", "teacher_"))):
           raw.append(f"{path}:{node.lineno}")
   assert not raw, f"spell names with modassem.names.module_name / teacher_name: {raw}"
 
