@@ -319,8 +319,9 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_space_is_freed_ends_bit_ide
   read = lambda name: (out / name).read_text()
   err = read("err1")
   assert read("rc1").strip() == "2", err[-3000:]
-  assert "Traceback" not in err, err[-3000:]
-  lines = [line for line in err.splitlines() if line.startswith("modassem ")]
+  # The whole of stderr: no traceback, no log of Orbax's failed writes, no notice of TensorFlow's start-up (this
+  # process's first run imports it).
+  lines = err.splitlines()
   run = f"{mnt}/run"
   assert len(lines) == 1 and lines[0].startswith(f"modassem train: error: no space left on the device of {run} "
                                                  f"(writing "), err[-3000:]

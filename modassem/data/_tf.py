@@ -5,8 +5,44 @@ TensorFlow must never claim accelerator memory that JAX needs, so TF is
 imported on first use only, with its C++ logging silenced and GPUs hidden.
 """
 
+import contextlib
 import functools
 import os
+import sys
+import tempfile
+
+
+# Lines TensorFlow's C++ start-up logs whatever TF_CPP_MIN_LOG_LEVEL says (TensorFlow 2.18 and later log through
+# absl before absl's logging is initialised, where that variable is not read): at every import, twice, absl's notice
+# that logging is not initialised and TF's that oneDNN's operations are on. They are notices, not warnings, and
+# would open the output of every run.
+_START_UP_NOTICES = (b"All log messages before absl::InitializeLog() is called are written to STDERR",
+                     b"] oneDNN custom operations are on.")
+
+
+@contextlib.contextmanager
+def _start_up_notices_left_out():
+  """File descriptor 2 caught in a temporary file, and written back without `_START_UP_NOTICES`.
+
+  C++ writes them to the descriptor, out of reach of Python's `sys.stderr`. Anything else written there meanwhile
+  (a warning, an error) is written back as it came, in its order, once the block ends, whether or not it raised;
+  only a process killed inside the block loses it (its exit status still says so).
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as caught:
+    os.dup2(caught.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      caught.seek(0)
+      kept = [line for line in caught.read().splitlines(keepends=True)
+              if not any(notice in line for notice in _START_UP_NOTICES)]
+      if kept:
+        os.write(2, b"".join(kept))
 
 
 @functools.cache
@@ -14,7 +50,8 @@ def tf():
   """Returns the `tensorflow` module, imported once with GPUs hidden."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   try:
-    import tensorflow  # pylint: disable=g-import-not-at-top
+    with _start_up_notices_left_out():
+      import tensorflow  # pylint: disable=g-import-not-at-top
   except ImportError:
     from modassem.errors import ModassemError  # pylint: disable=g-import-not-at-top
     raise ModassemError("TensorFlow is not installed, and the input pipeline runs on tf.data: pip install "
