@@ -376,6 +376,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
   assert math.isfinite(train.evaluate(s, state.params)["loss"])
 
 
+def test_the_checkpoint_a_diverged_run_names_is_one_that_verifies(meta_copy):
+  """Garbage in place in the newest checkpoint (Orbax reads it back without a word): the checkpoint the divergence's
+  line names for a rerun to resume from is the previous one, whose files match their digests, and the damaged one is
+  moved aside, not deleted."""
+  steps = checkpoints.saved_steps(meta_copy)[::-1]   # oldest first
+  assert len(steps) >= 2, steps
+  newest = os.path.join(checkpoints.state_dir(meta_copy), str(steps[-1]))
+  garble(os.path.join(newest, "state"))
+  mngr = checkpoints.manager(meta_copy, tiny("meta"))
+  with pytest.raises(ModassemError) as stop:
+    train._stop_diverged(mngr, steps[-1] + 1, f"loss is nan at step {steps[-1] + 1}")  # pylint: disable=protected-access
+  mngr.close()
+  assert f"the last good checkpoint is step {steps[-2]} in {checkpoints.state_dir(meta_copy)}," in str(stop.value)
+  assert checkpoints.saved_steps(meta_copy) == steps[-2::-1] and not os.path.exists(newest)
+  assert os.listdir(os.path.join(meta_copy, "damaged", "checkpoints")) == [str(steps[-1])]
+
+
 def test_train_api_raises_the_error_type(runs, tmp_path):
   """`train.train` raises ModassemError (the CLI's one-line error) and writes nothing for bad input."""
   workdir = str(tmp_path / "new_run")
