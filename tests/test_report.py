@@ -110,6 +110,28 @@ def test_what_cannot_be_reported_is_one_line(hand_run, capsys, args, needle):
   assert not (hand_run / "report.json").exists()
 
 
+def test_runs_recorded_relative_to_the_run_that_names_them_are_found_from_anywhere(tmp_path, monkeypatch):
+  """An incubation that recorded its meta run as `../meta`, an assembly its modules as `../incK`: read beside the
+  run that recorded them, from a working directory where those paths lead nowhere; the meta run is not given."""
+  root = tmp_path / "runs" / "demo"
+  write_run(root, "meta", "meta", {"top1": 30.0, "top5": 70.0, "train_flops": 3e10})
+  for k in range(4):
+    write_run(root, f"inc{k}", "incubate", {"top1": 40.0 + k, "top5": 80.0, "train_flops": 1e10,
+                                            f"module_{k}/top1": 40.0 + k, f"module_{k}/top5": 80.0 + k,
+                                            f"module_{k}/loss": 1.0 + k},
+              {"meta": "../meta", "teacher": ""}, trained=(k,))
+  write_run(root, "asm", "assemble", {"top1": 60.0, "top5": 90.0, "train_flops": 2e10},
+            {"modules": ",".join(f"../inc{k}" for k in range(4))})
+  write_run(root, "e2e", "e2e", {"top1": 55.0, "top5": 88.0, "train_flops": 9e10})
+  elsewhere = tmp_path / "elsewhere" / "deeper"
+  (elsewhere / ".." / "meta").mkdir(parents=True)   # where `../meta` leads from here: not a run
+  monkeypatch.chdir(elsewhere)
+  r = report.make_report(*report.collect([str(root / "asm"), str(root / "e2e")]))
+  assert r["phases"]["incubate"]["workdir"] == ",".join(str(root / f"inc{k}") for k in range(4))
+  assert r["phases"]["meta"]["workdir"] == str(root / "meta") and r["phases"]["meta"]["top1"] == 30.0
+  assert r["assembled"]["train_flops"] == pytest.approx(3e10 + 4e10 + 2e10)
+
+
 def test_a_run_named_by_another_is_matched_by_whole_path_components(tmp_path):
   """A recorded run that is not where it was recorded is looked for among the given runs by its last path
   components: whole components, leading dots kept, never a same-named folder's tail."""
@@ -120,3 +142,6 @@ def test_a_run_named_by_another_is_matched_by_whole_path_components(tmp_path):
   for recorded in ("b/meta", ".hidden/meta", "2/meta"):
     with pytest.raises(report.ModassemError, match=f"the meta run of inc {recorded} .* is not found"):
       report._resolve(recorded, given, "the meta run of inc", where)
+  given[str(tmp_path / "z" / ".hidden" / "meta")] = None
+  found = report._resolve(".hidden/meta", given, "the meta run of inc", where)
+  assert found == str(tmp_path / "z" / ".hidden" / "meta")
