@@ -14,8 +14,9 @@ from modassem.phases import Plan
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
-# Numeric fields a user can set to a value no run can use: (field, lowest, highest, lowest allowed itself?).
-# Checked before anything is built, so `--config.optim.lr=nan` stops at once, not at the first NaN loss.
+# Numeric fields a user can set to a value no run can use: (field, lowest, highest, lowest allowed itself?); every
+# number of every preset has one (test_bad_commands.py). Checked before anything is built, so `--config.optim.lr=nan`
+# stops at once, not at the first NaN loss.
 _RANGES = (
     ("optim.lr", 0.0, math.inf, False), ("optim.lr_base_batch", 0.0, math.inf, False),
     ("optim.warmup_lr", 0.0, math.inf, True), ("optim.min_lr", 0.0, math.inf, True),
@@ -36,6 +37,11 @@ _RANGES = (
     ("model.moe.k", 1, math.inf, True), ("model.moe.every", 0, math.inf, True),
     ("model.moe.capacity_factor", 0.0, math.inf, True), ("model.moe.noise_std", 0.0, math.inf, True),
     ("model.moe.aux_weight", 0.0, math.inf, True),
+    ("distill.alpha", 0.0, 1.0, True), ("distill.tau", 0.0, math.inf, False),
+    ("data.random_erase", 0.0, 1.0, True), ("data.repeated_aug", 1, math.inf, True),
+    ("data.crop_area_min", 0.0, 1.0, False), ("data.eval_crop_ratio", 0.0, 1.0, False),
+    ("data.train_fraction", 0.0, 1.0, False), ("data.prefetch", 0, math.inf, True), ("data.threads", 0, math.inf, True),
+    ("unit_epochs", 0.0, math.inf, False),   # a preset's own field (cifar_study.py), where it has one
     # JAX's keys take a signed 64-bit seed; the data order's NumPy generators a non-negative one.
     ("seed", 0, 2 ** 63 - 1, True), ("data.subset_seed", 0, 2 ** 63 - 1, True),
 )
@@ -112,12 +118,6 @@ def check_config(config, plan: Plan, num_devices: int, *, load_sources: bool = T
     raise ModassemError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices")
   if plan.phase == "incubate" and not config.meta:
     raise ModassemError("incubation needs the meta run: pass --config.meta=WORKDIR_OF_THE_META_RUN")
-  if config.teacher:
-    alpha, tau = config.distill.alpha, config.distill.tau
-    if not 0.0 <= alpha <= 1.0:
-      raise ModassemError(f"distill.alpha={alpha} is out of range: use a weight in [0, 1] (0.5 by default)")
-    if not tau > 0.0:
-      raise ModassemError(f"distill.tau={tau} must be positive (1.0 by default)")
   if plan.phase == "assemble" and load_sources:
     listed = [s for s in str(config.modules).split(",") if s]
     if len(listed) != plan.num_modules:

@@ -2,11 +2,13 @@
 run directories as they were. One table, run in-process; each case stops before anything is compiled."""
 
 import os
+import re
 
 import pytest
 
 from conftest import REPO, TINY
 from modassem import cli
+from modassem.errors import ModassemError
 from test_errors import tree_state
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -181,3 +183,47 @@ def test_a_bug_is_a_traceback_and_a_request_to_report_it(capsys, monkeypatch, tm
   assert rc == 1
   assert "Traceback" in err and "RuntimeError: an invariant broke" in err
   assert err.strip().splitlines()[-1].startswith("modassem train: internal error: this is a bug in modassem")
+
+
+def _numbers(config, prefix=""):
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      yield from _numbers(value, f"{prefix}{key}.")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield f"{prefix}{key}", value
+
+
+def test_every_number_of_every_preset_is_range_checked():
+  """Each numeric field of every preset's config, in every phase, has a range (checks._RANGES), and a value outside
+  it is refused by the check that runs before anything is built, naming the field."""
+  from modassem import checks, config as config_lib  # pylint: disable=g-import-not-at-top
+  ranges = {field: (low, closed) for field, low, _, closed in checks._RANGES}  # pylint: disable=protected-access
+  # Every preset file (common.py and high_res.py are the files they build on).
+  presets = sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
+                   if f.endswith(".py") and f not in ("common.py", "high_res.py"))
+  assert {"tiny.py", "vit_h.py", "vit_h_392.py", "vmoe_b16.py", "cifar_study.py"} <= set(presets)
+  seen, loaded = set(), set()
+  for preset, phase in ((p, ph) for p in presets for ph in ("meta", "incubate", "assemble", "e2e")):
+    try:
+      config = config_lib.load(f"{os.path.join(REPO, 'configs', preset)}:{phase}", {})
+    except ModassemError:   # a phase the preset refuses, saying which to use (high resolution fine-tunes only)
+      continue
+    loaded.add(preset)
+    for field, value in _numbers(config):
+      assert field in ranges, f"{preset}:{phase} {field}={value!r} has no range in checks._RANGES"
+      if field in seen:
+        continue
+      seen.add(field)
+      low, closed = ranges[field]
+      bad = type(value)(low) - (1 if closed else 0)   # just below the range, of the field's own type
+      with config.unlocked():
+        node, *path = field.split(".")[::-1]
+        holder = config
+        for part in reversed(path):
+          holder = holder[part]
+        saved, holder[node] = holder[node], bad
+        with pytest.raises(ModassemError, match=rf"^{re.escape(field)}={re.escape(repr(bad))} is "):
+          checks.check_numbers(config)
+        holder[node] = saved
+  assert loaded == set(presets)
+  assert {"seed", "optim.lr", "data.train_fraction", "distill.tau", "model.moe.k", "unit_epochs"} <= seen
