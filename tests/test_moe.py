@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,8 +58,8 @@ def _np_route(logits, k, router, capacity_factor):
   return experts, np.where(kept, weights, 0.0), kept, probs
 
 
-def _np_layer(x, params, k, router, capacity_factor):
-  logits = x @ params["gate"]["kernel"] + params["gate"]["bias"]
+def _np_layer(x, params, k, router, capacity_factor, noise=0.0):
+  logits = x @ params["gate"]["kernel"] + params["gate"]["bias"] + noise
   experts, weights, kept, probs = _np_route(logits, k, router, capacity_factor)
   y = np.zeros_like(x)
   for i in range(x.shape[0]):
@@ -101,6 +102,33 @@ def test_layer_against_numpy(router, k, capacity_factor):
     assert dropped > 0   # the case checks dropping, not only the routing
   else:
     assert dropped == 0
+
+
+def test_noisy_gating_adds_gaussian_noise_to_the_logits_in_training_only():
+  """V-MoE's noisy gating: in training, noise_std x N(0, 1) on the gate's logits, drawn from the "dropout" stream,
+  before the softmax, top-k and capacity (the NumPy layer given the same draws); in evaluation, none."""
+  std, key = 0.7, jax.random.PRNGKey(5)
+  layer, params, x = _layer(k=2, router="softmax_topk", capacity_factor=1.0, noise_std=std)
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  tokens = np.asarray(x, np.float64).reshape(T, WIDTH)
+
+  class Draw(nn.Module):   # the layer's one draw from the stream: a module at the same place makes the same one
+    @nn.compact
+    def __call__(self):
+      return jax.random.normal(self.make_rng("dropout"), (T, E))
+
+  noise = std * np.asarray(Draw().apply({}, rngs={"dropout": key}), np.float64)
+  apply = jax.jit(functools.partial(layer.apply, mutable=["moe"]), static_argnames="train")
+  for train, added in ((True, noise), (False, 0.0)):
+    y, state = apply({"params": params}, x, train=train, rngs={"dropout": key})
+    want, _, share, dropped = _np_layer(tokens, p, 2, "softmax_topk", 1.0, noise=added)
+    np.testing.assert_allclose(np.asarray(y).reshape(T, WIDTH), want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(state["moe"]["expert_share"][0]), share, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(state["moe"]["dropped"][0]), dropped, atol=1e-7)
+  # The noise changes the routing here: the test would not pass with the noise left out.
+  assert not np.array_equal(_np_route(tokens @ p["gate"]["kernel"] + p["gate"]["bias"] + noise, 2, "softmax_topk",
+                                      1.0)[0],
+                            _np_route(tokens @ p["gate"]["kernel"] + p["gate"]["bias"], 2, "softmax_topk", 1.0)[0])
 
 
 def test_k_equal_to_the_experts_without_capacity_is_the_dense_mixture():
