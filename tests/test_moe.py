@@ -17,7 +17,7 @@ import pytest
 
 from conftest import SHALLOW, TINY, tiny
 import modassem
-from modassem import checkpoints, checks, cli, cost, phases, records, train
+from modassem import checkpoints, checks, cli, cost, phases, records, report, train
 from modassem.errors import ModassemError
 from modassem.models import moe, vit
 
@@ -331,6 +331,13 @@ def test_sparse_modules_incubate_in_the_dense_meta_model_and_assemble(runs, tmp_
   assert np.isfinite(np.asarray(jax.jit(model.apply)({"params": params}, images))).all()
   with pytest.raises(ModassemError, match=r"another architecture than this config \(moe \{.*'experts': 4.* vs None\)"):
     train.train(tiny("assemble", modules=modules, **SHALLOW), str(tmp_path / "dense"))
+  # `report` on the sparse chain (against the session's dense e2e run): its numbers are the runs' own.
+  r = report.make_report(*report.collect([asm, os.path.join(os.path.dirname(runs["meta"]), "e2e")]))
+  with open(os.path.join(inc, records.RESULTS_FILE)) as f:
+    incubated = json.load(f)
+  assert r["phases"]["incubate"]["workdir"] == inc and r["phases"]["meta"]["workdir"] == runs["meta"]
+  assert r["assembled"]["top1"] == result["top1"] and r["phases"]["incubate"]["top1"] == incubated["top1"]
+  assert r["incubated_modules"]["module_1/top1"] == incubated["module_1/top1"]
 
 
 def test_the_meta_phase_of_a_sparse_config_is_dense():
