@@ -242,17 +242,22 @@ def test_run_directory_of_another_phase_exits_non_zero_from_the_console(meta_cop
     cli.entry()
   assert exited.value.code == 2
   err = capsys.readouterr().err
-  ours = [line for line in err.splitlines() if line.startswith("modassem ")]
-  assert len(ours) == 1, err
-  assert_names(ours[0], "modassem train: error: ", meta_copy, "holds a run (phase meta) whose phase is meta, not e2e")
+  assert len(err.splitlines()) == 1, err
+  assert_names(err, "modassem train: error: ", meta_copy, "holds a run (phase meta) whose phase is meta, not e2e")
   assert tree_state(meta_copy) == before
 
 
+# Each file a run reads back, each way it can be damaged: cut short, valid JSON but not an object, not UTF-8.
 _DAMAGED_RUN_FILES = [
+    ("run.json", b'{"phase": "me', "run.json is unreadable (JSONDecodeError"),
     ("run.json", b"[1, 2]", "run.json holds a JSON list, not the object modassem writes"),
-    ("run.json", b'"meta"', "run.json holds a JSON str, not the object modassem writes"),
+    ("run.json", b'{"phase": "\xffmeta"}', "run.json is unreadable (UnicodeDecodeError"),
+    ("config.json", b'{"phase": "meta", "opt', "config.json is unreadable (JSONDecodeError"),
+    ("config.json", b'"meta"', "config.json holds a JSON str, not the object modassem writes"),
     ("config.json", b'{"phase": "meta", \xff}', "config.json is unreadable (UnicodeDecodeError"),
     ("results.json", b"{\"top1\": 1", "results.json is unreadable (JSONDecodeError"),
+    ("results.json", b"12.5", "results.json holds a JSON float, not the object modassem writes"),
+    ("results.json", b'{"top1": 12.5, "\xfe": 1}', "results.json is unreadable (UnicodeDecodeError"),
 ]
 
 
