@@ -103,6 +103,18 @@ def write_bytes(p, data: bytes) -> None:
   tmp.replace(p)
 
 
+def append(p, data: bytes) -> None:
+  """Appends `data` to the local file `p` (made where missing). A failed write names the file, as a failed open
+  does: Python's OSError from a write or a close (a full disk) names none, and the full-disk line names it."""
+  try:
+    with path(p).open("ab") as f:
+      f.write(data)
+  except OSError as e:
+    if e.filename is not None:
+      raise
+    raise OSError(e.errno, e.strerror, os.fspath(p)) from e
+
+
 def write_text(p, text: str) -> None:
   write_bytes(p, text.encode())
 

@@ -87,8 +87,7 @@ class Writer:
       if time.monotonic() - self._flushed_at >= self.REMOTE_FLUSH_S:
         self.flush()
     else:
-      with self.path.open("a") as f:
-        f.write(line)
+      files.append(self.path, line.encode())
     self._events.scalars(step, {f"{kind}/{k}": float(v) for k, v in values.items()
                                 if k != "wall_s" and math.isfinite(float(v))})
 
@@ -155,9 +154,8 @@ class _Events:
       if self._file is None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._file = self.folder / f"{self._stem}.modassem"
-        self._file.write_bytes(header)
-      with self._file.open("ab") as f:
-        f.write(b"".join(self._pending))
+        files.append(self._file, header)
+      files.append(self._file, b"".join(self._pending))
     self._pending = []
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import REPO, TINY, tiny
 from bitrot import garble
-from modassem import checkpoints, cli, digests, files, full_disk, preempt, train
+from modassem import checkpoints, cli, digests, files, full_disk, metrics, preempt, train
 from modassem.errors import ModassemError
 
 # The tiny preset's epoch is 1437 // 32 = 44 steps: runs stopped before it and resumed cross the epoch boundary,
@@ -365,6 +365,31 @@ def test_a_full_disk_names_the_checkpoint_a_rerun_resumes_from_and_its_fallback(
   assert line.endswith({(10, 20): "to resume from checkpoint 20",
                         (10,): "to resume from checkpoint 20 (from 10 if 20 turns out cut short)",
                         (): "to resume from checkpoint 20 (or start over if 20 turns out cut short)"}[sealed]), line
+
+
+def test_a_full_disk_met_writing_the_tensorboard_events_is_the_same_one_line(tmp_path):
+  """The run's TensorBoard event file on a device that is full (Linux's /dev/full: every write fails with ENOSPC,
+  from the kernel): the write of the next records ends in the full-disk line, naming the checkpoint to resume from."""
+  if not os.path.exists("/dev/full"):
+    pytest.fail("this test needs Linux's /dev/full")
+  sealed = checkpoints.state_dir(tmp_path) / "10"
+  (sealed / "state").mkdir(parents=True)
+  (sealed / "state" / "data").write_bytes(b"x" * 1000)
+  (sealed / digests.DIGESTS_FILE).write_text("{}")
+  writer = metrics.Writer(str(tmp_path))
+  writer.write(1, "train", {"loss": 2.0})   # the event file is made
+  events, = (tmp_path / "tb").iterdir()
+  events.unlink()
+  events.symlink_to("/dev/full")
+  with pytest.raises(ModassemError) as e:
+    with full_disk.one_line(str(tmp_path), abstract_state=None):
+      writer.write(2, "train", {"loss": 1.9})
+  line = str(e.value)
+  assert line.startswith(f"no space left on the device of {tmp_path} (writing {events}; "), line
+  assert "MiB free): free at least 0.0 MiB (one checkpoint of this run)" in line, line
+  assert line.endswith("and rerun the same command to resume from checkpoint 10"), line
+  # The record went to metrics.jsonl before the events failed: a resume drops it (it is past checkpoint 10).
+  assert '"step": 2' in (tmp_path / metrics.METRICS_FILE).read_text()
 
 
 def test_an_assembly_resumes_without_its_incubation_runs_and_holds_no_second_copy_of_them(
