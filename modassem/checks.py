@@ -18,6 +18,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # number of every preset has one (test_bad_commands.py). Checked before anything is built, so `--config.optim.lr=nan`
 # stops at once, not at the first NaN loss.
 _RANGES = (
+    # A preset's own field where it has one (cifar_study.py), before the epochs it scales: a bad value is named as
+    # the user set it, not as the epochs computed from it.
+    ("unit_epochs", 0.0, math.inf, False),
     ("optim.lr", 0.0, math.inf, False), ("optim.lr_base_batch", 0.0, math.inf, False),
     ("optim.warmup_lr", 0.0, math.inf, True), ("optim.min_lr", 0.0, math.inf, True),
     ("optim.weight_decay", 0.0, math.inf, True), ("optim.clip_norm", 0.0, math.inf, True),
@@ -40,8 +43,8 @@ _RANGES = (
     ("distill.alpha", 0.0, 1.0, True), ("distill.tau", 0.0, math.inf, False),
     ("data.random_erase", 0.0, 1.0, True), ("data.repeated_aug", 1, math.inf, True),
     ("data.crop_area_min", 0.0, 1.0, False), ("data.eval_crop_ratio", 0.0, 1.0, False),
-    ("data.train_fraction", 0.0, 1.0, False), ("data.prefetch", 0, math.inf, True), ("data.threads", 0, math.inf, True),
-    ("unit_epochs", 0.0, math.inf, False),   # a preset's own field (cifar_study.py), where it has one
+    ("data.train_fraction", 0.0, 1.0, False), ("data.prefetch", 0, math.inf, True),
+    ("data.threads", -1, math.inf, True),   # 0 or -1 (tf.data's AUTOTUNE): tf.data sizes its thread pool itself
     # JAX's keys take a signed 64-bit seed; the data order's NumPy generators a non-negative one.
     ("seed", 0, 2 ** 63 - 1, True), ("data.subset_seed", 0, 2 ** 63 - 1, True),
 )

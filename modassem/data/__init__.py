@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
       # Which subset train_fraction keeps; apart from the run seed, so all phases share it.
       "subset_seed": 0,
       "prefetch": 2,
-      # tf.data threads; 0 = AUTOTUNE.
+      # tf.data threads; 0 (or -1, tf.data.AUTOTUNE) lets tf.data size its pool.
       "threads": 0,
   })
 
