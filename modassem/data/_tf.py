@@ -13,9 +13,9 @@ import tempfile
 
 
 # Lines TensorFlow's C++ start-up logs whatever TF_CPP_MIN_LOG_LEVEL says (TensorFlow 2.18 and later log through
-# absl before absl's logging is initialised, where that variable is not read): at every import, twice, absl's notice
-# that logging is not initialised and TF's that oneDNN's operations are on. They are notices, not warnings, and
-# would open the output of every run.
+# absl before absl's logging is initialised, where that variable is not read): two lines at every import, absl's
+# notice that logging is not initialised and TF's that oneDNN's operations are on, each twice. They are notices, not
+# warnings, and would open the output of every run.
 _START_UP_NOTICES = (b"All log messages before absl::InitializeLog() is called are written to STDERR",
                      b"] oneDNN custom operations are on.")
 
@@ -25,24 +25,43 @@ def _start_up_notices_left_out():
   """File descriptor 2 caught in a temporary file, and written back without `_START_UP_NOTICES`.
 
   C++ writes them to the descriptor, out of reach of Python's `sys.stderr`. Anything else written there meanwhile
-  (a warning, an error) is written back as it came, in its order, once the block ends, whether or not it raised;
-  only a process killed inside the block loses it (its exit status still says so).
+  (a warning, an error) is written back as it came, in its order, once the block ends, whether or not it raised.
+  A process killed inside the block (TensorFlow aborts on a CPU it was not built for) loses it: with
+  TF_CPP_MIN_LOG_LEVEL=0, asking for all of TensorFlow's log, nothing is caught. Nor is it where there is no
+  descriptor 2 or no temporary file to catch it in.
   """
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as caught:
-    os.dup2(caught.fileno(), 2)
+  saved = None
+  if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0":
     try:
+      caught = tempfile.TemporaryFile()
+    except OSError:
+      caught = None
+    if caught is not None:
+      try:
+        if sys.stderr is not None:
+          sys.stderr.flush()
+        saved = os.dup(2)
+      except (OSError, ValueError):   # descriptor 2 closed, or sys.stderr
+        caught.close()
+  if saved is None:
+    yield
+    return
+  with caught:
+    try:
+      os.dup2(caught.fileno(), 2)
       yield
     finally:
-      sys.stderr.flush()
+      with contextlib.suppress(OSError, ValueError):
+        if sys.stderr is not None:
+          sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
       caught.seek(0)
-      kept = [line for line in caught.read().splitlines(keepends=True)
-              if not any(notice in line for notice in _START_UP_NOTICES)]
+      kept = b"".join(line for line in caught.read().splitlines(keepends=True)
+                      if not any(notice in line for notice in _START_UP_NOTICES))
       if kept:
-        os.write(2, b"".join(kept))
+        with open(2, "wb", closefd=False) as err:   # all of it, in as many writes as the descriptor takes
+          err.write(kept)
 
 
 @functools.cache
