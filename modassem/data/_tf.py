@@ -13,9 +13,9 @@ import tempfile
 
 
 # Lines TensorFlow's C++ start-up logs whatever TF_CPP_MIN_LOG_LEVEL says (TensorFlow 2.18 and later log through
-# absl before absl's logging is initialised, where that variable is not read): two lines at every import, absl's
-# notice that logging is not initialised and TF's that oneDNN's operations are on, each twice. They are notices, not
-# warnings, and would open the output of every run.
+# absl before absl's logging is initialised, where that variable is not read): at every import, absl's notice that
+# logging is not initialised and TF's that oneDNN's operations are on, each twice. They are notices, not warnings,
+# and would open the output of every run.
 _START_UP_NOTICES = (b"All log messages before absl::InitializeLog() is called are written to STDERR",
                      b"] oneDNN custom operations are on.")
 
@@ -41,7 +41,7 @@ def _start_up_notices_left_out():
         if sys.stderr is not None:
           sys.stderr.flush()
         saved = os.dup(2)
-      except (OSError, ValueError):   # descriptor 2 closed, or sys.stderr
+      except (OSError, ValueError):   # descriptor 2 or sys.stderr closed
         caught.close()
   if saved is None:
     yield
