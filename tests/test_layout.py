@@ -170,8 +170,16 @@ def test_config_fields_are_read_without_fallbacks():
   fallbacks = []
   for name, path in MODULES.items():
     for node in ast.walk(ast.parse(open(path).read(), path)):
-      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-          and ast.unparse(node.func.value).split(".")[0] in ("config", "c", "data", "m", "model")):
+      if not isinstance(node, ast.Call):
+        continue
+      # config.get(field, default), and getattr(config, field, default): a default beside the preset's either way.
+      if isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        holder = node.func.value
+      elif isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) == 3:
+        holder = node.args[0]
+      else:
+        continue
+      if ast.unparse(holder).split(".")[0] in ("config", "c", "data", "m", "model"):
         fallbacks.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
   assert not fallbacks, f"read config fields directly (their defaults live in the presets): {fallbacks}"
 
