@@ -58,16 +58,22 @@ def hand_run(tmp_path, monkeypatch):
   assembly from those four, e2e."""
   monkeypatch.chdir(tmp_path)
   root = tmp_path / "runs" / "demo"
+  write_demo(root, "runs/demo/")
+  return root
+
+
+def write_demo(root, recorded: str) -> None:
+  """The demo's runs in `root`, each incubation recording its meta run, and the assembly its modules, as
+  `recorded` + the run's name."""
   write_run(root, "meta", "meta", {"top1": 30.0, "top5": 70.0, "train_flops": 3e10})
   for k in range(4):
     write_run(root, f"inc{k}", "incubate", {"top1": 40.0 + k, "top5": 80.0, "train_flops": 1e10,
                                             f"module_{k}/top1": 40.0 + k, f"module_{k}/top5": 80.0 + k,
                                             f"module_{k}/loss": 1.0 + k},
-              {"meta": "runs/demo/meta", "teacher": ""}, trained=(k,))
+              {"meta": f"{recorded}meta", "teacher": ""}, trained=(k,))
   write_run(root, "asm", "assemble", {"top1": 60.0, "top5": 90.0, "train_flops": 2e10},
-            {"modules": ",".join(f"runs/demo/inc{k}" for k in range(4))})
+            {"modules": ",".join(f"{recorded}inc{k}" for k in range(4))})
   write_run(root, "e2e", "e2e", {"top1": 55.0, "top5": 88.0, "train_flops": 9e10})
-  return root
 
 
 def test_a_hand_run_demo_with_one_incubation_run_per_module(hand_run, capsys):
@@ -114,15 +120,7 @@ def test_runs_recorded_relative_to_the_run_that_names_them_are_found_from_anywhe
   """An incubation that recorded its meta run as `../meta`, an assembly its modules as `../incK`: read beside the
   run that recorded them, from a working directory where those paths lead nowhere; the meta run is not given."""
   root = tmp_path / "runs" / "demo"
-  write_run(root, "meta", "meta", {"top1": 30.0, "top5": 70.0, "train_flops": 3e10})
-  for k in range(4):
-    write_run(root, f"inc{k}", "incubate", {"top1": 40.0 + k, "top5": 80.0, "train_flops": 1e10,
-                                            f"module_{k}/top1": 40.0 + k, f"module_{k}/top5": 80.0 + k,
-                                            f"module_{k}/loss": 1.0 + k},
-              {"meta": "../meta", "teacher": ""}, trained=(k,))
-  write_run(root, "asm", "assemble", {"top1": 60.0, "top5": 90.0, "train_flops": 2e10},
-            {"modules": ",".join(f"../inc{k}" for k in range(4))})
-  write_run(root, "e2e", "e2e", {"top1": 55.0, "top5": 88.0, "train_flops": 9e10})
+  write_demo(root, "../")
   elsewhere = tmp_path / "elsewhere" / "deeper"
   (elsewhere / ".." / "meta").mkdir(parents=True)   # where `../meta` leads from here: not a run
   monkeypatch.chdir(elsewhere)
