@@ -185,19 +185,11 @@ def test_a_bug_is_a_traceback_and_a_request_to_report_it(capsys, monkeypatch, tm
   assert err.strip().splitlines()[-1].startswith("modassem train: internal error: this is a bug in modassem")
 
 
-def _numbers(config, prefix=""):
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      yield from _numbers(value, f"{prefix}{key}.")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-      yield f"{prefix}{key}", value
-
-
 def test_every_number_of_every_preset_is_range_checked():
   """Each numeric field of every preset's config, in every phase, has a range (checks._RANGES) that the preset's own
   values keep to, and a value just outside it, given as a command-line override would be, is refused by the check
   that runs before anything is built, naming the field."""
-  from modassem import checks, config as config_lib  # pylint: disable=g-import-not-at-top
+  from modassem import checks, config as config_lib, records  # pylint: disable=g-import-not-at-top
   ranges = {field: (low, closed) for field, low, _, closed in checks._RANGES}  # pylint: disable=protected-access
   # Every preset file (common.py and high_res.py are the files they build on).
   presets = sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
@@ -216,7 +208,9 @@ def test_every_number_of_every_preset_is_range_checked():
       continue
     loaded.add(preset)
     checks.check_numbers(config)
-    for field, value in _numbers(config):
+    for field, value in records._flat(config.to_dict()).items():  # pylint: disable=protected-access
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        continue
       assert field in ranges, f"{preset}:{phase} {field}={value!r} has no range in checks._RANGES"
       if field in seen:
         continue

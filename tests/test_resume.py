@@ -347,16 +347,21 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_space_is_freed_ends_bit_ide
   assert not [d for d in os.listdir(checkpoints.state_dir(out / "run2")) if "tmp" in d]   # no half-written save left
 
 
+def _saved_step(workdir, step: int, *, sealed: bool) -> None:
+  """A checkpoint step's folder as the full-disk line reads it: a data file of 1000 bytes, and digests if sealed."""
+  folder = checkpoints.state_dir(workdir) / str(step)
+  (folder / "state").mkdir(parents=True)
+  (folder / "state" / "data").write_bytes(b"x" * 1000)
+  if sealed:
+    (folder / digests.DIGESTS_FILE).write_text("{}")
+
+
 @pytest.mark.parametrize("sealed", [(10, 20), (10,), ()])
 def test_a_full_disk_names_the_checkpoint_a_rerun_resumes_from_and_its_fallback(tmp_path, sealed):
   """The disk may fill in the digest pass of a checkpoint Orbax has committed: a rerun resumes from it where it reads
   back whole, from the newest sealed one where it does not, and the line says both."""
   for step in (10, 20):
-    folder = checkpoints.state_dir(tmp_path) / str(step)
-    (folder / "state").mkdir(parents=True)
-    (folder / "state" / "data").write_bytes(b"x" * 1000)
-    if step in sealed:
-      (folder / digests.DIGESTS_FILE).write_text("{}")
+    _saved_step(tmp_path, step, sealed=step in sealed)
   with pytest.raises(ModassemError) as e:
     with full_disk.one_line(str(tmp_path), abstract_state=None):
       raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
@@ -372,10 +377,7 @@ def test_a_full_disk_met_writing_the_tensorboard_events_is_the_same_one_line(tmp
   from the kernel): the write of the next records ends in the full-disk line, naming the checkpoint to resume from."""
   if not os.path.exists("/dev/full"):
     pytest.fail("this test needs Linux's /dev/full")
-  sealed = checkpoints.state_dir(tmp_path) / "10"
-  (sealed / "state").mkdir(parents=True)
-  (sealed / "state" / "data").write_bytes(b"x" * 1000)
-  (sealed / digests.DIGESTS_FILE).write_text("{}")
+  _saved_step(tmp_path, 10, sealed=True)
   writer = metrics.Writer(str(tmp_path))
   writer.write(1, "train", {"loss": 2.0})   # the event file is made
   events, = (tmp_path / "tb").iterdir()
